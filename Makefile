@@ -1,0 +1,50 @@
+# Kinema — two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test lint format bench weights eval venv clean
+
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: any other spec makes pip fetch a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kinema demo --out out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python bench/mmdit_speed.py
+	$(BIN)/python bench/generate_speed.py
+
+eval: $(STAMP)
+	$(BIN)/kinema eval all --out bench/results/quality
+
+# Retrain every shipped model from scratch (hours on a 2-core CPU; see each model card).
+weights: $(STAMP)
+	$(BIN)/python -m kinema.train.autoencoder --steps 2500 --batch 24 --threads 1 --out runs/autoencoder --export models
+	$(BIN)/python -m kinema.train.flow --out runs/denoiser --export models
+	$(BIN)/python -m kinema.eval.probe --train
+
+clean:
+	rm -rf $(VENV) .cache out runs

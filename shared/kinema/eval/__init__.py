@@ -1,0 +1,1 @@
+"""Evaluation harness: attribute probe, FID, image metrics, flow-matching validation loss and reports."""

@@ -1,0 +1,255 @@
+"""MMDiT: the multimodal diffusion transformer of SD3 (Esser et al. 2024, sec. 4 and fig. 2).
+
+Image and text tokens keep separate weights (adaLN-zero modulation, QKV, output projection, MLP) and
+meet in one joint attention over the concatenated sequence [image, text]. SD3.5 adds RMSNorm on
+queries and keys (`qk_norm`) and, in the first blocks, a second self-attention over image tokens
+only (MMDiT-X, `dual_attention_layers`). The computation is diffusers' `SD3Transformer2DModel`
+operation for operation; `kinema.nn.sd3_loader` maps its checkpoints onto this module (the only
+layout differences are fused QKV projections and a patch embedding written as a linear layer).
+
+The network predicts the rectified-flow velocity v = eps - x0 for x_t = (1 - t) x0 + t eps, t in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from kinema.nn.embeddings import MLPEmbedder, crop_pos_embed_2d, sincos_table, timestep_embedding
+from torch import Tensor, nn
+
+TIME_FREQ_DIM = 256  # width of the sinusoidal time features, fixed by SD3
+
+
+@dataclass(frozen=True)
+class MMDiTParams:
+    in_channels: int = 4
+    out_channels: int = 4
+    patch_size: int = 2
+    sample_size: int = 16  # latent side the position grid is scaled to (diffusers `sample_size`)
+    pos_embed_max_size: int = 32  # side of the position grid, in patches; larger latents are rejected
+    depth: int = 6
+    hidden_size: int = 256
+    num_heads: int = 4
+    context_dim: int = 384  # width of the text tokens fed in (T5/CLIP in SD3, MiniLM here)
+    pooled_dim: int = 384  # width of the pooled text vector
+    qk_norm: bool = False  # RMSNorm (eps 1e-6) on per-head q and k of both streams (SD3.5)
+    dual_attention_layers: tuple[int, ...] = ()  # blocks with the extra image self-attention (SD3.5 MMDiT-X)
+    mlp_ratio: float = 4.0
+    timestep_scale: float = 1000.0  # t in [0, 1] is embedded as t * timestep_scale, as diffusers feeds it
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 for 2D sin-cos positions")
+        if self.patch_size < 1 or self.sample_size % self.patch_size:
+            raise ValueError(f"sample_size {self.sample_size} is not a multiple of patch_size {self.patch_size}")
+        if self.pos_embed_max_size < self.sample_size // self.patch_size:
+            raise ValueError(
+                f"pos_embed_max_size {self.pos_embed_max_size} is smaller than the "
+                f"{self.sample_size // self.patch_size} patches of sample_size {self.sample_size}"
+            )
+        if self.depth < 1:
+            raise ValueError(f"depth must be at least 1, got {self.depth}")
+        if bad := [i for i in self.dual_attention_layers if not 0 <= i < self.depth]:
+            raise ValueError(f"dual_attention_layers {bad} are outside 0..{self.depth - 1}")
+        if self.mlp_ratio <= 0 or (self.hidden_size * self.mlp_ratio) % 1:
+            raise ValueError(f"hidden_size * mlp_ratio is not a positive integer: {self.hidden_size * self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+PRESETS: dict[str, MMDiTParams] = {
+    # Our shipped text encoder is all-MiniLM-L6-v2: 384-d tokens and pooled vector.
+    "mini": MMDiTParams(),
+    "small": MMDiTParams(
+        in_channels=16, out_channels=16, sample_size=32, pos_embed_max_size=64, depth=12, hidden_size=512, num_heads=8
+    ),
+    # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    "sd3-medium": MMDiTParams(
+        in_channels=16,
+        out_channels=16,
+        sample_size=128,
+        pos_embed_max_size=192,
+        depth=24,
+        hidden_size=1536,
+        num_heads=24,
+        context_dim=4096,
+        pooled_dim=2048,
+    ),
+    # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+    "sd3.5-medium": MMDiTParams(
+        in_channels=16,
+        out_channels=16,
+        sample_size=128,
+        pos_embed_max_size=384,
+        depth=24,
+        hidden_size=1536,
+        num_heads=24,
+        context_dim=4096,
+        pooled_dim=2048,
+        qk_norm=True,
+        dual_attention_layers=tuple(range(13)),
+    ),
+}
+
+
+def pos_table(p: MMDiTParams) -> Tensor:
+    """The 1D sin-cos table (pos_embed_max_size, hidden_size / 2) from which the 2D position grid is cropped."""
+    return sincos_table(p.pos_embed_max_size, p.hidden_size // 2, p.sample_size // p.patch_size)
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def _qk_norm(p: MMDiTParams) -> nn.Module | None:
+    return nn.RMSNorm(p.head_dim, eps=1e-6) if p.qk_norm else None
+
+
+class JointBlock(nn.Module):
+    """One MMDiT block (SD3 fig. 2b); `context_pre_only` (last block) drops the text-stream update."""
+
+    def __init__(self, p: MMDiTParams, context_pre_only: bool = False, dual_attention: bool = False):
+        super().__init__()
+        d, mlp_hidden = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
+        self.heads, self.context_pre_only, self.dual_attention = p.num_heads, context_pre_only, dual_attention
+        # Modulation chunks keep diffusers' order: (shift, scale, gate) per sub-layer; pre-only text: (scale, shift).
+        self.img_mod = nn.Linear(d, (9 if dual_attention else 6) * d)
+        self.img_qkv = nn.Linear(d, 3 * d)
+        self.img_q_norm, self.img_k_norm = _qk_norm(p), _qk_norm(p)
+        self.img_proj = nn.Linear(d, d)
+        self.img_mlp = _mlp(d, mlp_hidden)
+        self.txt_mod = nn.Linear(d, (2 if context_pre_only else 6) * d)
+        self.txt_qkv = nn.Linear(d, 3 * d)
+        self.txt_q_norm, self.txt_k_norm = _qk_norm(p), _qk_norm(p)
+        if not context_pre_only:
+            self.txt_proj = nn.Linear(d, d)
+            self.txt_mlp = _mlp(d, mlp_hidden)
+        if dual_attention:
+            self.img_qkv2 = nn.Linear(d, 3 * d)
+            self.img_q_norm2, self.img_k_norm2 = _qk_norm(p), _qk_norm(p)
+            self.img_proj2 = nn.Linear(d, d)
+
+    def _heads(self, qkv: Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(qkv, "b s (three h d) -> three b s h d", three=3, h=self.heads)  # 3 x (B, S, H, d) views
+        q = q if q_norm is None else q_norm(q)
+        k = k if k_norm is None else k_norm(k)
+        return q, k, v
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        q, k, v = (rearrange(a, "b s h d -> b h s d") for a in (q, k, v))  # views
+        return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), "b h s d -> b s (h d)")
+
+    def forward(self, x: Tensor, ctx: Tensor, vec: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D) image tokens, ctx (B, L, D) text tokens, vec (B, D) = SiLU(conditioning)."""
+        n, d = x.shape[1], x.shape[2]
+        im = self.img_mod(vec)[:, None].chunk(9 if self.dual_attention else 6, dim=-1)  # each (B, 1, D)
+        tm = self.txt_mod(vec)[:, None].chunk(2 if self.context_pre_only else 6, dim=-1)  # each (B, 1, D)
+
+        x_ln = F.layer_norm(x, (d,), eps=1e-6)  # (B, N, D)
+        ctx_ln = F.layer_norm(ctx, (d,), eps=1e-6)  # (B, L, D)
+        if self.context_pre_only:
+            ctx_in = torch.addcmul(tm[1], ctx_ln, 1 + tm[0])  # (B, L, D)
+        else:
+            ctx_in = torch.addcmul(tm[0], ctx_ln, 1 + tm[1])  # (B, L, D)
+        x_in = torch.addcmul(im[0], x_ln, 1 + im[1])  # (B, N, D)
+        qi, ki, vi = self._heads(self.img_qkv(x_in), self.img_q_norm, self.img_k_norm)  # (B, N, H, d)
+        # The pre-only block's text queries would only feed discarded outputs: skip their norm and attention rows.
+        txt_q_norm = None if self.context_pre_only else self.txt_q_norm
+        qt, kt, vt = self._heads(self.txt_qkv(ctx_in), txt_q_norm, self.txt_k_norm)  # (B, L, H, d)
+        q = qi if self.context_pre_only else torch.cat([qi, qt], dim=1)  # (B, N[+L], H, d)
+        k, v = torch.cat([ki, kt], dim=1), torch.cat([vi, vt], dim=1)  # (B, N+L, H, d)
+        out = self._attend(q, k, v, attn_mask)  # (B, N[+L], D)
+
+        x = torch.addcmul(x, im[2], self.img_proj(out[:, :n]))  # (B, N, D)
+        if self.dual_attention:
+            x_in2 = torch.addcmul(im[6], x_ln, 1 + im[7])  # (B, N, D)
+            out2 = self._attend(*self._heads(self.img_qkv2(x_in2), self.img_q_norm2, self.img_k_norm2))  # (B, N, D)
+            x = torch.addcmul(x, im[8], self.img_proj2(out2))  # (B, N, D)
+        x_mlp_in = torch.addcmul(im[3], F.layer_norm(x, (d,), eps=1e-6), 1 + im[4])  # (B, N, D)
+        x = torch.addcmul(x, im[5], self.img_mlp(x_mlp_in))  # (B, N, D)
+        if self.context_pre_only:
+            return x, None
+
+        ctx = torch.addcmul(ctx, tm[2], self.txt_proj(out[:, n:]))  # (B, L, D)
+        ctx_mlp_in = torch.addcmul(tm[3], F.layer_norm(ctx, (d,), eps=1e-6), 1 + tm[4])  # (B, L, D)
+        ctx = torch.addcmul(ctx, tm[5], self.txt_mlp(ctx_mlp_in))  # (B, L, D)
+        return x, ctx
+
+
+class MMDiT(nn.Module):
+    """Rectified-flow velocity network: (x_t, t, text tokens, pooled text) -> v."""
+
+    def __init__(self, params: MMDiTParams):
+        super().__init__()
+        self.params = p = params
+        d = p.hidden_size
+        # Patch embedding as a linear layer over (c p q) patches: the same map as a stride-p Conv2d, cheaper on CPU.
+        self.x_embedder = nn.Linear(p.in_channels * p.patch_size**2, d)
+        self.register_buffer("pos_table", pos_table(p), persistent=False)  # (M, D/2), fixed
+        self.t_embedder = MLPEmbedder(TIME_FREQ_DIM, d)
+        self.y_embedder = MLPEmbedder(p.pooled_dim, d)
+        self.context_embedder = nn.Linear(p.context_dim, d)
+        self.blocks = nn.ModuleList(
+            JointBlock(p, context_pre_only=i == p.depth - 1, dual_attention=i in p.dual_attention_layers)
+            for i in range(p.depth)
+        )
+        self.final_mod = nn.Linear(d, 2 * d)  # (scale, shift) as diffusers' AdaLayerNormContinuous
+        self.final_proj = nn.Linear(d, p.patch_size**2 * p.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in (self.t_embedder, self.y_embedder):
+            nn.init.normal_(emb.linear_1.weight, std=0.02)
+            nn.init.normal_(emb.linear_2.weight, std=0.02)
+        # adaLN-zero (DiT sec. 3.2): every block starts as the identity and the output as zero.
+        zero = [self.final_mod, self.final_proj] + [m for b in self.blocks for m in (b.img_mod, b.txt_mod)]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def pos_embed(self, h: int, w: int) -> Tensor:
+        """Fixed 2D sin-cos positions for an h x w patch grid, centre-cropped from the max grid: (h*w, D)."""
+        return crop_pos_embed_2d(self.pos_table, h, w)
+
+    def forward(
+        self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """Velocity for latents x (B, C, H, W) at flow times t (B,) given context (B, L, Dc), pooled (B, Dp).
+
+        context_mask (B, L) bool marks real text tokens; padded ones are excluded as attention keys.
+        """
+        p = self.params
+        b, _, h, w = x.shape
+        if h % p.patch_size or w % p.patch_size:
+            raise ValueError(f"latent size {h}x{w} is not a multiple of patch_size {p.patch_size}")
+        hp, wp = h // p.patch_size, w // p.patch_size
+        patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p.patch_size, q=p.patch_size)  # (B, N, C*p*p)
+        img = self.x_embedder(patches) + self.pos_embed(hp, wp).to(x.dtype)  # (B, N, D)
+        ctx = self.context_embedder(context)  # (B, L, D)
+        t_freq = timestep_embedding(t.expand(b) * p.timestep_scale, TIME_FREQ_DIM).to(x.dtype)  # (B, 256)
+        vec = F.silu(self.t_embedder(t_freq) + self.y_embedder(pooled))  # (B, D), SiLU shared by all modulations
+
+        attn_mask = None
+        if context_mask is not None:
+            keep_img = torch.ones(b, hp * wp, dtype=torch.bool, device=x.device)
+            attn_mask = torch.cat([keep_img, context_mask.bool()], dim=1)[:, None, None]  # (B, 1, 1, N+L)
+
+        for block in self.blocks:
+            img, ctx = block(img, ctx, vec, attn_mask)  # (B, N, D), (B, L, D) or None after the last block
+
+        scale, shift = self.final_mod(vec)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        img = torch.addcmul(shift, F.layer_norm(img, (p.hidden_size,), eps=1e-6), 1 + scale)  # (B, N, D)
+        img = self.final_proj(img)  # (B, N, p*p*C_out)
+        return rearrange(img, "b (h w) (p q c) -> b c (h p) (w q)", h=hp, p=p.patch_size, q=p.patch_size)

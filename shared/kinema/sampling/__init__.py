@@ -1,0 +1,16 @@
+"""Rectified-flow sampling: time schedules, ODE samplers and guidance (SD3, Esser et al. 2024)."""
+
+from kinema.sampling.guidance import cfg_velocity
+from kinema.sampling.samplers import initial_noise, sample_euler, sample_heun
+from kinema.sampling.schedule import get_schedule, logit_normal_t, resolution_shift, shift_sigmas
+
+__all__ = [
+    "cfg_velocity",
+    "get_schedule",
+    "initial_noise",
+    "logit_normal_t",
+    "resolution_shift",
+    "sample_euler",
+    "sample_heun",
+    "shift_sigmas",
+]

@@ -1,0 +1,171 @@
+"""Train the latent autoencoder (LDM) on the synthetic world plus real image crops.
+
+    python -m kinema.train.autoencoder --steps 6000 --out runs/autoencoder
+
+L1 + perceptual (EfficientNet-Lite0) + a small KL term, on random crops (the network is fully
+convolutional, so 32 px crops teach it 64 px images at a quarter of the cost). Checkpoints as
+it goes and resumes from them; `--export` writes the shipped weights with the latent scale and
+shift measured on training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kinema.data import World, cached_images
+from kinema.data.real import random_crops, real_images
+from kinema.nn.autoencoder import PRESETS, Autoencoder, AutoencoderParams
+from kinema.nn.checkpoint import save_checkpoint
+from kinema.train.state import load_train_state, save_train_state
+
+
+@dataclass(frozen=True)
+class AETrainConfig:
+    preset: str = "mini"
+    steps: int = 6000
+    batch: int = 32
+    crop: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.1
+    real_fraction: float = 0.3
+    synthetic_pool: int = 20000
+    seed: int = 0
+    checkpoint_every: int = 250
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _batch(cfg: AETrainConfig, pool: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    n_real = int(round(cfg.batch * cfg.real_fraction))
+    idx = rng.integers(0, len(pool), size=cfg.batch - n_real)
+    ys, xs = rng.integers(0, pool.shape[1] - cfg.crop + 1, size=(2, len(idx)))
+    synth = np.stack([pool[i, y : y + cfg.crop, x : x + cfg.crop] for i, y, x in zip(idx, ys, xs, strict=True)])
+    real = random_crops(real_images("train"), n_real, cfg.crop, rng)
+    return to_tensor(np.concatenate([synth, real]))
+
+
+@torch.no_grad()
+def evaluate(model: Autoencoder, n: int = 256) -> dict[str, float]:
+    """PSNR on held-out synthetic renders (test split) and held-out real crops, at 64 px."""
+    from kinema.eval.metrics import psnr
+
+    synth, _ = World().images("test", 0, n)
+    real = random_crops(real_images("heldout"), n, 64, np.random.default_rng(1234))
+    out = {}
+    for name, imgs in (("synthetic", synth), ("real", real)):
+        x = to_tensor(imgs)
+        rec = torch.cat([model.decode(model.encode(c)) for c in x.split(64)])
+        out[f"psnr_{name}"] = float(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255))
+    return out
+
+
+@torch.no_grad()
+def latent_stats(model: Autoencoder, images: np.ndarray) -> tuple[float, float]:
+    """(shift, scale) so that normalised latents have zero mean and unit variance (LDM sec. 4.3.2)."""
+    z = torch.cat([model.posterior(c).mean for c in to_tensor(images).split(64)])
+    return float(z.mean()), float(1.0 / z.std())
+
+
+def export(model: Autoencoder, models_dir: Path, card: dict) -> tuple[Path, Path]:
+    """Split the autoencoder into the Triton repository's vae_encoder and vae_decoder weights."""
+    state = model.state_dict()
+    enc = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
+    dec = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    paths = (models_dir / "vae_encoder/1/encoder.safetensors", models_dir / "vae_decoder/1/decoder.safetensors")
+    for path, part in zip(paths, (enc, dec), strict=True):
+        save_checkpoint(path, part, model.params, {"card": card})
+    return paths
+
+
+def train(cfg: AETrainConfig, out: Path) -> Autoencoder:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = Autoencoder(PRESETS[cfg.preset])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9))
+    from kinema.train.perceptual import PerceptualLoss
+
+    perceptual = PerceptualLoss()
+    pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))
+    ckpt, log = out / "state.safetensors", out / "log.jsonl"
+    counters = {"step": 0, "seconds": 0.0}
+    if ckpt.exists():
+        counters = load_train_state(ckpt, model, opt)
+        rng = np.random.default_rng([cfg.seed, counters["step"]])
+        print(f"resumed at step {counters['step']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    t0 = time.perf_counter() - counters["seconds"]
+    while counters["step"] < cfg.steps:
+        lr = cfg.lr * min(1.0, (counters["step"] + 1) / 200) * (0.1 + 0.9 * (1 - counters["step"] / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = _batch(cfg, pool, rng)
+        post = model.posterior(x)
+        rec = model.decode_raw(post.sample())
+        l1 = (rec - x).abs().mean()
+        lp = perceptual(rec, x).mean()
+        kl = post.kl().mean()
+        loss = l1 + cfg.perceptual_weight * lp + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        counters["step"] += 1
+        counters["seconds"] = time.perf_counter() - t0
+        if counters["step"] % 50 == 0:
+            row = {"step": counters["step"], "l1": l1.item(), "perceptual": lp.item(), "kl": kl.item(),
+                   "seconds": round(counters["seconds"], 1)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if counters["step"] % cfg.checkpoint_every == 0 or counters["step"] == cfg.steps:
+            save_train_state(ckpt, model, opt, counters)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=AETrainConfig.steps)
+    ap.add_argument("--batch", type=int, default=AETrainConfig.batch)
+    ap.add_argument("--seed", type=int, default=AETrainConfig.seed)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default); 1 avoids "
+                    "oversubscription when the cores are shared")
+    ap.add_argument("--out", type=Path, default=Path("runs/autoencoder"))
+    ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped weights into")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = AETrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
+    model = train(cfg, args.out).eval()
+    metrics = evaluate(model)
+    pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))
+    shift, scale = latent_stats(model, pool[:2048])
+    # Bake the measured normalisation into the params that travel with the weights.
+    model.params = dataclasses.replace(model.params, shift_factor=shift, scaling_factor=scale)
+    print(json.dumps(metrics))
+    if args.export:
+        log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
+        card = {"config": dataclasses.asdict(cfg), "metrics": metrics, "train_seconds": log[-1]["seconds"],
+                "shift_factor": shift, "scaling_factor": scale}  # fmt: skip
+        for p in export(model, args.export, card):
+            print(f"wrote {p}")
+        (args.out / "metrics.json").write_text(json.dumps(card, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kinema.nn.mmdit import PRESETS, MMDiT, MMDiTParams
+
+TINY = MMDiTParams(
+    in_channels=4,
+    out_channels=4,
+    patch_size=2,
+    sample_size=8,
+    pos_embed_max_size=8,
+    depth=2,
+    hidden_size=32,
+    num_heads=4,
+    context_dim=12,
+    pooled_dim=10,
+)
+VARIANTS = {
+    "sd3": TINY,
+    "sd3.5": dataclasses.replace(TINY, depth=3, qk_norm=True, dual_attention_layers=(0, 1)),
+}
+
+
+def _inputs(p: MMDiTParams, b: int = 2, h: int = 8, w: int = 8, seq: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, p.in_channels, h, w, generator=g)
+    t = torch.rand(b, generator=g)
+    ctx = torch.randn(b, seq, p.context_dim, generator=g)
+    pooled = torch.randn(b, p.pooled_dim, generator=g)
+    return x, t, ctx, pooled
+
+
+def _randomized(p: MMDiTParams) -> MMDiT:
+    """A model with the adaLN-zero layers perturbed, so every path reaches the output."""
+    torch.manual_seed(0)
+    model = MMDiT(p).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("h", "w"), [(8, 8), (8, 4), (4, 6)])
+def test_forward_shape_and_dtype(variant, h, w):
+    p = VARIANTS[variant]
+    x, t, ctx, pooled = _inputs(p, h=h, w=w)
+    out = _randomized(p)(x, t, ctx, pooled)
+    assert out.shape == (2, p.out_channels, h, w)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_bfloat16_forward_keeps_dtype():
+    model = _randomized(TINY).to(torch.bfloat16)
+    x, t, ctx, pooled = _inputs(TINY)
+    out = model(x.bfloat16(), t, ctx.bfloat16(), pooled.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+
+
+def test_adaln_zero_init_outputs_zero():
+    out = MMDiT(TINY)(*_inputs(TINY))
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_context_mask_hides_padded_tokens(variant, one_thread):
+    p = VARIANTS[variant]
+    model = _randomized(p)
+    x, t, ctx, pooled = _inputs(p, seq=6)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled, mask)
+        changed_pad = ctx.clone()
+        changed_pad[1, 3:] = torch.randn(3, p.context_dim)
+        assert torch.allclose(model(x, t, changed_pad, pooled, mask), ref, atol=1e-6)
+        changed_real = ctx.clone()
+        changed_real[1, 0] += 1.0
+        assert not torch.allclose(model(x, t, changed_real, pooled, mask), ref, atol=1e-4)
+        # all-True mask is the unmasked network; without a mask the padding does leak in
+        assert torch.allclose(model(x, t, ctx, pooled, torch.ones(2, 6, dtype=torch.bool)), model(x, t, ctx, pooled))
+        assert not torch.allclose(model(x, t, changed_pad, pooled), model(x, t, ctx, pooled), atol=1e-4)
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny training steps are op-overhead bound; with a second busy process on the machine, OpenMP
+    # threads spin-waiting on each other make them ~100x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_model_overfits_a_fixed_batch(one_thread):
+    torch.manual_seed(0)
+    model = MMDiT(TINY)
+    x0, _, ctx, pooled = _inputs(TINY, b=4, seed=1)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps  # rectified flow path (SD3 eq. 3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = F.mse_loss(model(xt, t, ctx, pooled), eps - x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_heads": 5}, "divisible by num_heads"),
+        ({"hidden_size": 30, "num_heads": 3}, "multiple of 4"),
+        ({"dual_attention_layers": (2,)}, "outside"),
+        ({"sample_size": 7}, "multiple of patch_size"),
+        ({"pos_embed_max_size": 2}, "pos_embed_max_size"),
+        ({"depth": 0}, "depth"),
+    ],
+)
+def test_params_that_do_not_fit_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **change)
+
+
+def test_latent_too_large_or_odd_raises():
+    model = MMDiT(TINY)
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        model(*_inputs(TINY, h=18, w=8))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        model(*_inputs(TINY, h=7, w=8))
+
+
+@pytest.mark.parametrize("name", ["mini", "small"])
+def test_small_presets_run(name):
+    p = PRESETS[name]
+    x, t, ctx, pooled = _inputs(p, b=1, h=p.sample_size, w=p.sample_size, seq=3)
+    with torch.no_grad():
+        assert MMDiT(p)(x, t, ctx, pooled).shape == x.shape
