@@ -35,8 +35,8 @@ def load_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], params: Any, extra: dict | None = None) -> None:
     """Write `state` with the params dataclass (and extras) as JSON metadata, atomically."""
-    meta = {"params": json.dumps(dataclasses.asdict(params)), "params_type": type(params).__name__}
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    meta = {"params": dataclasses.asdict(params), "params_type": type(params).__name__, **(extra or {})}
+    meta = {k: json.dumps(v) for k, v in meta.items()}  # every value is JSON, see `read_metadata`
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
@@ -48,7 +48,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
-    return {k: json.loads(v) for k, v in raw.items()}
+    return {k: _json_or_text(v) for k, v in raw.items()}
+
+
+def _json_or_text(value: str) -> Any:
+    """Kinema writes JSON values; other writers (diffusers, safetensors tools) write plain text."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def params_from_metadata(path: Path, cls: type[P]) -> P:
@@ -56,6 +64,5 @@ def params_from_metadata(path: Path, cls: type[P]) -> P:
     meta = read_metadata(path)
     if "params" not in meta:
         raise ValueError(f"{path} has no params metadata; was it written by kinema?")
-    raw = json.loads(meta["params"]) if isinstance(meta["params"], str) else meta["params"]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
     return cls(**kwargs)

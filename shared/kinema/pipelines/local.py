@@ -1,0 +1,92 @@
+"""In-process implementations of the capability protocols (embedded mode and development)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kinema.nn.autoencoder import Autoencoder
+from kinema.nn.mmdit import MMDiT
+from kinema.nn.text import TextEmbedding
+from kinema.pipelines.protocols import SampleSpec
+from kinema.sampling.guidance import cfg_velocity
+from kinema.sampling.samplers import Callback, sample_euler, sample_heun
+from kinema.sampling.schedule import get_schedule
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+
+
+def _pad_to(e: TextEmbedding, length: int) -> tuple[Tensor, Tensor]:
+    pad = length - e.tokens.shape[1]
+    tokens = torch.nn.functional.pad(e.tokens, (0, 0, 0, pad))
+    mask = torch.nn.functional.pad(e.mask, (0, pad))
+    return tokens, mask
+
+
+class LocalDenoiser:
+    """MMDiT + sampler + classifier-free guidance in this process."""
+
+    def __init__(self, model: MMDiT, sha256: str) -> None:
+        self.model = model
+        self.latent_channels = model.params.in_channels
+        self._sha256 = sha256
+
+    def fingerprint(self) -> str:
+        return self._sha256
+
+    @torch.inference_mode()
+    def sample(
+        self, noise: Tensor, cond: TextEmbedding, uncond: TextEmbedding, spec: SampleSpec, callback: Callback | None
+    ) -> Tensor:
+        b = noise.shape[0]
+        length = max(cond.tokens.shape[1], uncond.tokens.shape[1])
+        c_tok, c_mask = _pad_to(cond, length)
+        u_tok, u_mask = _pad_to(uncond, length)
+        guided = spec.guidance != 1.0
+        if guided:  # one batched evaluation for both halves of CFG
+            tokens = torch.cat([c_tok, u_tok.expand(b, -1, -1)])
+            mask = torch.cat([c_mask, u_mask.expand(b, -1)])
+            pooled = torch.cat([cond.pooled, uncond.pooled.expand(b, -1)])
+        else:
+            tokens, mask, pooled = c_tok, c_mask, cond.pooled
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            if not guided:
+                return self.model(x, t, tokens, pooled, mask)
+            v = self.model(torch.cat([x, x]), torch.cat([t, t]), tokens, pooled, mask)
+            v_cond, v_uncond = v.chunk(2)
+            return cfg_velocity(v_cond, v_uncond, spec.guidance)
+
+        schedule = get_schedule(spec.steps, spec.shift)
+        return SAMPLERS[spec.sampler](velocity, noise, schedule, callback=callback)
+
+
+class LocalAutoencoder:
+    def __init__(self, model: Autoencoder, sha256: str) -> None:
+        self.model = model
+        self.downscale = model.params.downscale
+        self.latent_channels = model.params.latent_channels
+        self._sha256 = sha256
+
+    def fingerprint(self) -> str:
+        return self._sha256
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor) -> Tensor:
+        return self.model.encode(images)
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.model.decode(latents)
+
+
+def load_local(models: Path | None = None):
+    """(text encoder, denoiser, autoencoder) from a model repository, ready for `text_to_image`."""
+    from kinema.repository import default_models_dir, load_autoencoder, load_denoiser, load_text_encoder_default
+
+    models = models or default_models_dir()
+    denoiser = LocalDenoiser(*load_denoiser(models))
+    autoencoder = LocalAutoencoder(*load_autoencoder(models))
+    return load_text_encoder_default(), denoiser, autoencoder

@@ -1,0 +1,65 @@
+"""Load the shipped networks from a Triton-style model repository (`models/<name>/1/*.safetensors`).
+
+The same files Triton serves are what embedded mode loads: one set of weights, two shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from kinema.nn.autoencoder import Autoencoder, AutoencoderParams
+from kinema.nn.checkpoint import params_from_metadata, sha256_file
+from kinema.nn.mmdit import MMDiT, MMDiTParams
+from kinema.nn.text import TextEncoder, TextEncoderParams, load_text_encoder
+
+AUTOENCODER_FILES = ("vae_encoder/1/encoder.safetensors", "vae_decoder/1/decoder.safetensors")
+DENOISER_FILE = "denoiser/1/mmdit.safetensors"
+
+
+class MissingWeights(FileNotFoundError):
+    """A shipped weights file is absent from the model repository."""
+
+
+def default_models_dir() -> Path:
+    """`KINEMA_MODELS`, else the `models/` folder of the source checkout."""
+    env = os.environ.get("KINEMA_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise MissingWeights(
+            f"missing weights {path}; set KINEMA_MODELS to a model repository or run `make weights` to train them"
+        )
+    return path
+
+
+def load_autoencoder(models: Path) -> tuple[Autoencoder, str]:
+    """(autoencoder in eval mode, sha256 over its encoder and decoder files)."""
+    from safetensors.torch import load_file
+
+    files = [_require(models / f) for f in AUTOENCODER_FILES]
+    model = Autoencoder(params_from_metadata(files[0], AutoencoderParams))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model.load_state_dict(state)
+    digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+    return model.eval().requires_grad_(False), digest
+
+
+def load_denoiser(models: Path, path: Path | None = None) -> tuple[MMDiT, str]:
+    """(MMDiT in eval mode, sha256 of its file); `path` overrides the repository file (snapshots)."""
+    from safetensors.torch import load_file
+
+    file = _require(path or models / DENOISER_FILE)
+    model = MMDiT(params_from_metadata(file, MMDiTParams))
+    model.load_state_dict(load_file(str(file)))
+    return model.eval().requires_grad_(False), sha256_file(file)
+
+
+def load_text_encoder_default() -> TextEncoder:
+    """The packaged all-MiniLM-L6-v2 every mini model is trained with."""
+    return load_text_encoder(TextEncoderParams(kind="minilm"))

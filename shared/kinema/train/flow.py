@@ -1,0 +1,208 @@
+"""Train the MMDiT denoiser with rectified flow in the autoencoder's latent space (SD3).
+
+    python -m kinema.train.flow --steps 20000 --out runs/denoiser --export models
+
+x_t = (1 - t) x_0 + t eps with t ~ logit-normal(m, s) optionally shifted (SD3 sec. 3.1, eq. 23),
+loss = || v_theta(x_t, t, c) - (eps - x_0) ||^2, text dropped to the empty prompt for CFG,
+EMA weights. Latents and text states of the training scenes are computed once and cached.
+Checkpoints as it goes and resumes from them; EMA snapshots feed the learning curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kinema.data import World, cached_images
+from kinema.nn.checkpoint import save_checkpoint
+from kinema.nn.mmdit import PRESETS, MMDiT
+from kinema.sampling.schedule import logit_normal_t, shift_sigmas
+from kinema.train.state import ema_update, load_train_state, save_train_state
+
+CACHE = Path(".cache/kinema")
+
+
+@dataclass(frozen=True)
+class FlowTrainConfig:
+    preset: str = "tiny"
+    samples: int = 40000  # training scenes
+    batch: int = 64
+    lr: float = 6e-4
+    warmup: int = 500
+    steps: int = 20000
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    text_dropout: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+    snapshot_every: int = 2000
+
+
+@dataclass
+class Conditioning:
+    """Text states of a set of prompts, padded to one length (float16 to halve the cache)."""
+
+    tokens: torch.Tensor  # (N, L, D)
+    mask: torch.Tensor  # (N, L) bool
+    pooled: torch.Tensor  # (N, P)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tokens[idx].float(), self.mask[idx], self.pooled[idx].float()
+
+
+def encode_prompts(encoder, prompts: list[str], batch: int = 256) -> Conditioning:
+    """Encode unique prompts once and pad every result to the longest."""
+    embs = [encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+    length = max(e.tokens.shape[1] for e in embs)
+    tokens = torch.cat([F.pad(e.tokens, (0, 0, 0, length - e.tokens.shape[1])) for e in embs]).half()
+    mask = torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])) for e in embs])
+    pooled = torch.cat([e.pooled for e in embs]).half()
+    return Conditioning(tokens, mask, pooled)
+
+
+def text_cache(captions: list[str], encoder) -> tuple[Conditioning, torch.Tensor]:
+    """(conditioning of the unique captions, index of each caption into it), cached on disk."""
+    import hashlib
+
+    unique = sorted(set(captions))
+    key = hashlib.sha256(("\n".join(unique) + encoder.fingerprint()).encode()).hexdigest()[:16]
+    path = CACHE / f"text-{key}.safetensors"
+    if not path.exists():
+        t0 = time.perf_counter()
+        cond = encode_prompts(encoder, unique)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_file({"tokens": cond.tokens, "mask": cond.mask, "pooled": cond.pooled}, str(path))
+        print(f"encoded {len(unique)} unique captions in {time.perf_counter() - t0:.0f}s", flush=True)
+    t = load_file(str(path))
+    lookup = {c: i for i, c in enumerate(unique)}
+    return Conditioning(t["tokens"], t["mask"], t["pooled"]), torch.tensor([lookup[c] for c in captions])
+
+
+@torch.no_grad()
+def latent_cache(images: np.ndarray, autoencoder, tag: str) -> torch.Tensor:
+    """Normalised latents (N, C, h, w) of uint8 images, cached per autoencoder weights."""
+    from kinema.train.autoencoder import to_tensor
+
+    path = CACHE / f"latents-{tag}-{len(images)}.safetensors"
+    if not path.exists():
+        t0 = time.perf_counter()
+        z = torch.cat([autoencoder.encode(to_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": z.contiguous()}, str(path))
+        print(f"encoded {len(images)} latents in {time.perf_counter() - t0:.0f}s", flush=True)
+    return load_file(str(path))["latents"]
+
+
+def flow_loss(model: MMDiT, x0: torch.Tensor, t: torch.Tensor, cond: tuple, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow (conditional flow matching) MSE with velocity target eps - x0 (SD3 eq. 1-3)."""
+    tt = t.view(-1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * noise
+    v = model(xt, t, cond[0], cond[2], cond[1])
+    return (v - (noise - x0)).pow(2).mean()
+
+
+def train(cfg: FlowTrainConfig, out: Path, models_dir: Path) -> tuple[MMDiT, MMDiT]:
+    from kinema.repository import load_autoencoder, load_text_encoder_default
+
+    torch.manual_seed(cfg.seed)
+    world = World()
+    images, captions = cached_images(world, "train", cfg.samples, CACHE)
+    autoencoder, ae_hash = load_autoencoder(models_dir)
+    latents = latent_cache(images, autoencoder, ae_hash[:12])
+    encoder = load_text_encoder_default()
+    cond, cap_idx = text_cache(captions, encoder)
+    null = encode_prompts(encoder, [""])
+    null_tokens = F.pad(null.tokens.float(), (0, 0, 0, cond.tokens.shape[1] - null.tokens.shape[1]))
+    null_mask = F.pad(null.mask, (0, cond.mask.shape[1] - null.mask.shape[1]))
+    del images
+
+    model = MMDiT(PRESETS[cfg.preset])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    counters = {"step": 0, "samples": 0, "seconds": 0.0}
+    state_path, log = out / "state.safetensors", out / "log.jsonl"
+    if state_path.exists():
+        counters = load_train_state(state_path, model, opt, ema)
+        print(f"resumed at step {counters['step']}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + counters["step"])
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"MMDiT {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(latents)} training latents", flush=True)
+    t0 = time.perf_counter() - counters["seconds"]
+    window = time.perf_counter()
+    while counters["step"] < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (counters["step"] + 1) / cfg.warmup)
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        tokens, mask, pooled = cond.take(cap_idx[idx])
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.text_dropout
+        tokens = torch.where(drop[:, None, None], null_tokens, tokens)
+        mask = torch.where(drop[:, None], null_mask, mask)
+        pooled = torch.where(drop[:, None], null.pooled.float(), pooled)
+        t = shift_sigmas(logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, generator=gen), cfg.shift)
+        noise = torch.randn(x0.shape, generator=gen)
+        loss = flow_loss(model, x0, t, (tokens, mask, pooled), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        counters["step"] += 1
+        counters["samples"] += cfg.batch
+        ema_update(ema, model, min(cfg.ema_decay, (1 + counters["step"]) / (10 + counters["step"])))
+        counters["seconds"] = time.perf_counter() - t0
+        if counters["step"] % 50 == 0:
+            rate = 50 * cfg.batch / (time.perf_counter() - window)
+            window = time.perf_counter()
+            row = {**counters, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1)}
+            print(json.dumps(row), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if counters["step"] % cfg.checkpoint_every == 0 or counters["step"] == cfg.steps:
+            save_train_state(state_path, model, opt, counters, ema)
+        if counters["step"] % cfg.snapshot_every == 0:
+            snap = out / "snapshots" / f"ema-{counters['samples']:09d}.safetensors"
+            save_checkpoint(snap, ema.state_dict(), ema.params, {"counters": counters})
+    return model, ema
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=FlowTrainConfig.steps)
+    ap.add_argument("--preset", default=FlowTrainConfig.preset, choices=sorted(PRESETS))
+    ap.add_argument("--samples", type=int, default=FlowTrainConfig.samples)
+    ap.add_argument("--batch", type=int, default=FlowTrainConfig.batch)
+    ap.add_argument("--seed", type=int, default=FlowTrainConfig.seed)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--models", type=Path, default=Path("models"), help="model repository with the autoencoder")
+    ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
+    ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed)
+    _, ema = train(cfg, args.out, args.models)
+    if args.export:
+        log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
+        card = {"config": dataclasses.asdict(cfg), "samples_seen": log[-1]["samples"],
+                "train_seconds": log[-1]["seconds"], "final_loss": log[-1]["loss"]}  # fmt: skip
+        path = args.export / "denoiser/1/mmdit.safetensors"
+        save_checkpoint(path, ema.state_dict(), ema.params, {"card": card})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

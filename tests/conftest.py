@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with tiny random networks in the shipped layout (for plumbing tests)."""
+    from kinema.nn.autoencoder import Autoencoder, AutoencoderParams
+    from kinema.nn.checkpoint import save_checkpoint
+    from kinema.nn.mmdit import MMDiT, MMDiTParams
+    from kinema.train.autoencoder import export
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderParams(block_out_channels=(8, 8, 8), norm_num_groups=4, latent_channels=4))
+    export(ae, root, {"note": "tiny random test model"})
+    mmdit = MMDiT(MMDiTParams(depth=2, hidden_size=32, num_heads=2, sample_size=16, pos_embed_max_size=32))
+    for p in mmdit.parameters():  # adaLN-zero starts at zero output; give the test network a signal
+        torch.nn.init.normal_(p, std=0.02)
+    save_checkpoint(root / "denoiser/1/mmdit.safetensors", mmdit.state_dict(), mmdit.params)
+    return root

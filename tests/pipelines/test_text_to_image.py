@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from kinema.errors import InvalidInput
+from kinema.pipelines import TextToImageRequest, text_to_image
+from kinema.pipelines.local import load_local
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models):
+    return load_local(tiny_models)
+
+
+def test_images_shape_and_provenance(stack) -> None:
+    r = text_to_image(TextToImageRequest(prompts=["a red cube", "a blue sphere"], steps=3), *stack)
+    assert r.images.shape == (2, 64, 64, 3) and r.images.dtype == np.uint8
+    assert r.seeds == [0, 1]
+    assert set(r.models) == {"text_encoder", "denoiser", "autoencoder"}
+    assert all(len(h) == 64 for h in r.models.values())
+
+
+def test_seed_reproduces_bit_for_bit_and_is_independent_of_batch(stack) -> None:
+    a = text_to_image(TextToImageRequest(prompts=["a red cube", "a green cone"], seed=5, steps=3), *stack)
+    b = text_to_image(TextToImageRequest(prompts=["a red cube", "a green cone"], seed=5, steps=3), *stack)
+    np.testing.assert_array_equal(a.images, b.images)
+    single = text_to_image(TextToImageRequest(prompts=["a green cone"], seed=6, steps=3), *stack)
+    np.testing.assert_array_equal(single.images[0], a.images[1])
+    other = text_to_image(TextToImageRequest(prompts=["a red cube"], seed=99, steps=3), *stack)
+    assert not np.array_equal(other.images[0], a.images[0])
+
+
+def test_guidance_and_sampler_change_the_result(stack) -> None:
+    base = TextToImageRequest(prompts=["a red cube"], steps=3, guidance=1.0)
+    plain = text_to_image(base, *stack).images
+    guided = text_to_image(TextToImageRequest(prompts=["a red cube"], steps=3, guidance=7.0), *stack).images
+    heun = text_to_image(TextToImageRequest(prompts=["a red cube"], steps=3, guidance=1.0, sampler="heun"), *stack)
+    assert not np.array_equal(plain, guided)
+    assert not np.array_equal(plain, heun.images)
+
+
+def test_size_changes_the_output(stack) -> None:
+    r = text_to_image(TextToImageRequest(prompts=["a red cube"], steps=2, size=32), *stack)
+    assert r.images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"guidance": -1.0}, "guidance"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"size": 60}, "size must be a multiple of 8"),
+        ({"size": 1024}, "size must be a multiple of 8"),
+        ({"sampler": "ddim"}, "sampler"),
+        ({"prompts": []}, "at least one prompt"),
+    ],
+)
+def test_bad_requests_are_rejected_with_a_clear_message(stack, kwargs, message) -> None:
+    req = TextToImageRequest(**({"prompts": ["a red cube"]} | kwargs))
+    with pytest.raises(InvalidInput, match=message):
+        text_to_image(req, *stack)
+
+
+def test_long_prompt_is_truncated_and_flagged(stack) -> None:
+    long = "a red cube " * 40
+    r = text_to_image(TextToImageRequest(prompts=[long, "a red cube"], steps=1), *stack)
+    assert r.truncated == [True, False]
