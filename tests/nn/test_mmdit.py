@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kinema.nn.mmdit import PRESETS, MMDiT, MMDiTParams
 
 TINY = MMDiTParams(
@@ -40,6 +41,16 @@ def _randomized(p: MMDiTParams) -> MMDiT:
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     return model
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny training steps are op-overhead bound; with a second busy process on the machine, OpenMP
+    # threads spin-waiting on each other make them ~100x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -82,16 +93,6 @@ def test_context_mask_hides_padded_tokens(variant, one_thread):
         # all-True mask is the unmasked network; without a mask the padding does leak in
         assert torch.allclose(model(x, t, ctx, pooled, torch.ones(2, 6, dtype=torch.bool)), model(x, t, ctx, pooled))
         assert not torch.allclose(model(x, t, changed_pad, pooled), model(x, t, ctx, pooled), atol=1e-4)
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny training steps are op-overhead bound; with a second busy process on the machine, OpenMP
-    # threads spin-waiting on each other make them ~100x slower than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_model_overfits_a_fixed_batch(one_thread):
@@ -137,7 +138,7 @@ def test_latent_too_large_or_odd_raises():
 
 
 @pytest.mark.parametrize("name", ["mini", "small"])
-def test_small_presets_run(name):
+def test_small_presets_run(name, one_thread):
     p = PRESETS[name]
     x, t, ctx, pooled = _inputs(p, b=1, h=p.sample_size, w=p.sample_size, seq=3)
     with torch.no_grad():

@@ -12,13 +12,15 @@ The network predicts the rectified-flow velocity v = eps - x0 for x_t = (1 - t) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from kinema.nn.embeddings import MLPEmbedder, crop_pos_embed_2d, sincos_table, timestep_embedding
 from torch import Tensor, nn
+
+from kinema.nn.embeddings import MLPEmbedder, crop_pos_embed_2d, sincos_table, timestep_embedding
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal time features, fixed by SD3
 
@@ -67,6 +69,8 @@ class MMDiTParams:
 PRESETS: dict[str, MMDiTParams] = {
     # Our shipped text encoder is all-MiniLM-L6-v2: 384-d tokens and pooled vector.
     "mini": MMDiTParams(),
+    # What the shipped denoiser trains as: ~2x the samples/s of 'mini' on a 2-core CPU.
+    "tiny": MMDiTParams(depth=4, hidden_size=192, num_heads=3),
     "small": MMDiTParams(
         in_channels=16, out_channels=16, sample_size=32, pos_embed_max_size=64, depth=12, hidden_size=512, num_heads=8
     ),
@@ -104,8 +108,26 @@ def pos_table(p: MMDiTParams) -> Tensor:
     return sincos_table(p.pos_embed_max_size, p.hidden_size // 2, p.sample_size // p.patch_size)
 
 
+class TanhGELU(nn.Module):
+    """GELU, tanh approximation (diffusers' "gelu-approximate"), fast for CPU inference.
+
+    0.5 * (1 + tanh(u)) = sigmoid(2u): without autograd on CPU the sigmoid form is the same function and
+    ~2x faster than ATen's tanh-GELU kernel; training and GPUs keep the fused F.gelu (faster backward).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return F.gelu(x, approximate="tanh")
+        u = x * x  # (..., F), then in place: u = x + 0.044715 x^3, x * sigmoid(2 sqrt(2/pi) u)
+        torch.addcmul(x, u, x, value=0.044715, out=u)
+        return u.mul_(_GELU_2U).sigmoid_().mul_(x)
+
+
+_GELU_2U = 2 * math.sqrt(2 / math.pi)
+
+
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), TanhGELU(), nn.Linear(hidden, dim))
 
 
 def _qk_norm(p: MMDiTParams) -> nn.Module | None:
@@ -149,7 +171,7 @@ class JointBlock(nn.Module):
 
     def forward(self, x: Tensor, ctx: Tensor, vec: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x (B, N, D) image tokens, ctx (B, L, D) text tokens, vec (B, D) = SiLU(conditioning)."""
-        n, d = x.shape[1], x.shape[2]
+        d = x.shape[-1]
         im = self.img_mod(vec)[:, None].chunk(9 if self.dual_attention else 6, dim=-1)  # each (B, 1, D)
         tm = self.txt_mod(vec)[:, None].chunk(2 if self.context_pre_only else 6, dim=-1)  # each (B, 1, D)
 
@@ -161,14 +183,15 @@ class JointBlock(nn.Module):
             ctx_in = torch.addcmul(tm[0], ctx_ln, 1 + tm[1])  # (B, L, D)
         x_in = torch.addcmul(im[0], x_ln, 1 + im[1])  # (B, N, D)
         qi, ki, vi = self._heads(self.img_qkv(x_in), self.img_q_norm, self.img_k_norm)  # (B, N, H, d)
-        # The pre-only block's text queries would only feed discarded outputs: skip their norm and attention rows.
+        # Text queries only feed text outputs, which the pre-only (last) block discards.
         txt_q_norm = None if self.context_pre_only else self.txt_q_norm
         qt, kt, vt = self._heads(self.txt_qkv(ctx_in), txt_q_norm, self.txt_k_norm)  # (B, L, H, d)
-        q = qi if self.context_pre_only else torch.cat([qi, qt], dim=1)  # (B, N[+L], H, d)
         k, v = torch.cat([ki, kt], dim=1), torch.cat([vi, vt], dim=1)  # (B, N+L, H, d)
-        out = self._attend(q, k, v, attn_mask)  # (B, N[+L], D)
+        # Joint attention, one call per query stream: the same result as one call over [image, text] queries,
+        # without concatenating queries or slicing the output apart again.
+        out = self._attend(qi, k, v, attn_mask)  # (B, N, D)
 
-        x = torch.addcmul(x, im[2], self.img_proj(out[:, :n]))  # (B, N, D)
+        x = torch.addcmul(x, im[2], self.img_proj(out))  # (B, N, D)
         if self.dual_attention:
             x_in2 = torch.addcmul(im[6], x_ln, 1 + im[7])  # (B, N, D)
             out2 = self._attend(*self._heads(self.img_qkv2(x_in2), self.img_q_norm2, self.img_k_norm2))  # (B, N, D)
@@ -178,7 +201,8 @@ class JointBlock(nn.Module):
         if self.context_pre_only:
             return x, None
 
-        ctx = torch.addcmul(ctx, tm[2], self.txt_proj(out[:, n:]))  # (B, L, D)
+        out_txt = self._attend(qt, k, v, attn_mask)  # (B, L, D)
+        ctx = torch.addcmul(ctx, tm[2], self.txt_proj(out_txt))  # (B, L, D)
         ctx_mlp_in = torch.addcmul(tm[3], F.layer_norm(ctx, (d,), eps=1e-6), 1 + tm[4])  # (B, L, D)
         ctx = torch.addcmul(ctx, tm[5], self.txt_mlp(ctx_mlp_in))  # (B, L, D)
         return x, ctx
@@ -236,7 +260,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not a multiple of patch_size {p.patch_size}")
         hp, wp = h // p.patch_size, w // p.patch_size
         patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p.patch_size, q=p.patch_size)  # (B, N, C*p*p)
-        img = self.x_embedder(patches) + self.pos_embed(hp, wp).to(x.dtype)  # (B, N, D)
+        img = (self.x_embedder(patches) + self.pos_embed(hp, wp)).to(x.dtype)  # (B, N, D), sum in fp32 as diffusers
         ctx = self.context_embedder(context)  # (B, L, D)
         t_freq = timestep_embedding(t.expand(b) * p.timestep_scale, TIME_FREQ_DIM).to(x.dtype)  # (B, 256)
         vec = F.silu(self.t_embedder(t_freq) + self.y_embedder(pooled))  # (B, D), SiLU shared by all modulations

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kinema.nn.checkpoint import load_safetensors_folder
-from kinema.nn.mmdit import MMDiT, MMDiTParams, pos_table
 from safetensors.torch import load_file
 from torch import Tensor
+
+from kinema.nn.checkpoint import load_safetensors_folder
+from kinema.nn.mmdit import MMDiT, MMDiTParams, pos_table
 
 # our module -> diffusers module(s); several sources are concatenated along dim 0 (fused q, k, v).
 _TOP: dict[str, tuple[str, ...]] = {
@@ -83,6 +84,27 @@ def mmdit_params_from_diffusers_config(config: dict[str, Any]) -> MMDiTParams:
     )
 
 
+def diffusers_config_from_params(params: MMDiTParams) -> dict[str, Any]:
+    """The SD3Transformer2DModel config with the same network as `params` (inverse of the function above)."""
+    if params.mlp_ratio != 4.0 or params.timestep_scale != 1000.0:
+        raise ValueError("diffusers' SD3Transformer2DModel fixes mlp_ratio 4 and timestep_scale 1000")
+    return {
+        "sample_size": params.sample_size,
+        "patch_size": params.patch_size,
+        "in_channels": params.in_channels,
+        "num_layers": params.depth,
+        "attention_head_dim": params.head_dim,
+        "num_attention_heads": params.num_heads,
+        "joint_attention_dim": params.context_dim,
+        "caption_projection_dim": params.hidden_size,
+        "pooled_projection_dim": params.pooled_dim,
+        "out_channels": params.out_channels,
+        "pos_embed_max_size": params.pos_embed_max_size,
+        "dual_attention_layers": tuple(params.dual_attention_layers),
+        "qk_norm": "rms_norm" if params.qk_norm else None,
+    }
+
+
 def _source_keys(key: str) -> tuple[str, ...]:
     """diffusers keys that make up our state-dict `key` (empty if it has no counterpart)."""
     module, param = key.rsplit(".", 1)
@@ -126,7 +148,9 @@ def convert_sd3_transformer_state_dict(sd: dict[str, Tensor], params: MMDiTParam
         _check_pos_embed(sd[_POS_EMBED_KEY], params)
     unexpected = sorted(set(sd) - used)
     bad_shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in out.items() if v.shape != expected[k].shape
+        f"{'+'.join(_source_keys(k))} -> {k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in out.items()
+        if v.shape != expected[k].shape
     ]
     if missing or unexpected or bad_shapes:
         raise ValueError(
@@ -154,6 +178,21 @@ def _read_safetensors(folder: Path) -> dict[str, Tensor]:
     return load_file(single) if single.exists() else load_safetensors_folder(folder)
 
 
+def mmdit_from_diffusers_state_dict(
+    sd: dict[str, Tensor], params: MMDiTParams, dtype: torch.dtype | None = None
+) -> MMDiT:
+    """MMDiT holding a diffusers state dict's weights (on their device; cast to `dtype` if given), in eval mode."""
+    state = convert_sd3_transformer_state_dict(sd, params)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    # Built on the meta device so full-size checkpoints are not allocated twice; the fixed table is recomputed.
+    with torch.device("meta"):
+        model = MMDiT(params)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.pos_table = pos_table(params).to(next(iter(state.values())).device)
+    return model.eval()
+
+
 def load_sd3_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> MMDiT:
     """MMDiT from a diffusers transformer folder (config.json + safetensors) or a pipeline folder holding one."""
     folder = Path(path)
@@ -162,10 +201,4 @@ def load_sd3_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no config.json in {folder}")
     params = mmdit_params_from_diffusers_config(json.loads((folder / "config.json").read_text()))
-    state = {k: v.to(dtype) for k, v in convert_sd3_transformer_state_dict(_read_safetensors(folder), params).items()}
-    # Built on the meta device so full-size checkpoints are not allocated twice; the fixed table is recomputed.
-    with torch.device("meta"):
-        model = MMDiT(params)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.pos_table = pos_table(params)
-    return model.eval()
+    return mmdit_from_diffusers_state_dict(_read_safetensors(folder), params, dtype)

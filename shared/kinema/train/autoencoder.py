@@ -40,6 +40,9 @@ class AETrainConfig:
     synthetic_pool: int = 20000
     seed: int = 0
     checkpoint_every: int = 250
+    # Phase 2 (SD-VAE "ft-MSE" style): keep the encoder, hence the latent space, fixed and
+    # fine-tune only the decoder, so the denoiser can train on final latents meanwhile.
+    decoder_only: bool = False
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -71,7 +74,7 @@ def evaluate(model: Autoencoder, n: int = 256) -> dict[str, float]:
     for name, imgs in (("synthetic", synth), ("real", real)):
         x = to_tensor(imgs)
         rec = torch.cat([model.decode(model.encode(c)) for c in x.split(64)])
-        out[f"psnr_{name}"] = float(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255))
+        out[f"psnr_{name}"] = float(np.mean(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255)))
     return out
 
 
@@ -82,22 +85,39 @@ def latent_stats(model: Autoencoder, images: np.ndarray) -> tuple[float, float]:
     return float(z.mean()), float(1.0 / z.std())
 
 
-def export(model: Autoencoder, models_dir: Path, card: dict) -> tuple[Path, Path]:
+def export(model: Autoencoder, models_dir: Path, card: dict, decoder_only: bool = False) -> list[Path]:
     """Split the autoencoder into the Triton repository's vae_encoder and vae_decoder weights."""
     state = model.state_dict()
-    enc = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
-    dec = {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
-    paths = (models_dir / "vae_encoder/1/encoder.safetensors", models_dir / "vae_decoder/1/decoder.safetensors")
-    for path, part in zip(paths, (enc, dec), strict=True):
-        save_checkpoint(path, part, model.params, {"card": card})
+    parts = [("vae_decoder/1/decoder.safetensors", DECODER_PREFIXES)]
+    if not decoder_only:
+        parts.insert(0, ("vae_encoder/1/encoder.safetensors", ("encoder.", "quant_conv.")))
+    paths = []
+    for rel, prefixes in parts:
+        path = models_dir / rel
+        save_checkpoint(path, {k: v for k, v in state.items() if k.startswith(prefixes)}, model.params, {"card": card})
+        paths.append(path)
     return paths
 
 
-def train(cfg: AETrainConfig, out: Path) -> Autoencoder:
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def train(cfg: AETrainConfig, out: Path, init: Path | None = None) -> Autoencoder:
+    """Train from scratch, or (decoder_only) fine-tune the decoder of the autoencoder in `init`."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = Autoencoder(PRESETS[cfg.preset])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9))
+    if cfg.decoder_only:
+        if init is None:
+            raise ValueError("decoder-only fine-tuning needs --init, the model repository holding the autoencoder")
+        from kinema.repository import load_autoencoder
+
+        model = load_autoencoder(init)[0].train()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(DECODER_PREFIXES))
+    else:
+        model = Autoencoder(PRESETS[cfg.preset])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9))
     from kinema.train.perceptual import PerceptualLoss
 
     perceptual = PerceptualLoss()
@@ -116,7 +136,8 @@ def train(cfg: AETrainConfig, out: Path) -> Autoencoder:
         for g in opt.param_groups:
             g["lr"] = lr
         x = _batch(cfg, pool, rng)
-        post = model.posterior(x)
+        with torch.set_grad_enabled(not cfg.decoder_only):
+            post = model.posterior(x)
         rec = model.decode_raw(post.sample())
         l1 = (rec - x).abs().mean()
         lp = perceptual(rec, x).mean()
@@ -147,22 +168,26 @@ def main(argv: list[str] | None = None) -> None:
                     "oversubscription when the cores are shared")
     ap.add_argument("--out", type=Path, default=Path("runs/autoencoder"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped weights into")
+    ap.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init's autoencoder")
+    ap.add_argument("--init", type=Path, default=None, help="model repository to start from (with --decoder-only)")
+    ap.add_argument("--lr", type=float, default=AETrainConfig.lr)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = AETrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
-    model = train(cfg, args.out).eval()
+    cfg = AETrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr, decoder_only=args.decoder_only)
+    model = train(cfg, args.out, args.init).eval()
+    if not cfg.decoder_only:
+        pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))
+        shift, scale = latent_stats(model, pool[:2048])
+        # Bake the measured normalisation into the params that travel with the weights.
+        model.params = dataclasses.replace(model.params, shift_factor=shift, scaling_factor=scale)
     metrics = evaluate(model)
-    pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))
-    shift, scale = latent_stats(model, pool[:2048])
-    # Bake the measured normalisation into the params that travel with the weights.
-    model.params = dataclasses.replace(model.params, shift_factor=shift, scaling_factor=scale)
     print(json.dumps(metrics))
     if args.export:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
         card = {"config": dataclasses.asdict(cfg), "metrics": metrics, "train_seconds": log[-1]["seconds"],
-                "shift_factor": shift, "scaling_factor": scale}  # fmt: skip
-        for p in export(model, args.export, card):
+                "shift_factor": model.params.shift_factor, "scaling_factor": model.params.scaling_factor}  # fmt: skip
+        for p in export(model, args.export, card, decoder_only=cfg.decoder_only):
             print(f"wrote {p}")
         (args.out / "metrics.json").write_text(json.dumps(card, indent=2))
 
