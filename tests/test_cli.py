@@ -29,7 +29,10 @@ def test_generate_writes_png_with_provenance(tiny_models: Path, tmp_path: Path, 
 
 def test_generate_n_images(tiny_models: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.png"
-    assert main(["generate", "a cube", "--n", "2", "--steps", "1", "--models", str(tiny_models), "-o", str(out), "-q"]) == 0
+    assert (
+        main(["generate", "a cube", "--n", "2", "--steps", "1", "--models", str(tiny_models), "-o", str(out), "-q"])
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0.png", "x-1.png"]
 
 
@@ -66,7 +69,19 @@ def test_empty_prompt_and_bad_suffix(tiny_models: Path, tmp_path: Path, capsys) 
 
 
 def test_long_prompt_warns_about_truncation(tiny_models: Path, tmp_path: Path, caplog) -> None:
-    main(["generate", "a red cube " * 40, "--steps", "1", "--models", str(tiny_models), "-o", str(tmp_path / "l.png"), "-q"])
+    main(
+        [
+            "generate",
+            "a red cube " * 40,
+            "--steps",
+            "1",
+            "--models",
+            str(tiny_models),
+            "-o",
+            str(tmp_path / "l.png"),
+            "-q",
+        ]
+    )
     assert "truncated" in caplog.text
 
 

@@ -113,7 +113,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    outputs = [args.out / f"{i:02d}-{p.replace(' ', '_').replace(',', '')[:60]}.png" for i, p in enumerate(DEMO_PROMPTS)]
+    outputs = [
+        args.out / f"{i:02d}-{p.replace(' ', '_').replace(',', '')[:60]}.png" for i, p in enumerate(DEMO_PROMPTS)
+    ]
     _render(list(DEMO_PROMPTS), args, outputs)
     print(f"\nrendered {len(outputs)} images into {args.out.resolve()}/ (prompt and settings are in each PNG)")
 

@@ -15,7 +15,7 @@ def world() -> World:
 def test_sample_outputs_and_dtypes(world: World) -> None:
     s = world.sample("train", 0)
     assert s.rgb.shape == (64, 64, 3) and s.rgb.dtype == np.float32
-    assert 0.0 <= s.rgb.min() and s.rgb.max() <= 1.0
+    assert s.rgb.min() >= 0.0 and s.rgb.max() <= 1.0
     assert s.depth.shape == (64, 64) and np.all(s.depth > 0)
     assert s.instances.shape == (64, 64)
     assert set(np.unique(s.instances)) <= set(range(len(s.objects) + 1))

@@ -54,7 +54,7 @@ def _hit_cube(o: np.ndarray, d: np.ndarray, obj: SceneObject) -> tuple[np.ndarra
     cy, sy = math.cos(obj.yaw), math.sin(obj.yaw)
     rot = np.array([[cy, 0, -sy], [0, 1, 0], [sy, 0, cy]])  # world -> object frame
     c = np.array([obj.x, obj.radius, obj.z])
-    lo = (np.atleast_2d(o - c) @ rot.T)
+    lo = np.atleast_2d(o - c) @ rot.T
     ld = d @ rot.T
     inv = 1.0 / np.where(np.abs(ld) < _EPS, _EPS, ld)
     t1 = (-obj.radius - lo) * inv

@@ -142,7 +142,7 @@ def project_points(camera: Camera, points: np.ndarray, fov_deg: float) -> list[t
     half = math.tan(math.radians(fov_deg) / 2)
     u = (rel @ right) / (depth * half)
     v = (rel @ up) / (depth * half)
-    return [(float(a), float(b)) for a, b in zip((u + 1) / 2, (1 - v) / 2)]
+    return [(float(a), float(b)) for a, b in zip((u + 1) / 2, (1 - v) / 2, strict=True)]
 
 
 def sample_scene(params: WorldParams, rng: np.random.Generator, n_objects: int | None = None) -> Scene:

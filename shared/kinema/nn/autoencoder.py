@@ -34,7 +34,9 @@ class AutoencoderParams:
 
     def __post_init__(self) -> None:
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"every block width must divide into {self.norm_num_groups} groups: {self.block_out_channels}")
+            raise ValueError(
+                f"every block width must divide into {self.norm_num_groups} groups: {self.block_out_channels}"
+            )
 
     @property
     def downscale(self) -> int:
@@ -84,7 +86,7 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         tokens = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)  # (B, HW, C)
         out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]

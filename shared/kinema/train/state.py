@@ -29,9 +29,7 @@ def save_train_state(
     tmp.replace(path)  # a crash mid-write never leaves a half checkpoint
 
 
-def load_train_state(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module | None = None
-) -> dict:
+def load_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module | None = None) -> dict:
     """Restore what `save_train_state` wrote; returns its counters."""
     from safetensors import safe_open
 
