@@ -113,7 +113,7 @@ def flow_loss(model: MMDiT, x0: torch.Tensor, t: torch.Tensor, cond: tuple, nois
     return (v - (noise - x0)).pow(2).mean()
 
 
-def train(cfg: FlowTrainConfig, out: Path, models_dir: Path) -> tuple[MMDiT, MMDiT]:
+def train(cfg: FlowTrainConfig, out: Path, models_dir: Path, init: Path | None = None) -> tuple[MMDiT, MMDiT]:
     from kinema.repository import load_autoencoder, load_text_encoder_default
 
     torch.manual_seed(cfg.seed)
@@ -136,6 +136,18 @@ def train(cfg: FlowTrainConfig, out: Path, models_dir: Path) -> tuple[MMDiT, MMD
     if state_path.exists():
         counters = load_train_state(state_path, model, opt, ema)
         print(f"resumed at step {counters['step']}", flush=True)
+    elif init is not None:
+        # Warm start from shipped EMA weights (optimizer moments are not shipped): how a later
+        # session continues a run whose full training state did not survive.
+        from kinema.nn.checkpoint import read_metadata
+
+        state = load_file(str(init))
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
+        card = read_metadata(init).get("card", {})
+        counters["samples"] = int(card.get("samples_seen", 0))
+        counters["seconds"] = float(card.get("train_seconds", 0.0))
+        print(f"warm start from {init} ({counters['samples']} samples seen)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + counters["step"])
@@ -190,11 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", type=Path, default=Path("models"), help="model repository with the autoencoder")
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
+    ap.add_argument("--init", type=Path, default=None, help="warm start from these EMA weights (a shipped mmdit)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed)
-    _, ema = train(cfg, args.out, args.models)
+    _, ema = train(cfg, args.out, args.models, args.init)
     if args.export:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
         card = {"config": dataclasses.asdict(cfg), "samples_seen": log[-1]["samples"],
