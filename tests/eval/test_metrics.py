@@ -47,7 +47,12 @@ def test_ssim_falls_with_noise_and_is_symmetric(images: np.ndarray) -> None:
     assert (s_heavy < s_light).all() and (s_light < 1).all()
     np.testing.assert_allclose(ssim(light, images), s_light)
     ref = structural_similarity(
-        images[0], heavy[0], data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+        images[0],
+        heavy[0],
+        data_range=1.0,
+        channel_axis=-1,
+        gaussian_weights=True,
+        sigma=1.5,
         use_sample_covariance=False,
     )
     assert s_heavy[0] == pytest.approx(ref)

@@ -49,9 +49,11 @@ def test_probe_reads_one_render_in_any_format_and_size(probe: Probe) -> None:
         assert abs(o.u - labels[o.colour]) < 0.1
 
 
-def test_segment_rejects_bad_shapes() -> None:
+def test_segment_rejects_bad_shapes_and_ranges() -> None:
     with pytest.raises(ValueError, match="H, W, 3"):
         segment(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        segment(np.full((64, 64, 3), 200.0))
 
 
 def test_missing_weights_say_how_to_train(tmp_path) -> None:

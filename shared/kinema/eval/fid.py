@@ -42,7 +42,8 @@ def fid_features(images: np.ndarray, batch: int = 32, device: str = "cpu") -> np
     out = np.empty((len(images), 2048), np.float64)
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        out[i : i + batch] = helper.extract_feats(x, data_range=(0, 255), resize_hw=INCEPTION_HW, resample_mode=RESAMPLE)
+        feats = helper.extract_feats(x, data_range=(0, 255), resize_hw=INCEPTION_HW, resample_mode=RESAMPLE)
+        out[i : i + batch] = feats  # (B, 2048)
     return out
 
 
@@ -53,29 +54,51 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str, eps: float) -> float:
+    """Tr((sigma1 sigma2)^(1/2)) by symmetric eigendecompositions ("eigh") or scipy sqrtm ("sqrtm")."""
+    if method == "eigh":
+        # (s1 s2)^(1/2) is similar to (s1^(1/2) s2 s1^(1/2))^(1/2), which is symmetric PSD: same
+        # trace, real eigenvalues, and 25x faster than sqrtm at 2048 dims (3.8 s against 100 s on
+        # 2 CPU cores; the traces agreed to 1e-7 relative on 300-sample covariances).
+        w, v = np.linalg.eigh(sigma1)
+        root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # sigma1^(1/2)
+        return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0.0, None)).sum())
+    if method != "sqrtm":
+        raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    eps: float = 1e-6,
+    method: str = "eigh",
 ) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
 
-    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). As in pytorch-fid: when
-    the product is singular (fewer samples than dimensions) and sqrtm is not finite, eps is added
-    to both diagonals; a small imaginary part from numerical error is dropped, a large one raises.
+    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). `method="sqrtm"` is
+    pytorch-fid's computation: scipy sqrtm; when the product is singular (fewer samples than
+    dimensions) and the root is not finite, eps is added to both diagonals; a small imaginary part
+    from numerical error is dropped, a large one raises. The default "eigh" gives the same trace
+    from symmetric eigendecompositions, clipping round-off negatives to zero, much faster.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"shapes do not match: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    tr_covmean = _trace_sqrt_product(sigma1, sigma2, method, eps)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def fid(images_a: np.ndarray, images_b: np.ndarray, batch: int = 32) -> float:

@@ -47,7 +47,7 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarray:
                 sigma=1.5,
                 use_sample_covariance=False,
             )
-            for x, y in zip(a, b)
+            for x, y in zip(a, b, strict=True)
         ]
     )
 

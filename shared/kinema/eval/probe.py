@@ -13,6 +13,7 @@ judge generated images (`kinema.eval.probe_train`). Scoring against captions is 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,6 +115,12 @@ class DetectedObject:
 class ProbeResult:
     objects: tuple[DetectedObject, ...]  # ordered left to right
 
+    def __iter__(self) -> Iterator[DetectedObject]:
+        return iter(self.objects)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
 
 def as_float_image(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 or float in [0, 1] -> float32 in [0, 1]."""
@@ -121,6 +128,8 @@ def as_float_image(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0
+    if image.max(initial=0.0) > 1.5:  # clipping a 0..255 float image would whiten it silently
+        raise ValueError(f"float images must lie in [0, 1], got a maximum of {image.max():.3g}")
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
@@ -212,7 +221,7 @@ class Probe:
     def detect(self, images: np.ndarray | list[np.ndarray]) -> list[ProbeResult]:
         """One `ProbeResult` per (H, W, 3) image."""
         segs = [segment(im, self.params) for im in images]
-        x = torch.cat([crops(im, s, self.net.params.crop) for im, s in zip(images, segs)])
+        x = torch.cat([crops(im, s, self.net.params.crop) for im, s in zip(images, segs, strict=True)])
         shapes = self.net(x).argmax(-1).tolist() if len(x) else []
         out, i = [], 0
         for s in segs:
@@ -225,8 +234,10 @@ class Probe:
 def main(argv: list[str] | None = None) -> None:
     """CLI: retrain (`--train`) and/or measure accuracy on renders (`--eval`)."""
     import argparse
+    import sys
 
     from kinema.eval import probe_train, scoring
+    from kinema.eval.probe import Probe  # the importable module's class, not __main__'s copy
 
     ap = argparse.ArgumentParser(prog="python -m kinema.eval.probe", description=__doc__.splitlines()[0])
     ap.add_argument("--train", action="store_true", help="retrain the shape classifier")
@@ -237,17 +248,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=1000, help="scenes to evaluate")
-    ap.add_argument("--blur", type=float, default=0.0, help="Gaussian blur sigma (px at 64 px) before eval")
-    ap.add_argument("--noise", type=float, default=0.0, help="Gaussian noise sigma before eval")
+    ap.add_argument("--blur", type=float, default=0.0, help="also evaluate with this Gaussian blur (px at 64 px)")
+    ap.add_argument("--noise", type=float, default=0.0, help="also evaluate with this Gaussian noise sigma")
     args = ap.parse_args(argv)
     if not (args.train or args.eval):
         ap.error("nothing to do: pass --train and/or --eval")
-    if args.train:
-        probe_train.train(args.weights, n_scenes=args.n_train, epochs=args.epochs, seed=args.seed)
+    stats = probe_train.train(args.weights, args.n_train, args.epochs, args.seed) if args.train else None
     if args.eval:
         probe = Probe.from_file(args.weights)
-        result = scoring.evaluate_world(probe, split=args.split, n=args.n, blur=args.blur, noise=args.noise)
-        print(json.dumps(result, indent=2))
+        evals = {"clean": scoring.evaluate_world(probe, split=args.split, n=args.n)}
+        if args.blur or args.noise:
+            name = f"blur {args.blur}, noise {args.noise}"
+            evals[name] = scoring.evaluate_world(probe, split=args.split, n=args.n, blur=args.blur, noise=args.noise)
+        print(json.dumps(evals, indent=2))
+        if stats is not None:  # a full run documents itself
+            command = "python -m kinema.eval.probe " + " ".join(sys.argv[1:] if argv is None else argv)
+            card = probe_train.model_card(stats, evals, command)
+            args.weights.with_name("README.md").write_text(card)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def score(detected: ProbeResult | Sequence[DetectedObject], truth: Truth) -> dic
     are both found with a's centre left of b's; a missing object makes its pairs wrong.
     count_exact: 1 when the number of detections equals the number of prompted objects.
     """
-    objs = detected.objects if isinstance(detected, ProbeResult) else tuple(detected)
+    objs = tuple(detected)
     n = len(truth.objects)
     found = _largest_by_colour(objs)
     have = Counter(o.shape for o in objs)
@@ -91,7 +91,7 @@ def evaluate(probe: Probe, images: np.ndarray | Sequence[np.ndarray], truths: Se
     scores = []
     for i in range(0, len(images), batch):
         results = probe.detect(list(images[i : i + batch]))
-        scores.extend(score(r, t) for r, t in zip(results, truths[i : i + batch]))
+        scores.extend(score(r, t) for r, t in zip(results, truths[i : i + batch], strict=True))
     return aggregate(scores)
 
 

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=FlowTrainConfig.batch)
     ap.add_argument("--seed", type=int, default=FlowTrainConfig.seed)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--lr", type=float, default=FlowTrainConfig.lr)
+    ap.add_argument("--snapshot-every", type=int, default=FlowTrainConfig.snapshot_every, help="steps between EMA snapshots")
     ap.add_argument("--models", type=Path, default=Path("models"), help="model repository with the autoencoder")
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed)
+    cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed,
+                          lr=args.lr, snapshot_every=args.snapshot_every)  # fmt: skip
     _, ema = train(cfg, args.out, args.models, args.init)
     if args.export:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
