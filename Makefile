@@ -38,7 +38,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/generate_speed.py
 
 eval: $(STAMP)
-	$(BIN)/kinema eval all --out bench/results/quality
+	$(BIN)/kinema eval autoencoder
+	$(BIN)/kinema eval flow-loss
+	$(BIN)/kinema eval t2i --n 500
 
 # Retrain every shipped model from scratch (hours on a 2-core CPU; see each model card).
 weights: $(STAMP)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kinema.nn.text import TextEncoder, TextEncoderParams, load_text_encoder, weights_sha256
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -15,6 +14,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from kinema.nn.text import TextEncoder, TextEncoderParams, load_text_encoder, weights_sha256
 
 LONG_PROMPT = " ".join(["a red cube beside a blue sphere"] * 20)
 

@@ -59,7 +59,8 @@ def text_to_image(
     autoencoder: Autoencoder,
     callback: Callback | None = None,
 ) -> TextToImageResult:
-    """Image i uses seed + i, so one image never depends on how many were asked for."""
+    """Image i uses seed + i: the same request reproduces bit for bit on CPU, and an image does not
+    depend on how many were asked for (beyond float rounding that differs between batch sizes)."""
     request.validate(patch=autoencoder.downscale * 2)
     cond = text_encoder.encode(request.prompts)
     uncond = text_encoder.encode([request.negative_prompt])
