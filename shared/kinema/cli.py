@@ -155,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from kinema.errors import InvalidInput
+    from kinema.repository import MissingWeights
+
     try:
         args.func(args)
-    except CliError as e:
+    except (CliError, MissingWeights, InvalidInput) as e:
         print(f"kinema: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -75,11 +75,11 @@ def cmd_curve(args: argparse.Namespace) -> None:
     from kinema.eval.generation import evaluate_text_to_image
     from kinema.eval.report import append_curve, curve_markdown, read_curve
     from kinema.nn.checkpoint import read_metadata
-    from kinema.pipelines.local import LocalDenoiser, load_local
-    from kinema.repository import default_models_dir, load_denoiser
+    from kinema.pipelines.local import LocalAutoencoder, LocalDenoiser
+    from kinema.repository import default_models_dir, load_autoencoder, load_denoiser, load_text_encoder_default
 
     models = args.models or default_models_dir()
-    text_encoder, _, autoencoder = load_local(models) if args.models else load_local()
+    text_encoder, autoencoder = load_text_encoder_default(), LocalAutoencoder(*load_autoencoder(models))
     curve = args.run / "curve.jsonl"
     done = {p["snapshot"] for p in read_curve(curve)} if curve.exists() else set()
     for snap in sorted((args.run / "snapshots").glob("ema-*.safetensors")):

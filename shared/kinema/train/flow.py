@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=FlowTrainConfig.seed)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--lr", type=float, default=FlowTrainConfig.lr)
-    ap.add_argument("--snapshot-every", type=int, default=FlowTrainConfig.snapshot_every, help="steps between EMA snapshots")
+    ap.add_argument(
+        "--snapshot-every", type=int, default=FlowTrainConfig.snapshot_every, help="steps between EMA snapshots"
+    )
     ap.add_argument("--models", type=Path, default=Path("models"), help="model repository with the autoencoder")
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
