@@ -88,5 +88,5 @@ def test_diffusers_autoencoder_kl_loads_with_identical_outputs(tmp_path, quant_c
 
 
 def test_loader_rejects_a_folder_without_config(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_autoencoder_kl(tmp_path)
