@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from kinema.eval.report import cpu_model
 from kinema.nn.mmdit import PRESETS
 from kinema.nn.sd3_loader import diffusers_config_from_params, mmdit_from_diffusers_state_dict
 
@@ -35,13 +35,6 @@ RESULTS = Path(__file__).parent / "results"
 ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
 
 def hardware() -> str:
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import os
+    from kinema.eval.report import machine_info
 
-    import torch
-
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), {platform.system()}"
+    m = machine_info()
+    return f"{m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads)" + (
+        f", GPU {m['gpu']}" if "gpu" in m else ""
+    )
 
 
 def write_model_card(folder: Path, title: str, command: str, card: dict, notes: str = "") -> Path:
