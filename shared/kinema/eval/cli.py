@@ -17,12 +17,12 @@ def _command() -> str:
 def cmd_t2i(args: argparse.Namespace) -> None:
     from kinema.eval.generation import evaluate_text_to_image
     from kinema.eval.report import write_results
-    from kinema.pipelines.local import LocalDenoiser, load_local
-    from kinema.repository import default_models_dir, load_denoiser
+    from kinema.pipelines.local import LocalAutoencoder, LocalDenoiser
+    from kinema.repository import default_models_dir, load_autoencoder, load_denoiser, load_text_encoder_default
 
-    text_encoder, denoiser, autoencoder = load_local(args.models)
-    if args.denoiser:
-        denoiser = LocalDenoiser(*load_denoiser(args.models or default_models_dir(), args.denoiser))
+    models = args.models or default_models_dir()
+    text_encoder, autoencoder = load_text_encoder_default(), LocalAutoencoder(*load_autoencoder(models))
+    denoiser = LocalDenoiser(*load_denoiser(models, args.denoiser))
     result = evaluate_text_to_image(text_encoder, denoiser, autoencoder, n=args.n, steps=args.steps,
                                     guidance=args.guidance, seed=args.seed, with_fid=not args.no_fid)  # fmt: skip
     for path in write_results(args.out, result, _command()):
