@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FLOW_STEPS ?= 6000
+FLOW_STEPS ?= 4800
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

@@ -10,7 +10,6 @@ from PIL import Image
 from kinema.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "models" / "denoiser" / "1" / "mmdit.safetensors"
 
 
 def test_generate_writes_png_with_provenance(tiny_models: Path, tmp_path: Path, capsys) -> None:
@@ -85,7 +84,6 @@ def test_long_prompt_warns_about_truncation(tiny_models: Path, tmp_path: Path, c
     assert "truncated" in caplog.text
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="needs the committed denoiser weights")
 def test_generate_end_to_end_with_committed_weights(tmp_path: Path) -> None:
     """The console script, a fresh process, the shipped models: a PNG that the probe can read."""
     out = tmp_path / "e2e.png"
