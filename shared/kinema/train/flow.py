@@ -119,8 +119,12 @@ def train(cfg: FlowTrainConfig, out: Path, models_dir: Path, init: Path | None =
     torch.manual_seed(cfg.seed)
     world = World()
     images, captions = cached_images(world, "train", cfg.samples, CACHE)
-    autoencoder, ae_hash = load_autoencoder(models_dir)
-    latents = latent_cache(images, autoencoder, ae_hash[:12])
+    from kinema.nn.checkpoint import sha256_file
+    from kinema.repository import AUTOENCODER_FILES
+
+    autoencoder, _ = load_autoencoder(models_dir)
+    # Latents depend on the encoder only: a decoder fine-tune keeps the cache valid.
+    latents = latent_cache(images, autoencoder, sha256_file(models_dir / AUTOENCODER_FILES[0])[:12])
     encoder = load_text_encoder_default()
     cond, cap_idx = text_cache(captions, encoder)
     null = encode_prompts(encoder, [""])
