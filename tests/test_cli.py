@@ -96,3 +96,11 @@ def test_generate_end_to_end_with_committed_weights(tmp_path: Path) -> None:
 
     img = np.asarray(Image.open(out))
     assert img.shape == (64, 64, 3) and img.std() > 5  # a picture, not a flat field
+
+
+def test_eval_autoencoder_writes_psnr_and_ssim(tiny_models: Path, tmp_path: Path) -> None:
+    assert main(["eval", "autoencoder", "--models", str(tiny_models), "--n", "4", "--out", str(tmp_path / "ae")]) == 0
+    doc = json.loads((tmp_path / "ae.json").read_text())
+    for name in ("synthetic_test", "real_heldout"):
+        assert 0 < doc["results"][name]["psnr"] < 60 and -1 <= doc["results"][name]["ssim"] <= 1
+    assert doc["command"].startswith("kinema ") and (tmp_path / "ae.md").exists()

@@ -30,27 +30,12 @@ def cmd_t2i(args: argparse.Namespace) -> None:
 
 
 def cmd_autoencoder(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
-
-    from kinema.data import World
-    from kinema.data.real import random_crops, real_images
-    from kinema.eval.metrics import psnr, ssim
     from kinema.eval.report import write_results
     from kinema.repository import default_models_dir, load_autoencoder
-    from kinema.train.autoencoder import to_tensor, to_uint8
+    from kinema.train.autoencoder import evaluate
 
     model, sha = load_autoencoder(args.models or default_models_dir())
-    sets = {
-        "synthetic_test": World().images("test", 0, args.n)[0],
-        "real_heldout": random_crops(real_images("heldout"), args.n, 64, np.random.default_rng(1234)),
-    }
-    result: dict = {"autoencoder_sha256": sha, "n": args.n}
-    with torch.no_grad():
-        for name, imgs in sets.items():
-            rec = to_uint8(torch.cat([model.decode(model.encode(c)) for c in to_tensor(imgs).split(64)]))
-            a, b = rec.astype(np.float32) / 255, imgs.astype(np.float32) / 255
-            result[name] = {"psnr": float(np.mean(psnr(a, b))), "ssim": float(np.mean(ssim(a, b)))}
+    result = {"autoencoder_sha256": sha, "n": args.n, **evaluate(model, args.n)}
     for path in write_results(args.out, result, _command()):
         print(path)
 

@@ -64,19 +64,19 @@ def _batch(cfg: AETrainConfig, pool: np.ndarray, rng: np.random.Generator) -> to
 
 
 @torch.no_grad()
-def evaluate(model: Autoencoder, n: int = 256) -> dict[str, float]:
-    """PSNR on held-out synthetic renders (test split) and held-out real crops, at 64 px."""
-    from kinema.eval.metrics import psnr
+def evaluate(model: Autoencoder, n: int = 256) -> dict[str, dict[str, float]]:
+    """PSNR and SSIM of 64 px reconstructions: held-out synthetic renders (test split) and real crops."""
+    from kinema.eval.metrics import psnr, ssim
 
-    synth, _ = World().images("test", 0, n)
-    real = random_crops(real_images("heldout"), n, 64, np.random.default_rng(1234))
+    sets = {
+        "synthetic_test": World().images("test", 0, n)[0],
+        "real_heldout": random_crops(real_images("heldout"), n, 64, np.random.default_rng(1234)),
+    }
     out = {}
-    for name, imgs in (("synthetic", synth), ("real", real)):
-        x = to_tensor(imgs)
-        rec = torch.cat([model.decode(model.encode(c)) for c in x.split(64)])
-        out[f"psnr_{name}"] = float(
-            np.mean(psnr(to_uint8(rec).astype(np.float32) / 255, imgs.astype(np.float32) / 255))
-        )
+    for name, imgs in sets.items():
+        rec = to_uint8(torch.cat([model.decode(model.encode(c)) for c in to_tensor(imgs).split(64)]))
+        a, b = rec.astype(np.float32) / 255, imgs.astype(np.float32) / 255
+        out[name] = {"psnr": float(np.mean(psnr(a, b))), "ssim": float(np.mean(ssim(a, b)))}
     return out
 
 
