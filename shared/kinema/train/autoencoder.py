@@ -43,6 +43,10 @@ class AETrainConfig:
     # Phase 2 (SD-VAE "ft-MSE" style): keep the encoder, hence the latent space, fixed and
     # fine-tune only the decoder, so the denoiser can train on final latents meanwhile.
     decoder_only: bool = False
+    # PatchGAN term (taming / LDM); 0 disables it. The generator term is balanced against the
+    # reconstruction loss by their gradient norms at the decoder's last layer (taming eq. 7).
+    adversarial_weight: float = 0.0
+    disc_lr: float = 2e-4
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -123,11 +127,19 @@ def train(cfg: AETrainConfig, out: Path, init: Path | None = None) -> Autoencode
     from kinema.train.perceptual import PerceptualLoss
 
     perceptual = PerceptualLoss()
+    disc = disc_opt = None
+    if cfg.adversarial_weight > 0:
+        from kinema.train.adversarial import PatchDiscriminator
+
+        disc = PatchDiscriminator()
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0, betas=(0.5, 0.9))
     pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))
     ckpt, log = out / "state.safetensors", out / "log.jsonl"
     counters = {"step": 0, "seconds": 0.0}
     if ckpt.exists():
         counters = load_train_state(ckpt, model, opt)
+        if disc is not None:
+            load_train_state(out / "disc.safetensors", disc, disc_opt)
         rng = np.random.default_rng([cfg.seed, counters["step"]])
         print(f"resumed at step {counters['step']}")
     out.mkdir(parents=True, exist_ok=True)
@@ -145,20 +157,55 @@ def train(cfg: AETrainConfig, out: Path, init: Path | None = None) -> Autoencode
         lp = perceptual(rec, x).mean()
         kl = post.kl().mean()
         loss = l1 + cfg.perceptual_weight * lp + cfg.kl_weight * kl
+        row_extra = {}
+        if disc is not None:
+            g_adv = _adversarial_generator_term(model, disc, rec, loss, cfg.adversarial_weight)
+            loss = loss + g_adv
+            row_extra["g_adv"] = g_adv.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if disc is not None:  # after the decoder's backward, which still needs D's weights unchanged
+            row_extra["d_loss"] = _discriminator_step(disc, disc_opt, x, rec.detach())
         counters["step"] += 1
         counters["seconds"] = time.perf_counter() - t0
         if counters["step"] % 50 == 0:
             row = {"step": counters["step"], "l1": l1.item(), "perceptual": lp.item(), "kl": kl.item(),
-                   "seconds": round(counters["seconds"], 1)}  # fmt: skip
+                   "seconds": round(counters["seconds"], 1)} | row_extra  # fmt: skip
             print(json.dumps(row), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if counters["step"] % cfg.checkpoint_every == 0 or counters["step"] == cfg.steps:
             save_train_state(ckpt, model, opt, counters)
+            if disc is not None:
+                save_train_state(out / "disc.safetensors", disc, disc_opt, counters)
     return model
+
+
+def _adversarial_generator_term(model: Autoencoder, disc: torch.nn.Module, rec: torch.Tensor,
+                                rec_loss: torch.Tensor, weight: float) -> torch.Tensor:  # fmt: skip
+    """`weight * lambda * -D(rec)` with taming's adaptive lambda = |grad rec_loss| / |grad g_loss| at the last layer."""
+    from kinema.train.adversarial import generator_loss
+
+    disc.requires_grad_(False)
+    g_loss = generator_loss(disc(rec))
+    disc.requires_grad_(True)
+    last = model.decoder.conv_out.weight
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    lam = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    return weight * lam * g_loss
+
+
+def _discriminator_step(disc: torch.nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor,
+                        fake: torch.Tensor) -> float:  # fmt: skip
+    from kinema.train.adversarial import discriminator_hinge_loss
+
+    loss = discriminator_hinge_loss(disc(real), disc(fake))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,10 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder of --init's autoencoder")
     ap.add_argument("--init", type=Path, default=None, help="model repository to start from (with --decoder-only)")
     ap.add_argument("--lr", type=float, default=AETrainConfig.lr)
+    ap.add_argument("--adversarial-weight", type=float, default=AETrainConfig.adversarial_weight,
+                    help="PatchGAN term weight (0 = off); sharper decodes, lower FID")  # fmt: skip
+    ap.add_argument("--crop", type=int, default=AETrainConfig.crop, help="training crop size in pixels")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = AETrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr, decoder_only=args.decoder_only)
+    cfg = AETrainConfig(steps=args.steps, batch=args.batch, seed=args.seed, lr=args.lr, decoder_only=args.decoder_only,
+                        adversarial_weight=args.adversarial_weight, crop=args.crop)  # fmt: skip
     model = train(cfg, args.out, args.init).eval()
     if not cfg.decoder_only:
         pool, _ = cached_images(World(), "train", cfg.synthetic_pool, Path(".cache/kinema"))

@@ -1,0 +1,204 @@
+"""The one interface services call a network through, with its two implementations.
+
+`TritonRunner` sends KServe v2 inference requests to Triton over gRPC (the default in the stack);
+`LocalRunner` builds the same `kinema.inference.networks` classes in this process from the same
+`config.pbtxt` (embedded mode, development, tests). Both raise only Kinema's typed errors.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.inference.model_config import latest_version, parameters, read_config
+from kinema.inference.networks import Network, load_network, run_batch
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What actually ran: recorded in every response for provenance."""
+
+    name: str
+    version: str
+    sha256: str
+    params_json: str = ""
+
+
+class ModelObserver(Protocol):
+    """Receives the duration of each network call (Prometheus histograms in services)."""
+
+    def observe_model(self, model: str, backend: str, seconds: float, error: str | None) -> None: ...
+
+
+class ModelRunner(Protocol):
+    backend: str
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+    def describe(self, model: str, version: str = "") -> ServedModel: ...
+
+    def models(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def _check_name(model: str) -> None:
+    if not model or "/" in model or model.startswith("."):
+        raise InvalidInput(f"invalid model name {model!r}")
+
+
+class LocalRunner:
+    """Networks built in this process from a Triton model repository folder, loaded on first use."""
+
+    backend = "local"
+
+    def __init__(self, models: Path, observer: ModelObserver | None = None) -> None:
+        self.models_dir = Path(models)
+        self.observer = observer
+        self._loaded: dict[tuple[str, str], Network] = {}
+        self._lock = threading.Lock()
+
+    def _network(self, model: str, version: str) -> tuple[Network, str]:
+        _check_name(model)
+        model_dir = self.models_dir / model
+        if not (model_dir / "config.pbtxt").is_file():
+            raise NotFound(f"model {model!r} is not in the repository {self.models_dir}; known: {self.models()}")
+        version = version or latest_version(model_dir)
+        if not version.isdigit() or not (model_dir / version).is_dir():
+            raise NotFound(f"model {model!r} has no version {version!r}")
+        key = (model, version)
+        with self._lock:
+            if key not in self._loaded:
+                params = parameters(read_config(model_dir))
+                self._loaded[key] = load_network(params.get("network", model), model_dir / version, params)
+            return self._loaded[key], version
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
+    ) -> dict[str, np.ndarray]:
+        network, _ = self._network(model, version)
+        start = time.perf_counter()
+        (result,) = run_batch(network, [inputs])
+        if self.observer is not None:
+            error = None if isinstance(result, dict) else type(result).__name__
+            self.observer.observe_model(model, self.backend, time.perf_counter() - start, error)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def describe(self, model: str, version: str = "") -> ServedModel:
+        network, version = self._network(model, version)
+        return ServedModel(model, version, network.sha256, network.params_json)
+
+    def models(self) -> list[str]:
+        return sorted(p.parent.name for p in self.models_dir.glob("*/config.pbtxt"))
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+class TritonRunner:
+    """KServe v2 over gRPC to a Triton server; errors come back as Kinema's typed errors."""
+
+    backend = "triton"
+
+    def __init__(self, url: str, observer: ModelObserver | None = None, timeout: float = 60.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.observer = observer
+        self.timeout = timeout
+        self._client = grpcclient.InferenceServerClient(url)
+        self._grpcclient = grpcclient
+        self._described: dict[tuple[str, str], ServedModel] = {}
+
+    def _error(self, model: str, e: Exception) -> Exception:
+        """Map a tritonclient exception to a Kinema error, keeping Triton's message for people."""
+        status = str(getattr(e, "status", lambda: "")() or "")
+        text = str(getattr(e, "message", lambda: str(e))() or e)
+        if "INVALID_ARGUMENT:" in text:
+            return InvalidInput(text.split("INVALID_ARGUMENT:", 1)[1].strip())
+        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text:
+            from kinema.errors import DeadlineExceeded
+
+            return DeadlineExceeded(f"{model}: Triton did not answer in time")
+        if "UNAVAILABLE" in status or "failed to connect" in text.lower() or "connection" in text.lower():
+            return Unavailable(f"Triton at {self.url} is unreachable ({text.splitlines()[0][:200]})")
+        if "unknown model" in text or "NOT_FOUND" in status or "is not found" in text:
+            return NotFound(f"model {model!r} is not served by Triton at {self.url}")
+        if "not ready" in text:
+            return Unavailable(f"model {model!r} is not ready in Triton at {self.url}")
+        if "INVALID_ARG" in status or "unexpected shape" in text or "unexpected datatype" in text:
+            return InvalidInput(f"{model}: {text}")
+        return Unavailable(f"{model}: Triton failed ({text.splitlines()[0][:200] if text else status})")
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
+    ) -> dict[str, np.ndarray]:
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        _check_name(model)
+        request = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            dtype = "BYTES" if array.dtype == object or array.dtype.kind in "SU" else np_to_triton_dtype(array.dtype)
+            t = self._grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array.astype(object) if dtype == "BYTES" else array)
+            request.append(t)
+        start = time.perf_counter()
+        error = None
+        try:
+            result = self._client.infer(model, request, model_version=version, client_timeout=timeout or self.timeout)
+        except InferenceServerException as e:
+            mapped = self._error(model, e)
+            error = type(mapped).__name__
+            raise mapped from None
+        finally:
+            if self.observer is not None:
+                self.observer.observe_model(model, self.backend, time.perf_counter() - start, error)
+        return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+    def describe(self, model: str, version: str = "") -> ServedModel:
+        from tritonclient.utils import InferenceServerException
+
+        _check_name(model)
+        key = (model, version)
+        if key not in self._described:
+            try:
+                config = self._client.get_model_config(model, version, as_json=True)["config"]
+                ready = self._client.is_model_ready(model, version)
+            except InferenceServerException as e:
+                raise self._error(model, e) from None
+            if not ready:
+                raise NotFound(f"model {model!r} version {version or 'latest'} is not ready in Triton at {self.url}")
+            params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+            self._described[key] = ServedModel(model, version, params.get("weights_sha256", ""), "")
+        return self._described[key]
+
+    def models(self) -> list[str]:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            index = self._client.get_model_repository_index(as_json=True).get("models", [])
+        except InferenceServerException as e:
+            raise self._error("", e) from None
+        return sorted({m["name"] for m in index if m.get("state") == "READY"})
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_runner(backend: str, *, models: Path, triton_url: str, observer: ModelObserver | None = None) -> ModelRunner:
+    if backend == "local":
+        return LocalRunner(models, observer)
+    if backend == "triton":
+        return TritonRunner(triton_url, observer)
+    raise ValueError(f"backend must be 'triton' or 'local', got {backend!r}")
