@@ -7,7 +7,7 @@ FLOW_STEPS ?= 4800
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format bench weights eval venv clean
+.PHONY: demo test lint format protos protolint bench weights eval venv clean triton
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kinema demo --out out
 
+# Serve models/ with the real Triton Inference Server from the nvidia-pytriton wheel (Ctrl-C stops it).
+triton: $(STAMP)
+	$(BIN)/kinema triton
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -33,6 +37,20 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Regenerate the checked-in gRPC modules (shared/kinema/<svc>/v1/*_pb2*.py) from protos/ after editing a
+# .proto; tests/rpc/test_protos.py fails while they are stale.
+protos: $(STAMP)
+	$(BIN)/python -m kinema.rpc.protos
+
+# buf lint (STANDARD + COMMENTS, config in protos/buf.yaml), offline. buf comes pinned from PyPI (buf-bin, a
+# ~45 MB binary), installed here on first use rather than in every venv.
+$(BIN)/buf: $(STAMP)
+	$(BIN)/pip install -q --no-deps buf-bin==1.75.0
+	touch $@
+
+protolint: $(BIN)/buf
+	cd protos && ../$(BIN)/buf lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/mmdit_speed.py

@@ -120,6 +120,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nrendered {len(outputs)} images into {args.out.resolve()}/ (prompt and settings are in each PNG)")
 
 
+def cmd_triton(args: argparse.Namespace) -> None:
+    from kinema.errors import KinemaError
+    from kinema.tritonserver import serve, settings_from_args
+
+    try:
+        serve(settings_from_args(args))
+    except KinemaError as e:  # the server log tail follows the first line; the CLI shows the summary
+        raise CliError(str(e).splitlines()[0]) from None
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default 28)")
@@ -146,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(demo)
     demo.set_defaults(func=cmd_demo)
 
+    from kinema.tritonserver import add_arguments as add_triton_arguments  # stdlib only: cheap to import
+
+    triton = sub.add_parser("triton", help="serve the model repository with Triton Inference Server")
+    add_triton_arguments(triton)
+    triton.set_defaults(func=cmd_triton)
+
     from kinema.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
@@ -156,11 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     from kinema.errors import InvalidInput
-    from kinema.repository import MissingWeights
 
     try:
         args.func(args)
-    except (CliError, MissingWeights, InvalidInput) as e:
+    except (CliError, FileNotFoundError, InvalidInput) as e:
+        if isinstance(e, FileNotFoundError):
+            # kinema.repository imports torch (seconds, 370 MB): not worth it for `kinema triton`, which only
+            # supervises a server, so only a FileNotFoundError pays to check for MissingWeights.
+            from kinema.repository import MissingWeights
+
+            if not isinstance(e, MissingWeights):
+                raise
         print(f"kinema: error: {e}", file=sys.stderr)
         return 2
     return 0

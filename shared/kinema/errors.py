@@ -1,8 +1,22 @@
-"""Typed domain errors; services map them to gRPC status codes in one place."""
+"""Typed domain errors; services map them to gRPC status codes in one place (`kinema.rpc.status`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class KinemaError(Exception):
-    """Base of every error Kinema raises on purpose."""
+    """Base of every error Kinema raises on purpose.
+
+    `reason` is a stable UPPER_SNAKE code ("INVALID_SHAPE", "MODEL_NOT_FOUND") and `field` the dotted
+    request field at fault; both are optional and travel to gRPC clients as a `kinema.common.v1.ErrorDetail`.
+    """
+
+    def __init__(self, *args: object, reason: str = "", field: str = "", metadata: Mapping[str, str] | None = None):
+        super().__init__(*args)
+        self.reason = reason
+        self.field = field
+        self.metadata = dict(metadata or {})
 
 
 class InvalidInput(KinemaError, ValueError):
@@ -15,3 +29,11 @@ class NotFound(KinemaError, LookupError):
 
 class Unavailable(KinemaError):
     """A dependency is down or not ready (UNAVAILABLE)."""
+
+
+class ResourceExhausted(KinemaError):
+    """A quota, batch limit or memory budget is exceeded (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(KinemaError, TimeoutError):
+    """The work could not finish within its deadline (DEADLINE_EXCEEDED)."""

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -31,9 +31,9 @@ class ServedModel:
 
 
 class ModelObserver(Protocol):
-    """Receives the duration of each network call (Prometheus histograms in services)."""
+    """Times each network call (`kinema.rpc.metrics.ServerMetrics` in services)."""
 
-    def observe_model(self, model: str, backend: str, seconds: float, error: str | None) -> None: ...
+    def time_model(self, model: str, backend: str) -> AbstractContextManager[None]: ...
 
 
 class ModelRunner(Protocol):
@@ -85,13 +85,10 @@ class LocalRunner:
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         network, _ = self._network(model, version)
-        start = time.perf_counter()
-        (result,) = run_batch(network, [inputs])
-        if self.observer is not None:
-            error = None if isinstance(result, dict) else type(result).__name__
-            self.observer.observe_model(model, self.backend, time.perf_counter() - start, error)
-        if isinstance(result, Exception):
-            raise result
+        with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
+            (result,) = run_batch(network, [inputs])
+            if isinstance(result, Exception):
+                raise result
         return result
 
     def describe(self, model: str, version: str = "") -> ServedModel:
@@ -153,17 +150,12 @@ class TritonRunner:
             t = self._grpcclient.InferInput(name, list(array.shape), dtype)
             t.set_data_from_numpy(array.astype(object) if dtype == "BYTES" else array)
             request.append(t)
-        start = time.perf_counter()
-        error = None
-        try:
-            result = self._client.infer(model, request, model_version=version, client_timeout=timeout or self.timeout)
-        except InferenceServerException as e:
-            mapped = self._error(model, e)
-            error = type(mapped).__name__
-            raise mapped from None
-        finally:
-            if self.observer is not None:
-                self.observer.observe_model(model, self.backend, time.perf_counter() - start, error)
+        with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
+            try:
+                timeout = timeout or self.timeout
+                result = self._client.infer(model, request, model_version=version, client_timeout=timeout)
+            except InferenceServerException as e:
+                raise self._error(model, e) from None
         return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
 
     def describe(self, model: str, version: str = "") -> ServedModel:
@@ -175,12 +167,14 @@ class TritonRunner:
             try:
                 config = self._client.get_model_config(model, version, as_json=True)["config"]
                 ready = self._client.is_model_ready(model, version)
+                versions = self._client.get_model_metadata(model, version, as_json=True).get("versions", [])
             except InferenceServerException as e:
                 raise self._error(model, e) from None
             if not ready:
                 raise NotFound(f"model {model!r} version {version or 'latest'} is not ready in Triton at {self.url}")
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-            self._described[key] = ServedModel(model, version, params.get("weights_sha256", ""), "")
+            served_version = version or max(versions, key=int, default="")
+            self._described[key] = ServedModel(model, served_version, params.get("weights_sha256", ""), "")
         return self._described[key]
 
     def models(self) -> list[str]:

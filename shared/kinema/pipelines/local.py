@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,12 +26,22 @@ def _pad_to(e: TextEmbedding, length: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-class LocalDenoiser:
-    """MMDiT + sampler + classifier-free guidance in this process."""
+class VelocityNetwork(Protocol):
+    """One network evaluation v(x_t, t | text): an MMDiT in process, or a call to Triton's denoiser model."""
 
-    def __init__(self, model: MMDiT, sha256: str) -> None:
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Tensor) -> Tensor: ...
+
+
+class LocalDenoiser:
+    """The sampling loop (schedule, sampler, classifier-free guidance) in this process around a velocity network.
+
+    Embedded mode passes the MMDiT itself; the denoiser service passes a network that calls Triton once per
+    step, so the loop exists once.
+    """
+
+    def __init__(self, model: MMDiT | VelocityNetwork, sha256: str, latent_channels: int | None = None) -> None:
         self.model = model
-        self.latent_channels = model.params.in_channels
+        self.latent_channels = latent_channels or model.params.in_channels
         self._sha256 = sha256
 
     def fingerprint(self) -> str:

@@ -1,0 +1,1 @@
+"""Kinema's gRPC services: thin adapters from protos to the `kinema` library."""

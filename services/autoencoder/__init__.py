@@ -1,0 +1,1 @@
+"""kinema.autoencoder.v1.Autoencoder: images <-> normalised latents (LDM)."""

@@ -1,0 +1,1 @@
+"""kinema.denoiser.v1.Denoiser: the sampling loop (schedule, sampler, CFG), one Triton call per step."""

@@ -1,0 +1,180 @@
+"""Denoiser service: owns the sampling loop and calls the denoiser network once per step.
+
+`Sample` runs the library's loop (`kinema.pipelines.local.LocalDenoiser`, the same code embedded mode
+runs) in a worker thread; each step's network evaluation goes through the model runner (Triton by
+default). Progress streams back as steps finish. A client cancel or an expired deadline stops the loop
+at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import numpy as np
+import torch
+
+from kinema.denoiser.v1 import denoiser_pb2 as pb
+from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
+from kinema.errors import DeadlineExceeded, InvalidInput
+from kinema.inference.runner import ModelRunner, make_runner
+from kinema.nn.text import TextEmbedding
+from kinema.pipelines.local import SAMPLERS, LocalDenoiser
+from kinema.pipelines.protocols import SampleSpec
+from kinema.rpc import tensors
+from kinema.rpc.metrics import ServerMetrics
+from kinema.rpc.models import ModelFamily
+from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
+from kinema.rpc.settings import ServiceSettings
+from kinema.sampling.schedule import get_schedule
+
+SERVICE = "kinema.denoiser.v1.Denoiser"
+MAX_STEPS = 1000
+
+
+class _Stopped(Exception):
+    """Raised inside the sampling thread when the client went away."""
+
+
+class RunnerNetwork:
+    """A velocity network whose every evaluation is one runner call (Triton's `denoiser` model)."""
+
+    def __init__(self, runner: ModelRunner, model: str, version: str, deadline: float) -> None:
+        self.runner, self.model, self.version, self.deadline = runner, model, version, deadline
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                 context_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed during sampling")
+        inputs = {
+            "X": x.numpy(),  # (B, C, h, w)
+            "T": t[:, None].numpy(),  # (B, 1)
+            "CONTEXT": context.numpy(),  # (B, L, D)
+            "CONTEXT_MASK": context_mask.numpy(),  # (B, L)
+            "POOLED": pooled.numpy(),  # (B, P)
+        }
+        return torch.from_numpy(self.runner.infer(self.model, inputs, self.version, left)["VELOCITY"])
+
+
+def _conditioning(c: pb.Conditioning, field: str) -> TextEmbedding:
+    tokens = tensors.decode(c.tokens, f"{field}.tokens", np.float32, ndim=3)  # (B, L, D)
+    mask = tensors.decode(c.mask, f"{field}.mask", np.bool_, ndim=2)  # (B, L)
+    pooled = tensors.decode(c.pooled, f"{field}.pooled", np.float32, ndim=2)  # (B, P)
+    b, length = tokens.shape[:2]
+    if mask.shape != (b, length) or pooled.shape[0] != b or b == 0:
+        raise InvalidInput(
+            f"{field}: tokens {tokens.shape}, mask {mask.shape} and pooled {pooled.shape} must agree on (B, L), B > 0",
+            reason="INVALID_SHAPE", field=field,
+        )  # fmt: skip
+    return TextEmbedding(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(pooled), [False] * b)
+
+
+def _spec(request: pb.SampleRequest) -> SampleSpec:
+    if not 1 <= request.steps <= MAX_STEPS:
+        raise InvalidInput(f"steps must be in 1..{MAX_STEPS}, got {request.steps}", reason="OUT_OF_RANGE",
+                           field="steps")  # fmt: skip
+    if not math.isfinite(request.guidance) or request.guidance < 0:
+        raise InvalidInput(f"guidance must be finite and >= 0, got {request.guidance}", reason="OUT_OF_RANGE",
+                           field="guidance")  # fmt: skip
+    sampler = request.sampler or "euler"
+    if sampler not in SAMPLERS:
+        raise InvalidInput(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}", reason="OUT_OF_RANGE",
+                           field="sampler")  # fmt: skip
+    shift = request.shift or 1.0
+    if not math.isfinite(shift) or shift <= 0:
+        raise InvalidInput(f"shift must be > 0, got {shift}", reason="OUT_OF_RANGE", field="shift")
+    if request.preview_every < 0:
+        raise InvalidInput("preview_every must be >= 0", reason="OUT_OF_RANGE", field="preview_every")
+    return SampleSpec(steps=request.steps, guidance=request.guidance, sampler=sampler, shift=shift)
+
+
+class DenoiserServicer(pb_grpc.DenoiserServicer):
+    def __init__(self, family: ModelFamily) -> None:
+        self.family = family
+
+    async def Sample(self, request: pb.SampleRequest, context):
+        name, version = self.family.resolve(request.model)
+        spec = _spec(request)
+        noise = torch.from_numpy(tensors.decode(request.noise, "noise", np.float32, ndim=4, writable=True))
+        self.family.check_batch(noise.shape[0], "noise")
+        cond = _conditioning(request.cond, "cond")
+        if cond.tokens.shape[0] != noise.shape[0]:
+            raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {noise.shape[0]}",
+                               reason="INVALID_SHAPE", field="cond")  # fmt: skip
+        if spec.guidance != 1.0:
+            if not request.HasField("uncond"):
+                raise InvalidInput("uncond is required when guidance != 1", reason="MISSING", field="uncond")
+            uncond = _conditioning(request.uncond, "uncond")
+            if uncond.tokens.shape[0] not in (1, noise.shape[0]):
+                raise InvalidInput("uncond must have 1 or B rows", reason="INVALID_SHAPE", field="uncond")
+        else:
+            uncond = cond
+        info = await self.family.describe(name, version)  # NOT_FOUND / UNAVAILABLE before any work
+        deadline = time.monotonic() + remaining_seconds(context, self.family.settings)
+        network = RunnerNetwork(self.family.runner, name, version, deadline)
+        denoiser = LocalDenoiser(network, info.sha256, latent_channels=noise.shape[1])
+        schedule = get_schedule(spec.steps, spec.shift)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        started = time.monotonic()
+        previous = [noise]
+
+        def callback(i: int, n: int, x: torch.Tensor) -> None:
+            if stop.is_set():
+                raise _Stopped
+            progress = pb.SampleResponse()
+            progress.progress.step, progress.progress.total = i + 1, n
+            progress.progress.elapsed_seconds = time.monotonic() - started
+            if request.preview_every and (i + 1) % request.preview_every == 0:
+                t, t_next = schedule[i], schedule[i + 1]
+                v = (x - previous[0]) / (t_next - t)  # the step's (guided) velocity; exact for Euler
+                progress.progress.preview.CopyFrom(tensors.encode(previous[0] - t * v))
+            previous[0] = x
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
+        def run() -> torch.Tensor:
+            try:
+                return denoiser.sample(noise, cond, uncond, spec, callback)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, None)
+
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            latents = await task
+            yield pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents), model=info))
+        finally:
+            stop.set()  # client cancel or error: the loop stops at its next step
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        name, version = self.family.resolve(request.model)
+        x = tensors.decode(request.x, "x", np.float32, ndim=4)  # (B, C, h, w)
+        t = tensors.decode(request.t, "t", np.float32, ndim=1)  # (B,)
+        self.family.check_batch(x.shape[0], "x")
+        cond = _conditioning(request.cond, "cond")
+        if t.shape[0] != x.shape[0] or cond.tokens.shape[0] != x.shape[0]:
+            raise InvalidInput("x, t and cond must have the same batch size", reason="INVALID_SHAPE", field="t")
+        inputs = {"X": x, "T": t[:, None], "CONTEXT": cond.tokens.numpy(), "CONTEXT_MASK": cond.mask.numpy(),
+                  "POOLED": cond.pooled.numpy()}  # fmt: skip
+        out = await self.family.call(context, name, version, inputs)
+        return pb.PredictResponse(
+            velocity=tensors.encode(out["VELOCITY"]), model=await self.family.describe(name, version)
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = await self.family.list_models(request.model)
+        return pb.ListModelsResponse(models=models, default_model=self.family.default)
+
+
+def build_server(settings: ServiceSettings) -> KinemaServer:
+    metrics = ServerMetrics()
+    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
+    servicer = DenoiserServicer(ModelFamily(runner, settings, "denoiser"))
+    binding = Binding(SERVICE, pb_grpc.add_DenoiserServicer_to_server, servicer)
+    return make_server(settings, [binding], "denoiser", metrics)

@@ -1,0 +1,1 @@
+"""kinema.text_encoder.v1.TextEncoder: prompts -> per-token states, mask and pooled vectors."""

@@ -1,0 +1,93 @@
+"""What every model service shares: model selection, ModelInfo, batch limits and the network call.
+
+A service owns one model family; a request's `ModelRef` names one of its models (empty: the default)
+and an optional version (empty: the newest loaded). Family members follow the repository's naming:
+the default name itself or `<default>_<variant>` (e.g. `denoiser`, `denoiser_sd3`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+
+import grpc
+import numpy as np
+
+from kinema.common.v1 import common_pb2
+from kinema.errors import InvalidInput, NotFound
+from kinema.inference.runner import ModelRunner, ServedModel
+from kinema.rpc.server import remaining_seconds
+from kinema.rpc.settings import ServiceSettings
+
+
+class ModelFamily:
+    """A runner, the family's default model name and the settings bounding each request."""
+
+    def __init__(self, runner: ModelRunner, settings: ServiceSettings, default: str) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.default = default
+
+    def resolve(self, ref: common_pb2.ModelRef) -> tuple[str, str]:
+        """(model name, version) for a request's ModelRef; NOT_FOUND outside the family."""
+        name = ref.name or self.default
+        if name != self.default and not name.startswith(self.default + "_"):
+            raise NotFound(
+                f"model {name!r} is not a {self.default} model; ListModels shows what this service serves",
+                reason="MODEL_NOT_FOUND",
+                field="model.name",
+            )
+        if ref.version and not ref.version.isdigit():
+            raise InvalidInput(
+                f"model version must be a positive integer, got {ref.version!r}", reason="INVALID_VERSION",
+                field="model.version",
+            )  # fmt: skip
+        return name, ref.version
+
+    def check_batch(self, n: int, field: str) -> None:
+        if n > self.settings.max_batch:
+            raise InvalidInput(
+                f"{field}: batch of {n} is over this service's limit of {self.settings.max_batch}; split the request",
+                reason="BATCH_TOO_LARGE",
+                field=field,
+            )
+
+    async def call(
+        self, context: grpc.aio.ServicerContext, model: str, version: str, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """One network evaluation off the event loop, bounded by the request's remaining time."""
+        timeout = remaining_seconds(context, self.settings)
+        return await asyncio.to_thread(self.runner.infer, model, inputs, version, timeout)
+
+    async def describe(self, model: str, version: str) -> common_pb2.ModelInfo:
+        served = await asyncio.to_thread(self.runner.describe, model, version)
+        return model_info(served)
+
+    async def list_models(
+        self, ref: common_pb2.ModelRef | None = None, members: Iterable[str] | None = None
+    ) -> list[common_pb2.ModelInfo]:
+        """ModelInfo of the family's loaded models (or the given runner model names), filtered by `ref`.
+
+        A filter that matches nothing gives an empty list, not an error.
+        """
+        if members is None:
+            names = await asyncio.to_thread(self.runner.models)
+            members = [n for n in names if n == self.default or n.startswith(self.default + "_")]
+        infos = []
+        for name in members:
+            if ref is not None and ref.name and ref.name != name and not name.startswith(ref.name + "_"):
+                continue
+            try:
+                info = await self.describe(name, ref.version if ref is not None else "")
+            except NotFound:
+                continue
+            infos.append(info)
+        return infos
+
+
+def model_info(served: ServedModel) -> common_pb2.ModelInfo:
+    params = served.params_json
+    if params:
+        params = json.dumps(json.loads(params), sort_keys=True)
+    return common_pb2.ModelInfo(name=served.name, version=served.version, sha256=served.sha256, params_json=params)

@@ -1,0 +1,123 @@
+"""One typed settings object per service process, built once from `KINEMA_*` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+BACKENDS = ("triton", "local")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _default_models_dir() -> Path:
+    # Imported lazily: kinema.repository pulls in torch, which settings alone should not need.
+    from kinema.repository import default_models_dir
+
+    return default_models_dir()
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Settings every Kinema gRPC service shares; a service adds its own fields by composition, not here."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (KinemaServer.port holds the bound one)
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    max_message_bytes: int = 64 * 1024 * 1024  # receive and send
+    max_batch: int = 16
+    grace_seconds: float = 5.0
+    backend: Literal["triton", "local"] = "triton"
+    triton_url: str = "127.0.0.1:8001"
+    models_dir: Path = field(default_factory=_default_models_dir)
+    log_level: str = "INFO"
+    request_timeout_seconds: float = 300.0  # server-side bound on a request whose client set no deadline
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+        object.__setattr__(self, "log_level", str(self.log_level).upper())
+        for name, (check, must) in _CHECKS.items():
+            if not check(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be {must}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServiceSettings:
+        """Defaults, then `KINEMA_*` variables from `environ`, then `overrides` (e.g. CLI flags).
+
+        A malformed or out-of-range variable raises ValueError naming the variable.
+        """
+        values: dict[str, Any] = {}
+        for name, var in ENV_VARS.items():
+            raw = environ.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            parse = _PARSERS.get(name, str)
+            try:
+                value = parse(raw.strip())
+            except ValueError:
+                raise ValueError(f"{var}={raw!r}: must be {_CHECKS[name][1]}") from None
+            check, must = _CHECKS[name]
+            if not check(value):
+                raise ValueError(f"{var}={raw!r}: must be {must}")
+            values[name] = value
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown ServiceSettings fields: {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+
+
+ENV_VARS: dict[str, str] = {
+    "host": "KINEMA_HOST",
+    "port": "KINEMA_PORT",
+    "metrics_port": "KINEMA_METRICS_PORT",
+    "max_message_bytes": "KINEMA_MAX_MESSAGE_BYTES",
+    "max_batch": "KINEMA_MAX_BATCH",
+    "grace_seconds": "KINEMA_GRACE_SECONDS",
+    "backend": "KINEMA_BACKEND",
+    "triton_url": "KINEMA_TRITON_URL",
+    "models_dir": "KINEMA_MODELS",
+    "log_level": "KINEMA_LOG_LEVEL",
+    "request_timeout_seconds": "KINEMA_REQUEST_TIMEOUT_SECONDS",
+}
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "port": int,
+    "metrics_port": int,
+    "max_message_bytes": int,
+    "max_batch": int,
+    "grace_seconds": float,
+    "models_dir": Path,
+    "log_level": str.upper,
+    "request_timeout_seconds": float,
+}
+
+
+def _finite_at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and v == v and v != float("inf")
+        return ok and (v > low if strict else v >= low)
+
+    return check
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "host": (lambda v: isinstance(v, str) and v != "", "a non-empty host name or address"),
+    "port": (_int_in(0, 65535), "an integer port in [0, 65535] (0: any free port)"),
+    "metrics_port": (_int_in(0, 65535), "an integer port in [0, 65535] (0: off)"),
+    "max_message_bytes": (_int_in(1024, 2**31 - 1), "an integer number of bytes in [1024, 2**31 - 1]"),
+    "max_batch": (_int_in(1, 1 << 20), "an integer >= 1"),
+    "grace_seconds": (_finite_at_least(0.0), "a finite number of seconds >= 0"),
+    "backend": (lambda v: v in BACKENDS, f"one of {BACKENDS}"),
+    "triton_url": (lambda v: isinstance(v, str) and v != "", "a non-empty host:port"),
+    "models_dir": (lambda v: isinstance(v, Path), "a path"),
+    "log_level": (lambda v: v in LOG_LEVELS, f"one of {LOG_LEVELS}"),
+    "request_timeout_seconds": (_finite_at_least(0.0, strict=True), "a finite number of seconds > 0"),
+}

@@ -1,0 +1,79 @@
+"""The one place mapping Kinema domain errors to gRPC status codes, details and `kinema-error-bin` trailers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from kinema import errors
+from kinema.common.v1 import common_pb2
+
+_LOGGER = logging.getLogger(__name__)
+
+ERROR_DETAIL_KEY = "kinema-error-bin"
+
+# Most specific first: DeadlineExceeded is also a TimeoutError, InvalidInput also a ValueError.
+CODES: tuple[tuple[type[errors.KinemaError], grpc.StatusCode], ...] = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+@dataclass(frozen=True)
+class RpcStatus:
+    """What a failed call returns to its client."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+def to_status(exc: BaseException, request_id: str = "") -> RpcStatus:
+    """The client-facing status of `exc`; anything not a mapped domain error is a generic INTERNAL.
+
+    A servicer's asyncio.CancelledError is never aborted with: the interceptor lets it propagate (the client is
+    gone or its deadline passed); it maps to CANCELLED here only for logs and metrics.
+    """
+    if isinstance(exc, asyncio.CancelledError):
+        return RpcStatus(grpc.StatusCode.CANCELLED, "cancelled")
+    for kind, code in CODES:
+        if isinstance(exc, kind):
+            return RpcStatus(code, str(exc) or code.name.lower().replace("_", " "), _trailer(exc, request_id))
+    # The message and traceback of an unexpected error may hold internals: they go to the server log only.
+    return RpcStatus(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id or 'unknown'})")
+
+
+def error_detail(exc: errors.KinemaError, request_id: str = "") -> common_pb2.ErrorDetail:
+    """The machine-readable `ErrorDetail` of a domain error."""
+    metadata = dict(getattr(exc, "metadata", {}) or {})
+    if request_id:
+        metadata.setdefault("request_id", request_id)
+    return common_pb2.ErrorDetail(
+        reason=getattr(exc, "reason", "") or "", field=getattr(exc, "field", "") or "", metadata=metadata
+    )
+
+
+def parse_error_detail(trailing_metadata: object) -> common_pb2.ErrorDetail | None:
+    """The `ErrorDetail` in a call's trailing metadata (client side), or None."""
+    for key, value in trailing_metadata or ():
+        if key == ERROR_DETAIL_KEY:
+            return common_pb2.ErrorDetail.FromString(value)
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "") -> None:
+    """End the call with the status of `exc`; always raises (grpc.aio.AbortError)."""
+    status = to_status(exc, request_id)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+def _trailer(exc: errors.KinemaError, request_id: str) -> tuple[tuple[str, bytes], ...]:
+    if not (getattr(exc, "reason", "") or getattr(exc, "field", "")):
+        return ()
+    return ((ERROR_DETAIL_KEY, error_detail(exc, request_id).SerializeToString()),)

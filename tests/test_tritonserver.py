@@ -1,0 +1,254 @@
+"""The real tritonserver from the nvidia-pytriton wheel, over tiny python-backend models written here."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.tritonserver import TritonServer, TritonSettings, _group_alive
+
+CONFIG = """\
+backend: "python"
+max_batch_size: 8
+dynamic_batching {{}}
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "increment" value: {{ string_value: "{increment}" }} }}
+"""
+
+ADD_MODEL = """\
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import kinema.errors  # the stub runs the venv's python, so the project's package imports
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.increment = np.float32(params["increment"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x + self.increment)]))
+        return responses
+
+    def finalize(self):
+        pass
+"""
+
+BROKEN_MODEL = """\
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("weights are missing on purpose")
+
+    def execute(self, requests):
+        return []
+"""
+
+
+def _write_model(root: Path, name: str, source: str, increment: float = 1.0) -> None:
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(CONFIG.format(increment=increment))
+    (root / name / "1" / "model.py").write_text(source)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    _write_model(root, "add_one", ADD_MODEL, 1.0)
+    _write_model(root, "add_ten", ADD_MODEL, 10.0)
+    (root / "notes").mkdir()  # no config.pbtxt: not a model
+    return root
+
+
+def _settings(models: Path, **kw) -> TritonSettings:
+    return TritonSettings(models=models, http_port=0, grpc_port=0, metrics_port=0, startup_timeout=60.0, **kw)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds; ignores TIME_WAIT
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])  # host:port or http://host:port/path
+
+
+def _ports(server: TritonServer) -> list[int]:
+    return [_port_of(server.http_url), _port_of(server.grpc_url), _port_of(server.metrics_url)]
+
+
+def _assert_gone(pgid: int, ports: list[int]) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert all(_port_free(p) for p in ports), ports
+
+
+def _infer(grpc_url: str, model: str, x: np.ndarray) -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("OUTPUT0")])
+        return result.as_numpy("OUTPUT0")
+
+
+def test_serves_every_model_and_stops_its_whole_group(repo: Path, tmp_path: Path) -> None:
+    log = tmp_path / "triton.log"
+    t0 = time.monotonic()
+    with TritonServer(_settings(repo), log_path=log) as server:
+        ready_s = time.monotonic() - t0
+        assert server.models == ("add_one", "add_ten")  # "notes" has no config.pbtxt
+        x = np.arange(12, dtype=np.float32).reshape(3, 4)  # (batch, dims)
+        np.testing.assert_array_equal(_infer(server.grpc_url, "add_one", x), x + 1)
+        np.testing.assert_array_equal(_infer(server.grpc_url, "add_ten", x[:1]), x[:1] + 10)
+        metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        assert 'nv_inference_request_success{model="add_one"' in metrics
+        pgid, ports = server.pid, _ports(server)
+        assert pgid is not None and os.getpgid(pgid) == pgid  # its own group, not ours
+        assert pgid != os.getpgrp()
+        assert not any(_port_free(p) for p in ports)
+    _assert_gone(pgid, ports)
+    server.stop()  # idempotent
+    assert log.is_file() and "add_one" in log.read_text()
+    print(f"startup to ready: {ready_s:.2f} s")
+
+
+def test_loads_only_the_named_models(repo: Path) -> None:
+    import tritonclient.http as httpclient
+
+    with TritonServer(_settings(repo, models_to_load=("add_ten",))) as server:
+        assert server.models == ("add_ten",)
+        client = httpclient.InferenceServerClient(server.http_url)
+        assert client.is_model_ready("add_ten")
+        assert not client.is_model_ready("add_one")
+        client.close()
+
+
+def test_wait_ready_times_out_with_the_log_tail(repo: Path) -> None:
+    server = TritonServer(_settings(repo, models_to_load=("add_one",)))
+    server.start()
+    try:
+        with pytest.raises(Unavailable, match=r"add_one not ready after 0\.001 s") as info:
+            server.wait_ready(timeout=0.001)  # HTTP opens only after the startup loads, seconds later
+        assert "lines of the server log" in str(info.value)
+        server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_broken_model_raises_unavailable_and_cleans_up(repo: Path) -> None:
+    _write_model(repo, "broken", BROKEN_MODEL)
+    server = TritonServer(_settings(repo))
+    server.start()
+    pgid, ports = server.pid, _ports(server)
+    with pytest.raises(Unavailable, match="broken") as info:
+        server.wait_ready()
+    first = str(info.value).splitlines()[0]
+    assert "weights are missing on purpose" in first and str(server.log_path) in first
+    assert "last" in str(info.value) and "lines of the server log" in str(info.value)
+    server.stop()
+    _assert_gone(pgid, ports)
+
+
+def test_broken_model_is_reported_by_state_when_the_server_stays_up(repo: Path) -> None:
+    _write_model(repo, "broken", BROKEN_MODEL)
+    settings = _settings(repo, extra_args=("--exit-on-error=false",))
+    server = TritonServer(settings)
+    with pytest.raises(Unavailable, match=r"model 'broken' failed to load: .*weights are missing on purpose"), server:
+        pass
+    assert server.poll() is not None  # __enter__ stopped it
+    _assert_gone(server.pid, _ports(server))
+
+
+def test_stop_kills_the_group_when_time_is_up(repo: Path) -> None:
+    with TritonServer(_settings(repo, models_to_load=("add_one",))) as server:
+        pgid = server.pid
+        server.stop(timeout=0)  # no grace: straight to SIGKILL for the group
+        assert server.poll() == -signal.SIGKILL
+        # Killed stubs lose their parent; where init does not reap, they linger as zombies (no ports, no memory).
+        assert not _group_alive(pgid)
+        assert all(_port_free(p) for p in _ports(server))
+
+
+def test_bad_settings_and_missing_models(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        TritonSettings(models=tmp_path, http_port=70000)
+    with pytest.raises(InvalidInput):
+        TritonSettings(models=tmp_path, http_port=9000, grpc_port=9000)
+    with pytest.raises(NotFound, match=r"config\.pbtxt"):
+        TritonServer(_settings(tmp_path)).start()
+    with pytest.raises(NotFound, match="nope"):
+        TritonServer(_settings(tmp_path, models_to_load=("nope",))).start()
+    with pytest.raises(NotFound):
+        TritonServer(_settings(tmp_path / "absent")).start()
+    TritonServer(_settings(tmp_path)).stop()  # never started: nothing to do
+
+
+def _run_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kinema.cli", "triton", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_cli_serves_until_sigterm(repo: Path) -> None:
+    proc = _run_cli(["--models", str(repo), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("triton ready: grpc=127.0.0.1:"), (line, proc.stderr.read() if not line else "")
+        fields = dict(f.split("=", 1) for f in line.split()[2:])
+        assert fields["models"] == "add_one,add_ten"
+        x = np.ones((1, 3), dtype=np.float32)
+        np.testing.assert_array_equal(_infer(fields["grpc"], "add_one", x), x + 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    ports = [_port_of(fields[k]) for k in ("grpc", "http", "metrics")]
+    assert all(_port_free(p) for p in ports)
+
+
+def test_cli_reports_errors_in_one_line(repo: Path) -> None:
+    _write_model(repo, "broken", BROKEN_MODEL)
+    proc = _run_cli(["--models", str(repo), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("kinema: error: ") and "'broken'" in err
+    assert "Traceback" not in err
+    script = textwrap.dedent("""
+        import sys
+        from kinema.tritonserver import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    res = subprocess.run(
+        [sys.executable, "-c", script, "--models", str(repo / "absent")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2 and res.stderr.startswith("kinema.tritonserver: error: ") and res.stderr.count("\n") == 1
