@@ -304,3 +304,20 @@ def test_concurrent_samples_are_independent(stubs, local):
     # Batched with others vs alone: float rounding differs with batch size (~1e-5 over 6 steps), a mix-up by O(1).
     np.testing.assert_allclose(results[11], solo, atol=1e-4)
     assert np.abs(results[10] - results[11]).max() > 0.1
+
+
+def test_local_backend_serves_the_same_results(stubs, tmp_path):
+    """KINEMA_BACKEND=local runs the same networks in the service process (embedded and development)."""
+    from tests.services.processes import ServiceProcess
+
+    local = ServiceProcess("denoiser", tmp_path, KINEMA_BACKEND="local").start()
+    try:
+        x, t = initial_noise((2, 4, 16, 16), 5), torch.tensor([0.2, 0.7])
+        request = denoiser_pb2.PredictRequest(x=tensors.encode(x), t=tensors.encode(t), cond=_cond(stubs, PROMPTS))
+        with local.channel() as channel:
+            got = denoiser_pb2_grpc.DenoiserStub(channel).Predict(request, timeout=30)
+        want = stubs["denoiser"].Predict(request, timeout=30)
+        np.testing.assert_allclose(tensors.decode(got.velocity, "v"), tensors.decode(want.velocity, "v"), atol=1e-5)
+        assert got.model.sha256 == want.model.sha256 and got.model.params_json
+    finally:
+        local.stop()

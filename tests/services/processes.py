@@ -1,0 +1,79 @@
+"""Service processes for tests: each service started as `python -m services.<name>`, as its container runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "models"
+SERVED = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """A service started as its own process, as the container runs it; stopped with SIGTERM."""
+
+    def __init__(self, name: str, log_dir: Path, **env: str) -> None:
+        self.name = name
+        self.port, self.metrics_port = free_port(), free_port()
+        self.env = os.environ | {
+            "KINEMA_PORT": str(self.port),
+            "KINEMA_METRICS_PORT": str(self.metrics_port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        } | env  # fmt: skip
+        self.log = log_dir / f"{name}-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
+        return self.launch().wait_healthy(timeout)
+
+    def launch(self) -> ServiceProcess:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=REPO, env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        return self
+
+    def wait_healthy(self, timeout: float = 60.0) -> ServiceProcess:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return self
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not healthy after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def channel(self, **options) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, options=list(options.items()))
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
