@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from tests.services.processes import MODELS, SERVED, ServiceProcess
+
+from kinema.repository import default_models_dir
+from kinema.rpc.process import SERVED_MODELS, ServiceProcess
 
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory):
     from kinema.tritonserver import TritonServer, TritonSettings
 
-    settings = TritonSettings(models=MODELS, http_port=0, grpc_port=0, metrics_port=0, models_to_load=SERVED)
+    settings = TritonSettings(
+        models=default_models_dir(), http_port=0, grpc_port=0, metrics_port=0, models_to_load=SERVED_MODELS
+    )
     server = TritonServer(settings, log_path=tmp_path_factory.mktemp("triton") / "triton.log")
     server.start()
     try:

@@ -308,7 +308,7 @@ def test_concurrent_samples_are_independent(stubs, local):
 
 def test_local_backend_serves_the_same_results(stubs, tmp_path):
     """KINEMA_BACKEND=local runs the same networks in the service process (embedded and development)."""
-    from tests.services.processes import ServiceProcess
+    from kinema.rpc.process import ServiceProcess
 
     local = ServiceProcess("denoiser", tmp_path, KINEMA_BACKEND="local").start()
     try:

@@ -7,8 +7,9 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tests.services.processes import MODELS, ServiceProcess, free_port
 
+from kinema.repository import default_models_dir
+from kinema.rpc.process import ServiceProcess, free_port
 from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ def _triton(ports: tuple[int, int, int], log):
     from kinema.tritonserver import TritonServer, TritonSettings
 
     http, grpc_port, metrics = ports
-    settings = TritonSettings(models=MODELS, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+    settings = TritonSettings(models=default_models_dir(), http_port=http, grpc_port=grpc_port, metrics_port=metrics,
                               models_to_load=("text_encoder",))  # fmt: skip
     server = TritonServer(settings, log_path=log)
     server.start()

@@ -1,4 +1,7 @@
-"""Service processes for tests: each service started as `python -m services.<name>`, as its container runs it."""
+"""Start a Kinema service as its own process (`python -m services.<name>`, as its container runs it).
+
+Used by the tests, the benchmarks and the local stack; the repository root must hold `services/`.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
-MODELS = REPO / "models"
-SERVED = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser")
+REPO = Path(__file__).resolve().parents[3]
+# The Triton models the text_encoder, autoencoder and denoiser services call.
+SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser")
 
 
 def free_port() -> int:
