@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -301,8 +302,12 @@ class TritonServer:
             start_new_session=True,  # its own process group: stop() can end it and its backend stubs
         )
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until every requested model is ready; raise `Unavailable` if one fails or time runs out."""
+    def wait_ready(self, timeout: float | None = None, cancel: threading.Event | None = None) -> bool:
+        """Block until every requested model is ready (True) or `cancel` is set (False).
+
+        Raises `Unavailable`, with the tail of the server log, if tritonserver exits, a model fails to
+        load, or `timeout` s (default: settings.startup_timeout) pass first.
+        """
         if self._proc is None:
             raise RuntimeError("the server has not been started")
         import tritonclient.http as httpclient
@@ -313,20 +318,21 @@ class TritonServer:
         pending = list(self._models)
         client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=5.0)
         try:
-            while True:
+            while not (cancel and cancel.is_set()):
                 status = self._proc.poll()
                 if status is not None:
                     raise self._failure(f"tritonserver exited with status {status} before {', '.join(pending)} ready")
                 try:
                     pending = [m for m in pending if not client.is_model_ready(m)]
                     if not pending:
-                        return
+                        return True
                     self._raise_if_failed(client.get_model_repository_index(), pending)
                 except (InferenceServerException, OSError):
                     pass  # HTTP is not up yet: startup loads finish before the endpoints open
                 if time.monotonic() > deadline:
                     raise self._failure(f"{', '.join(pending)} not ready after {timeout:g} s")
                 time.sleep(0.1)
+            return False
         finally:
             client.close()
 
@@ -451,31 +457,27 @@ def settings_from_args(args: argparse.Namespace) -> TritonSettings:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    # The first SIGINT/SIGTERM unwinds into stop(); later ones must not cut that cleanup short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def serve(settings: TritonSettings) -> None:
     """Start, print one line with the addresses, serve until SIGINT/SIGTERM, stop."""
-    import tritonclient.http  # noqa: F401 - numpy turns a KeyboardInterrupt mid-import into ImportError
-
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The handlers only set a flag: an exception raised from a handler could land inside an import or
+    # a gevent callback (where it is printed, or turned into ImportError) or cut stop() short.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(settings)
     try:
-        with TritonServer(settings) as server:
-            print(
-                f"triton ready: grpc={server.grpc_url} http={server.http_url} metrics={server.metrics_url} "
-                f"models={','.join(server.models)} log={server.log_path}",
-                flush=True,
-            )
-            while server.poll() is None:
-                time.sleep(0.5)
-            raise server._failure(f"tritonserver exited with status {server.poll()} while serving")
-    except KeyboardInterrupt:
-        return
+        server.start()
+        if not server.wait_ready(cancel=stop):
+            return
+        print(
+            f"triton ready: grpc={server.grpc_url} http={server.http_url} metrics={server.metrics_url} "
+            f"models={','.join(server.models)} log={server.log_path}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if server.poll() is not None:
+                raise server._failure(f"tritonserver exited with status {server.poll()} while serving")
     finally:
+        server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -79,12 +79,6 @@ class Network:
         raise NotImplementedError
 
 
-def _threads(parameters: dict[str, str]) -> None:
-    n = int(parameters.get("torch_threads", "0"))
-    if n > 0:
-        torch.set_num_threads(n)
-
-
 def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -97,7 +91,6 @@ class TextEncoderNetwork(Network):
     def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
         from kinema.nn.text import TextEncoderParams, load_text_encoder
 
-        _threads(parameters)
         kind = parameters.get("kind", "minilm")
         path = parameters.get("path") or None
         if path is not None and not Path(path).is_absolute():
@@ -155,7 +148,6 @@ class VaeEncoderNetwork(Network):
     outputs = (_f32("LATENT", -1, -1, -1), _f32("LATENT_STD", -1, -1, -1))
 
     def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
-        _threads(parameters)
         file = version_dir / parameters.get("weights", "encoder.safetensors")
         self.model, self.sha256 = _load_autoencoder_half(file, ("encoder.", "quant_conv."))
         self.params_json = json.dumps(asdict(self.model.params))
@@ -183,7 +175,6 @@ class VaeDecoderNetwork(Network):
     outputs = (_f32("IMAGE", 3, -1, -1),)
 
     def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
-        _threads(parameters)
         file = version_dir / parameters.get("weights", "decoder.safetensors")
         self.model, self.sha256 = _load_autoencoder_half(file, ("decoder.", "post_quant_conv."))
         self.params_json = json.dumps(asdict(self.model.params))
@@ -217,7 +208,6 @@ class DenoiserNetwork(Network):
         from kinema.nn.checkpoint import params_from_metadata, sha256_file
         from kinema.nn.mmdit import MMDiT, MMDiTParams
 
-        _threads(parameters)
         file = version_dir / parameters.get("weights", "mmdit.safetensors")
         if not file.is_file():
             raise Unavailable(f"missing weights {file}")

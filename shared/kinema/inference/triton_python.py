@@ -21,6 +21,11 @@ def build(network_kind: str, args: dict) -> Network:
     """Build the network from Triton's `initialize` args, verifying the configured weights hash."""
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    threads = int(params.get("torch_threads", "0"))
+    if threads > 0:  # this stub process is the model instance: its thread count is ours to set
+        import torch
+
+        torch.set_num_threads(threads)
     version_dir = Path(args["model_repository"]) / args["model_version"]
     network = load_network(params.get("network", network_kind), version_dir, params)
     want = params.get("weights_sha256", "")

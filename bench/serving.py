@@ -1,0 +1,147 @@
+"""Served against in-process, in one run: per-call overhead, a whole Sample, dynamic batching.
+
+    .venv/bin/python bench/serving.py [--reps 50] [--samples 5] [--clients 8]
+
+Starts a real Triton over models/ and the denoiser service (Triton backend) as processes, then:
+1. per network call: `TritonRunner.infer` (KServe v2 over gRPC) against the same network called in
+   this process (`LocalRunner`, the very class Triton's model.py runs), median of `reps`;
+2. a full 28-step CFG Sample at the mini size through the denoiser service (gRPC stream, one Triton
+   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs;
+3. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
+Writes bench/results/serving.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from kinema.eval.report import write_results
+from kinema.inference.runner import LocalRunner, TritonRunner
+from kinema.pipelines.local import load_local
+from kinema.pipelines.protocols import SampleSpec
+from kinema.repository import default_models_dir
+from kinema.rpc import tensors
+from kinema.rpc.process import SERVED_MODELS, ServiceProcess
+from kinema.sampling.samplers import initial_noise
+from kinema.tritonserver import TritonServer, TritonSettings
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "a small red sphere to the left of a blue cube"
+
+
+def median_ms(fn, reps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> dict:
+    x = initial_noise((2, 4, 16, 16), 0).numpy()
+    calls = {
+        "vae_decoder": {"LATENT": x[:1]},
+        "denoiser": {"X": x, "T": np.full((2, 1), 0.5, np.float32), "CONTEXT": cond.tokens.numpy().repeat(2, 0),
+                     "CONTEXT_MASK": cond.mask.numpy().repeat(2, 0), "POOLED": cond.pooled.numpy().repeat(2, 0)},
+    }  # fmt: skip
+    out = {}
+    for model, inputs in calls.items():
+        served = median_ms(lambda m=model, i=inputs: triton.infer(m, i), reps)
+        embedded = median_ms(lambda m=model, i=inputs: local.infer(m, i), reps)
+        kb = sum(a.nbytes for a in inputs.values()) / 1024
+        out[model] = {"input_kb": round(kb, 1), "triton_ms": served, "in_process_ms": embedded,
+                      "overhead_ms": served - embedded}  # fmt: skip
+    return out
+
+
+def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.SampleRequest:
+    noise = tensors.encode(initial_noise((1, 4, 16, 16), seed))
+    return denoiser_pb2.SampleRequest(noise=noise, cond=cond_pb, uncond=uncond_pb, steps=steps, guidance=4.0)
+
+
+def conditioning(e) -> denoiser_pb2.Conditioning:
+    return denoiser_pb2.Conditioning(tokens=tensors.encode(e.tokens), mask=tensors.encode(e.mask),
+                                     pooled=tensors.encode(e.pooled))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=RESULTS / "serving")
+    args = ap.parse_args(argv)
+
+    text_encoder, denoiser, _ = load_local()
+    cond, uncond = text_encoder.encode([PROMPT]), text_encoder.encode([""])
+    cond_pb, uncond_pb = conditioning(cond), conditioning(uncond)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = TritonSettings(models=default_models_dir(), http_port=0, grpc_port=0, metrics_port=0,
+                                  models_to_load=SERVED_MODELS)  # fmt: skip
+        with TritonServer(settings, log_path=Path(tmp) / "triton.log") as triton:
+            triton.wait_ready()
+            service = ServiceProcess("denoiser", Path(tmp), KINEMA_BACKEND="triton", KINEMA_TRITON_URL=triton.grpc_url)
+            service.start()
+            try:
+                runner = TritonRunner(triton.grpc_url)
+                results = {"call": call_overhead(runner, LocalRunner(default_models_dir()), cond, args.reps)}
+                channel = service.channel()
+                stub = denoiser_pb2_grpc.DenoiserStub(channel)
+
+                def served(seed: int = 0) -> np.ndarray:
+                    events = list(stub.Sample(sample_request(cond_pb, uncond_pb, seed, 28), timeout=600))
+                    return tensors.decode(events[-1].result.latents, "latents")
+
+                def embedded(seed: int = 0) -> torch.Tensor:
+                    noise = initial_noise((1, 4, 16, 16), seed)
+                    return denoiser.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
+
+                diff = float(np.abs(served() - embedded().numpy()).max())
+                served_ms = median_ms(served, args.samples, warmup=1)
+                embedded_ms = median_ms(embedded, args.samples, warmup=1)
+                results["sample_28_steps"] = {"served_ms": served_ms, "embedded_ms": embedded_ms,
+                                              "ratio": served_ms / embedded_ms, "max_abs_diff": diff}  # fmt: skip
+
+                def throughput(clients: int, per_client: int) -> float:
+                    def work(c: int) -> None:
+                        for i in range(per_client):
+                            served(seed=100 * c + i)
+
+                    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
+                    start = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    return clients * per_client / (time.perf_counter() - start)
+
+                one = throughput(1, args.clients)
+                many = throughput(args.clients, 1)
+                results["dynamic_batching"] = {"clients": args.clients, "images_per_s_1_client": one,
+                                               f"images_per_s_{args.clients}_clients": many,
+                                               "ratio": many / one}  # fmt: skip
+                channel.close()
+                runner.close()
+            finally:
+                service.stop()
+    command = "python bench/serving.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for path in write_results(args.out, results, command):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
