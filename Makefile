@@ -30,9 +30,10 @@ triton: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) $(BIN)/buf
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd protos && ../$(BIN)/buf lint
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -55,6 +56,7 @@ protolint: $(BIN)/buf
 bench: $(STAMP)
 	$(BIN)/python bench/mmdit_speed.py
 	$(BIN)/python bench/generate_speed.py
+	$(BIN)/python bench/serving.py
 
 eval: $(STAMP)
 	$(BIN)/kinema eval autoencoder
@@ -71,6 +73,7 @@ weights: $(STAMP)
 	$(BIN)/python -m kinema.train.flow --preset tiny --steps $(FLOW_STEPS) --snapshot-every 300 --out runs/denoiser \
 		--export models
 	$(BIN)/python -m kinema.eval.probe --train --eval --blur 1.0 --noise 0.02
+	$(BIN)/python -m kinema.inference.model_config --sync models
 
 clean:
 	rm -rf $(VENV) .cache out runs

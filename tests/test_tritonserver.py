@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -153,7 +154,10 @@ def test_wait_ready_times_out_with_the_log_tail(repo: Path) -> None:
         with pytest.raises(Unavailable, match=r"add_one not ready after 0\.001 s") as info:
             server.wait_ready(timeout=0.001)  # HTTP opens only after the startup loads, seconds later
         assert "lines of the server log" in str(info.value)
-        server.wait_ready()
+        cancel = threading.Event()
+        cancel.set()
+        assert server.wait_ready(cancel=cancel) is False  # how `kinema triton` gives up on SIGTERM
+        assert server.wait_ready() is True
     finally:
         server.stop()
 
