@@ -8,20 +8,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from einops import reduce
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    T5EncoderModel,
-)
+
+if TYPE_CHECKING:  # transformers' model modules import lazily: CLIP's alone costs 2.5 s of start-up
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Kind = Literal["minilm", "clip", "t5"]
 KINDS: tuple[Kind, ...] = ("minilm", "clip", "t5")
@@ -120,7 +113,7 @@ class TextEncoder:
 
     @property
     def pooled_size(self) -> int:
-        if isinstance(self.model, CLIPTextModelWithProjection):
+        if type(self.model).__name__ == "CLIPTextModelWithProjection":
             return self.model.config.projection_dim
         return self.hidden_size
 
@@ -153,9 +146,10 @@ class TextEncoder:
         )
         last = out.last_hidden_state  # (B, L, D)
         tokens = last if p.hidden_layer == -1 else out.hidden_states[p.hidden_layer]  # (B, L, D)
-        if isinstance(self.model, CLIPTextModelWithProjection):
+        model_class = type(self.model).__name__
+        if model_class == "CLIPTextModelWithProjection":
             pooled = out.text_embeds  # (B, P) projected EOS state
-        elif isinstance(self.model, CLIPTextModel):
+        elif model_class == "CLIPTextModel":
             pooled = out.pooler_output  # (B, D) EOS state
         else:
             # BERT's pooler_output (CLS + tanh) is not what sentence-transformers uses; T5 has none at all.
@@ -171,13 +165,20 @@ class TextEncoder:
 
 
 def _model_class(kind: Kind, folder: Path) -> type[PreTrainedModel]:
+    # One import per branch: touching a transformers class name loads its whole modeling module.
     if kind == "t5":
+        from transformers import T5EncoderModel
+
         return T5EncoderModel
     if kind == "clip":
+        from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
         # SD1.x text encoders are saved as CLIPTextModel (no projection); loading them with a projection would
         # leave text_projection randomly initialised.
         architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
         return CLIPTextModel if "CLIPTextModel" in architectures else CLIPTextModelWithProjection
+    from transformers import AutoModel
+
     return AutoModel
 
 
@@ -207,5 +208,7 @@ def load_text_encoder(params: TextEncoderParams) -> TextEncoder:
     n_states = model.config.num_hidden_layers + 1  # embeddings + one per layer
     if -params.hidden_layer > n_states:
         raise ValueError(f"hidden_layer {params.hidden_layer} out of range for a model with {n_states} hidden states")
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return TextEncoder(params, model, tokenizer, folder)
