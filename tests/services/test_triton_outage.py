@@ -23,7 +23,11 @@ def _triton(ports: tuple[int, int, int], log):
                               models_to_load=("text_encoder",))  # fmt: skip
     server = TritonServer(settings, log_path=log)
     server.start()
-    server.wait_ready()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 

@@ -1,11 +1,15 @@
 """Frozen pretrained text encoders (MiniLM, CLIP, T5): per-token states and a pooled vector per prompt.
 
 Everything loads from local folders only (``local_files_only=True``, safetensors only); nothing is downloaded.
+MiniLM runs natively (`kinema.nn.bert` and the `tokenizers` package) so that `kinema generate` never imports
+transformers; CLIP and T5 use transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -13,7 +17,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from einops import reduce
 
+from kinema.nn.bert import Bert, load_bert
+
 if TYPE_CHECKING:  # transformers' model modules import lazily: CLIP's alone costs 2.5 s of start-up
+    import tokenizers
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Kind = Literal["minilm", "clip", "t5"]
@@ -95,11 +102,99 @@ def weights_sha256(folder: str | Path) -> str:
     return hashlib.sha256("".join(f"{name} {d}\n" for name, d in digests).encode()).hexdigest()
 
 
+class FastTokenizer:
+    """A folder's tokenizer.json run by the `tokenizers` package, called like the part of transformers' tokenizer
+    API that `TextEncoder.encode` uses, with the same results as `AutoTokenizer` on that folder.
+
+    transformers' AutoTokenizer would import its model registry (seconds) for what `tokenizers` does alone.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, pad_token: str, padding_side: str = "right") -> None:
+        pad_id = tokenizer.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.backend = tokenizer
+        self.pad_token, self.pad_token_id, self.padding_side = pad_token, pad_id, padding_side
+        self._lock = threading.Lock()  # truncation and padding are settings of the shared backend
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> FastTokenizer:
+        """tokenizer.json, with pad token and padding side from tokenizer_config.json / special_tokens_map.json."""
+        import tokenizers
+
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"text encoder folder {folder} has no tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(str(file))
+        config: dict = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            if (folder / name).is_file():
+                config.update(json.loads((folder / name).read_text()))
+        pad = config.get("pad_token") or (backend.padding or {}).get("pad_token")
+        if isinstance(pad, dict):  # saved as an AddedToken
+            pad = pad.get("content")
+        if not pad:
+            raise ValueError(f"the tokenizer in {folder} names no pad token")
+        return cls(backend, pad, config.get("padding_side", "right"))
+
+    def __call__(
+        self,
+        text: str | list[str],
+        *,
+        padding: bool | Literal["longest", "max_length"] = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: Literal["pt"] | None = None,
+        verbose: bool = True,
+    ) -> dict[str, list | torch.Tensor]:
+        """input_ids, token_type_ids and attention_mask with [CLS]/[SEP] added, as transformers returns them.
+
+        Args:
+            text: one prompt (flat lists back) or a batch.
+            padding: False, "longest" (or True) in the batch, or "max_length".
+            truncation: cut each prompt to max_length tokens, special tokens included.
+            return_tensors: "pt" for (B, L) long tensors, None for lists.
+            verbose: accepted for call compatibility; this tokenizer never warns.
+        """
+        if (truncation or padding == "max_length") and max_length is None:
+            raise ValueError("truncation and padding='max_length' need max_length")
+        texts = [text] if isinstance(text, str) else list(text)
+        with self._lock:
+            if truncation:
+                self.backend.enable_truncation(max_length)
+            else:
+                self.backend.no_truncation()
+            if padding:
+                self.backend.enable_padding(
+                    direction=self.padding_side,
+                    pad_id=self.pad_token_id,
+                    pad_token=self.pad_token,
+                    length=max_length if padding == "max_length" else None,
+                )
+            else:
+                self.backend.no_padding()
+            encodings = self.backend.encode_batch(texts)
+        out: dict[str, list | torch.Tensor] = {
+            "input_ids": [e.ids for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+        }
+        if return_tensors == "pt":
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}  # (B, L) each
+        return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
+
+
 class TextEncoder:
-    """A frozen HF text model and its tokenizer; `encode` turns prompts into a TextEmbedding."""
+    """A frozen text model and its tokenizer; `encode` turns prompts into a TextEmbedding."""
 
     def __init__(
-        self, params: TextEncoderParams, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
+        self,
+        params: TextEncoderParams,
+        model: PreTrainedModel | Bert,
+        tokenizer: PreTrainedTokenizerBase | FastTokenizer,
+        folder: Path,
     ) -> None:
         self.params = params
         self.model = model.eval().requires_grad_(False)
@@ -109,6 +204,8 @@ class TextEncoder:
 
     @property
     def hidden_size(self) -> int:
+        if isinstance(self.model, Bert):
+            return self.model.params.hidden_size
         return self.model.config.hidden_size
 
     @property
@@ -141,6 +238,11 @@ class TextEncoder:
         device = next(self.model.parameters()).device
         input_ids = batch["input_ids"].to(device)  # (B, L)
         mask = batch["attention_mask"].to(device).bool()  # (B, L)
+        if isinstance(self.model, Bert):
+            states = self.model.hidden_states(input_ids, mask)  # num_hidden_layers + 1 of (B, L, D)
+            last, tokens = states[-1], states[p.hidden_layer]  # (B, L, D)
+            # BERT's pooler_output (CLS + tanh) is not what sentence-transformers uses.
+            return self._embedding(tokens, mask, masked_mean(last, mask), lengths)
         out = self.model(
             input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=p.hidden_layer != -1, return_dict=True
         )
@@ -152,10 +254,15 @@ class TextEncoder:
         elif model_class == "CLIPTextModel":
             pooled = out.pooler_output  # (B, D) EOS state
         else:
-            # BERT's pooler_output (CLS + tanh) is not what sentence-transformers uses; T5 has none at all.
-            pooled = masked_mean(last, mask)  # (B, D)
+            pooled = masked_mean(last, mask)  # (B, D): T5 has no pooled output of its own
+        return self._embedding(tokens, mask, pooled, lengths)
+
+    def _embedding(
+        self, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor, lengths: list[int]
+    ) -> TextEmbedding:
+        p = self.params
         if p.normalize_pooled:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)  # (B, P)
         return TextEmbedding(
             tokens=tokens.float(),
             mask=mask,
@@ -164,22 +271,29 @@ class TextEncoder:
         )
 
 
-def _model_class(kind: Kind, folder: Path) -> type[PreTrainedModel]:
+def _load_transformers(kind: Kind, folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """CLIP or T5 model (fp32) and tokenizer through transformers."""
     # One import per branch: touching a transformers class name loads its whole modeling module.
     if kind == "t5":
         from transformers import T5EncoderModel
 
-        return T5EncoderModel
-    if kind == "clip":
+        model_class: type[PreTrainedModel] = T5EncoderModel
+    else:
         from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         # SD1.x text encoders are saved as CLIPTextModel (no projection); loading them with a projection would
         # leave text_projection randomly initialised.
         architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
-        return CLIPTextModel if "CLIPTextModel" in architectures else CLIPTextModelWithProjection
-    from transformers import AutoModel
+        model_class = CLIPTextModel if "CLIPTextModel" in architectures else CLIPTextModelWithProjection
+    model, info = model_class.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, dtype=torch.float32, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"text encoder weights in {folder} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    from transformers import AutoTokenizer
 
-    return AutoModel
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_text_encoder(params: TextEncoderParams) -> TextEncoder:
@@ -196,19 +310,16 @@ def load_text_encoder(params: TextEncoderParams) -> TextEncoder:
         raise FileNotFoundError(f"text encoder folder {folder} ({params.kind}) has no config.json")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"text encoder folder {folder} ({params.kind}) has no *.safetensors weights")
-    model, info = _model_class(params.kind, folder).from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, dtype=torch.float32, output_loading_info=True
-    )
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(f"text encoder weights in {folder} lack {len(missing)} tensors, e.g. {missing[:3]}")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    if params.kind == "minilm":
+        bert = load_bert(folder)
+        model, tokenizer = bert, FastTokenizer.from_folder(folder)
+        limit, n_layers = bert.params.max_position_embeddings, bert.params.num_hidden_layers
+    else:
+        model, tokenizer = _load_transformers(params.kind, folder)
+        limit, n_layers = getattr(model.config, "max_position_embeddings", None), model.config.num_hidden_layers
     if limit is not None and params.max_length > limit:
         raise ValueError(f"max_length {params.max_length} exceeds the {limit} positions of the model in {folder}")
-    n_states = model.config.num_hidden_layers + 1  # embeddings + one per layer
+    n_states = n_layers + 1  # embeddings + one per layer
     if -params.hidden_layer > n_states:
         raise ValueError(f"hidden_layer {params.hidden_layer} out of range for a model with {n_states} hidden states")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return TextEncoder(params, model, tokenizer, folder)
