@@ -8,6 +8,7 @@ Starts a real Triton over models/ and the denoiser service (Triton backend) as p
 2. a full 28-step CFG Sample at the mini size through the denoiser service (gRPC stream, one Triton
    call per step) against the embedded loop (`LocalDenoiser`) on the same inputs;
 3. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
+The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
 Writes bench/results/serving.{json,md}.
 """
 
@@ -27,6 +28,7 @@ import torch
 
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from kinema.eval.report import write_results
+from kinema.inference.model_config import parameters, read_config
 from kinema.inference.runner import LocalRunner, TritonRunner
 from kinema.pipelines.local import load_local
 from kinema.pipelines.protocols import SampleSpec
@@ -40,15 +42,17 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"
 
 
-def median_ms(fn, reps: int, warmup: int = 5) -> float:
+def paired_ms(a, b, reps: int, warmup: int = 5) -> tuple[float, float]:
+    """Medians of `a` and `b` timed alternately, so load that comes and goes hits both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        a(), b()
+    ta, tb = [], []
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(ta), 1e3 * statistics.median(tb)
 
 
 def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> dict:
@@ -60,8 +64,8 @@ def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> 
     }  # fmt: skip
     out = {}
     for model, inputs in calls.items():
-        served = median_ms(lambda m=model, i=inputs: triton.infer(m, i), reps)
-        embedded = median_ms(lambda m=model, i=inputs: local.infer(m, i), reps)
+        served, embedded = paired_ms(lambda m=model, i=inputs: triton.infer(m, i),
+                                     lambda m=model, i=inputs: local.infer(m, i), reps)  # fmt: skip
         kb = sum(a.nbytes for a in inputs.values()) / 1024
         out[model] = {"input_kb": round(kb, 1), "triton_ms": served, "in_process_ms": embedded,
                       "overhead_ms": served - embedded}  # fmt: skip
@@ -84,8 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS / "serving")
+    ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
 
+    # Same compute on both sides: the embedded baseline gets the thread count of a Triton instance.
+    threads = int(parameters(read_config(default_models_dir() / "denoiser")).get("torch_threads", "0"))
+    if threads:
+        torch.set_num_threads(threads)
     text_encoder, denoiser, _ = load_local()
     cond, uncond = text_encoder.encode([PROMPT]), text_encoder.encode([""])
     cond_pb, uncond_pb = conditioning(cond), conditioning(uncond)
@@ -111,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                     return denoiser.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
 
                 diff = float(np.abs(served() - embedded().numpy()).max())
-                served_ms = median_ms(served, args.samples, warmup=1)
-                embedded_ms = median_ms(embedded, args.samples, warmup=1)
+                served_ms, embedded_ms = paired_ms(served, embedded, args.samples, warmup=1)
                 results["sample_28_steps"] = {"served_ms": served_ms, "embedded_ms": embedded_ms,
                                               "ratio": served_ms / embedded_ms, "max_abs_diff": diff}  # fmt: skip
 
@@ -138,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                 runner.close()
             finally:
                 service.stop()
+    results["torch_threads_per_side"] = torch.get_num_threads()
+    if args.note:
+        results["note"] = args.note
     command = "python bench/serving.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     for path in write_results(args.out, results, command):
         print(f"wrote {path}")
