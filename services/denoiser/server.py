@@ -143,7 +143,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, None)
 
-        task = asyncio.ensure_future(asyncio.to_thread(run))
+        task = asyncio.ensure_future(self.family.run_blocking(run))
         try:
             while (event := await events.get()) is not None:
                 yield event

@@ -8,8 +8,11 @@ the default name itself or `<default>_<variant>` (e.g. `denoiser`, `denoiser_sd3
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -20,6 +23,12 @@ from kinema.inference.runner import ModelRunner, ServedModel
 from kinema.rpc.server import remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 
+T = TypeVar("T")
+
+# Threads that wait on Triton (or run a sampling loop that does): asyncio's default pool has only
+# cpu_count + 4 of them, which would cap concurrent Sample streams, and with them dynamic batching.
+MAX_BLOCKING_CALLS = 64
+
 
 class ModelFamily:
     """A runner, the family's default model name and the settings bounding each request."""
@@ -28,6 +37,12 @@ class ModelFamily:
         self.runner = runner
         self.settings = settings
         self.default = default
+        self._pool = ThreadPoolExecutor(MAX_BLOCKING_CALLS, thread_name_prefix=f"{default}-call")
+
+    async def run_blocking(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on the family's thread pool, with the request's context (request id for logs)."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: ctx.run(fn, *args))
 
     def resolve(self, ref: common_pb2.ModelRef) -> tuple[str, str]:
         """(model name, version) for a request's ModelRef; NOT_FOUND outside the family."""
@@ -58,10 +73,10 @@ class ModelFamily:
     ) -> dict[str, np.ndarray]:
         """One network evaluation off the event loop, bounded by the request's remaining time."""
         timeout = remaining_seconds(context, self.settings)
-        return await asyncio.to_thread(self.runner.infer, model, inputs, version, timeout)
+        return await self.run_blocking(self.runner.infer, model, inputs, version, timeout)
 
     async def describe(self, model: str, version: str) -> common_pb2.ModelInfo:
-        served = await asyncio.to_thread(self.runner.describe, model, version)
+        served = await self.run_blocking(self.runner.describe, model, version)
         return model_info(served)
 
     async def list_models(
@@ -72,7 +87,7 @@ class ModelFamily:
         A filter that matches nothing gives an empty list, not an error.
         """
         if members is None:
-            names = await asyncio.to_thread(self.runner.models)
+            names = await self.run_blocking(self.runner.models)
             members = [n for n in names if n == self.default or n.startswith(self.default + "_")]
         infos = []
         for name in members:
