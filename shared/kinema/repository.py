@@ -46,8 +46,12 @@ def load_autoencoder(models: Path) -> tuple[Autoencoder, str]:
     for f in files:
         state.update(load_file(str(f)))
     model.load_state_dict(state)
-    digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
-    return model.eval().requires_grad_(False), digest
+    return model.eval().requires_grad_(False), autoencoder_fingerprint(*(sha256_file(f) for f in files))
+
+
+def autoencoder_fingerprint(encoder_sha256: str, decoder_sha256: str) -> str:
+    """One hash for an autoencoder from its two weight files' hashes (embedded and remote alike)."""
+    return hashlib.sha256((encoder_sha256 + decoder_sha256).encode()).hexdigest()
 
 
 def load_denoiser(models: Path, path: Path | None = None) -> tuple[MMDiT, str]:

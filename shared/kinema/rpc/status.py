@@ -1,4 +1,5 @@
-"""The one place mapping Kinema domain errors to gRPC status codes, details and `kinema-error-bin` trailers."""
+"""The one place mapping Kinema domain errors to gRPC status codes, details and `kinema-error-bin` trailers,
+and back again on the client side (`from_rpc_error`)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,28 @@ def parse_error_detail(trailing_metadata: object) -> common_pb2.ErrorDetail | No
     return None
 
 
+def from_rpc_error(err: grpc.RpcError) -> errors.KinemaError:
+    """The domain error a failed call stands for (client side): the inverse of `to_status`, by the same `CODES`.
+
+    The message is the status details; `reason`, `field` and `metadata` (with the server's "request_id") come
+    from the `kinema-error-bin` trailer when the server sent one. Codes no domain error maps to (INTERNAL,
+    UNKNOWN, CANCELLED, UNIMPLEMENTED, ...) give a plain KinemaError whose reason, if the trailer has none, is
+    the code's name. `metadata["grpc_code"]` always holds the code's name.
+    """
+    code = _attr(err, "code")
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN  # a bare RpcError (no call attached) says nothing more
+    detail = parse_error_detail(_attr(err, "trailing_metadata"))
+    kind = next((k for k, c in CODES if c == code), errors.KinemaError)
+    reason = detail.reason if detail is not None else ""
+    if not reason and kind is errors.KinemaError:
+        reason = code.name
+    metadata = dict(detail.metadata) if detail is not None else {}
+    metadata["grpc_code"] = code.name
+    message = _attr(err, "details") or code.name.lower().replace("_", " ")
+    return kind(message, reason=reason, field=detail.field if detail is not None else "", metadata=metadata)
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "") -> None:
     """End the call with the status of `exc`; always raises (grpc.aio.AbortError)."""
     status = to_status(exc, request_id)
@@ -77,3 +100,9 @@ def _trailer(exc: errors.KinemaError, request_id: str) -> tuple[tuple[str, bytes
     if not (getattr(exc, "reason", "") or getattr(exc, "field", "")):
         return ()
     return ((ERROR_DETAIL_KEY, error_detail(exc, request_id).SerializeToString()),)
+
+
+def _attr(err: grpc.RpcError, name: str) -> object:
+    """`err.<name>()` where the error is also a `grpc.Call` (every error a real call raises), else None."""
+    method = getattr(err, name, None)
+    return method() if callable(method) else None

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, int, Tensor], None]
+Callback = Callable[[int, int, Tensor | None], None]  # (step i, steps n, x after step i or None)
 
 
 def initial_noise(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,0 +1,333 @@
+"""The capability protocols over gRPC: clients of the text_encoder, denoiser and autoencoder services.
+
+The orchestrator passes these to the same pipeline functions embedded mode passes `kinema.pipelines.local`
+implementations to (ARCHITECTURE rule 2). They are synchronous (`grpc.Channel`): a pipeline runs in a worker
+thread or a Celery task, never on an event loop. Every call carries the client's deadline (`timeout`) and
+request id (`x-request-id`: the one given, else the request the calling thread serves, see
+`kinema.rpc.logs.request_id`); a failed call raises the Kinema domain error the service raised
+(`kinema.rpc.status.from_rpc_error`), never a `grpc.RpcError`.
+
+Model facts (latent channels, downscale, fingerprints) come from the services and are cached per client:
+`with_request_id` copies share the channel and that cache, so a job-scoped copy costs no extra calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any, Self
+
+import grpc
+import numpy as np
+import torch
+from torch import Tensor
+
+from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
+from kinema.common.v1 import common_pb2
+from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from kinema.errors import KinemaError, NotFound
+from kinema.nn.text import TextEmbedding
+from kinema.pipelines.protocols import SampleSpec
+from kinema.repository import autoencoder_fingerprint
+from kinema.rpc import tensors
+from kinema.rpc.logs import request_id as current_request_id
+from kinema.rpc.status import from_rpc_error
+from kinema.sampling.samplers import Callback
+from kinema.sampling.schedule import get_schedule
+from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the services' default limit (ServiceSettings.max_message_bytes)
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+REQUEST_ID_KEY = "x-request-id"  # read by kinema.rpc.server (REQUEST_ID_KEY), which clients need not import
+PROBE_SIDE = 64  # pixels of the autoencoder's probe image: a multiple of every power-of-two downscale up to 64
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """An insecure channel to `host:port` with Kinema's message size limits."""
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def _tensor(t: common_pb2.Tensor, field: str, dtype: Any = np.float32) -> Tensor:
+    return torch.from_numpy(tensors.decode(t, field, dtype, writable=True))
+
+
+class _Client:
+    """What every remote capability shares: channel, model selection, deadline, request id, error mapping."""
+
+    def __init__(self, channel: grpc.Channel, model: str, version: str, timeout: float | None, request_id: str):
+        self.channel = channel
+        self.model, self.version = model, version
+        self.timeout = timeout
+        self.request_id = request_id
+        self._ref = common_pb2.ModelRef(name=model, version=version)
+        # Model facts, shared by `with_request_id` copies; each key is written once per value, so threads
+        # sharing a client at most repeat a cheap call.
+        self._facts: dict[str, Any] = {}
+
+    def with_request_id(self, request_id: str) -> Self:
+        """A copy that sends `request_id` (e.g. a job id), sharing this client's channel and cached facts."""
+        clone = copy.copy(self)
+        clone.request_id = request_id
+        return clone
+
+    def close(self) -> None:
+        """Close the channel (shared with every `with_request_id` copy)."""
+        self.channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        rid = self.request_id or current_request_id()
+        return ((REQUEST_ID_KEY, rid),) if rid else ()
+
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _seen(self, info: common_pb2.ModelInfo, key: str = "model") -> None:
+        """Record the model a response says ran: fingerprints name what actually ran last."""
+        self._facts[key] = info
+
+    def _listed(self, method: grpc.UnaryUnaryMultiCallable, request: Any) -> common_pb2.ModelInfo:
+        """This client's model as ListModels describes it (the newest loaded version when none is pinned)."""
+        reply = self._unary(method, request)
+        name = self.model or reply.default_model
+        infos = [m for m in reply.models if m.name == name and (not self.version or m.version == self.version)]
+        if not infos:
+            raise NotFound(
+                f"model {name!r} version {self.version or '(newest)'} is not served here; ListModels shows what is",
+                reason="MODEL_NOT_FOUND",
+                field="model.name",
+            )
+        return max(infos, key=lambda m: int(m.version) if m.version.isdigit() else -1)
+
+
+class RemoteTextEncoder(_Client):
+    """`TextEncoder` over kinema.text_encoder.v1; the fingerprint is the served model's weights sha256."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        model: str = "",
+        version: str = "",
+        timeout: float | None = 60.0,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(channel, model, version, timeout, request_id)
+        self._stub = text_encoder_pb2_grpc.TextEncoderStub(channel)
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        r = self._unary(self._stub.Encode, text_encoder_pb2.EncodeRequest(model=self._ref, prompts=prompts))
+        self._seen(r.model)
+        return TextEmbedding(
+            tokens=_tensor(r.tokens, "tokens"),  # (B, L, D)
+            mask=_tensor(r.mask, "mask", np.bool_),  # (B, L)
+            pooled=_tensor(r.pooled, "pooled"),  # (B, P)
+            truncated=list(r.truncated),
+        )
+
+    def fingerprint(self) -> str:
+        if "model" not in self._facts:
+            self._seen(self._listed(self._stub.ListModels, text_encoder_pb2.ListModelsRequest(model=self._ref)))
+        return self._facts["model"].sha256
+
+
+def _conditioning(e: TextEmbedding) -> denoiser_pb2.Conditioning:
+    return denoiser_pb2.Conditioning(
+        tokens=tensors.encode(e.tokens), mask=tensors.encode(e.mask), pooled=tensors.encode(e.pooled)
+    )
+
+
+class RemoteDenoiser(_Client):
+    """`Denoiser` over kinema.denoiser.v1: one streamed `Sample` call runs the whole loop in the service.
+
+    `latent_channels`: an int, or a function giving it (`connect` passes the autoencoder's), used when
+    ListModels' params_json does not carry `in_channels` (Triton-backed services leave params_json empty).
+
+    Callbacks get `(i, n, x)` as in process: i = 0..n-1 once per finished step, n = steps. With
+    `stream_latents=False` (the default: progress bars and job progress only count steps) x is None and no
+    tensor travels per step. With `stream_latents=True` the service sends each step's predicted clean latents
+    (`preview_every=1`) and x is the same x_t the in-process loop passes, rebuilt from them (equal up to
+    float rounding). A callback that raises (a cancelled job) cancels the call, which stops the service's
+    loop within one step, and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        model: str = "",
+        version: str = "",
+        timeout: float | None = 600.0,
+        request_id: str = "",
+        *,
+        latent_channels: int | Callable[[], int] | None = None,
+        stream_latents: bool = False,
+    ) -> None:
+        super().__init__(channel, model, version, timeout, request_id)
+        self._stub = denoiser_pb2_grpc.DenoiserStub(channel)
+        self._latent_channels = latent_channels
+        self.stream_latents = stream_latents
+
+    @property
+    def latent_channels(self) -> int:
+        if isinstance(self._latent_channels, int):
+            return self._latent_channels
+        if "latent_channels" not in self._facts:
+            info = self._listed(self._stub.ListModels, denoiser_pb2.ListModelsRequest(model=self._ref))
+            channels = json.loads(info.params_json or "{}").get("in_channels")
+            if channels is None and self._latent_channels is not None:
+                channels = self._latent_channels()
+            if channels is None:
+                raise KinemaError(
+                    f"denoiser {info.name!r} does not publish its latent channels; pass latent_channels",
+                    reason="LATENT_CHANNELS_UNKNOWN",
+                )
+            self._facts["latent_channels"] = int(channels)
+        return self._facts["latent_channels"]
+
+    def fingerprint(self) -> str:
+        if "model" not in self._facts:
+            self._seen(self._listed(self._stub.ListModels, denoiser_pb2.ListModelsRequest(model=self._ref)))
+        return self._facts["model"].sha256
+
+    def sample(
+        self, noise: Tensor, cond: TextEmbedding, uncond: TextEmbedding, spec: SampleSpec, callback: Callback | None
+    ) -> Tensor:
+        stream = self.stream_latents and callback is not None
+        request = denoiser_pb2.SampleRequest(
+            model=self._ref,
+            noise=tensors.encode(noise),  # (B, C, h, w)
+            cond=_conditioning(cond),
+            uncond=_conditioning(uncond),
+            steps=spec.steps,
+            guidance=spec.guidance,
+            sampler=spec.sampler,
+            shift=spec.shift,
+            preview_every=1 if stream else 0,
+        )
+        schedule = get_schedule(spec.steps, spec.shift) if stream else []
+        x = noise.double() if stream else noise  # (B, C, h, w) x_t rebuilt from previews, in float64
+        result = None
+        call = self._stub.Sample(request, timeout=self.timeout, metadata=self._metadata())
+        try:
+            for event in _events(call):
+                if event.HasField("result"):
+                    result = event.result
+                    continue
+                progress = event.progress
+                i = progress.step - 1
+                step_x = None
+                if stream and progress.HasField("preview"):
+                    # The service sends x0 = x_i - t_i v_i (denoiser.proto preview_every); so v_i = (x_i - x0) / t_i
+                    # and x_{i+1} = x_i + (t_{i+1} - t_i) v_i. t_i > 0 before the last step, and errors shrink by
+                    # t_{i+1} / t_i each step.
+                    t, t_next = schedule[i], schedule[i + 1]
+                    x0 = _tensor(progress.preview, "progress.preview").double()
+                    x = x + (t_next - t) * (x - x0) / t
+                    step_x = x.float()
+                if callback is not None:
+                    callback(i, progress.total, step_x)
+        except BaseException:
+            call.cancel()  # a no-op once the call ended; otherwise the service stops its loop at the next step
+            raise
+        if result is None:
+            raise KinemaError("the denoiser's Sample stream ended without a result", reason="NO_RESULT")
+        self._seen(result.model)
+        return _tensor(result.latents, "result.latents")  # (B, C, h, w)
+
+
+def _events(call: Any) -> Any:
+    """The stream's events; a failed call raises its domain error (a callback's own errors pass untouched)."""
+    try:
+        yield from call
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+
+class RemoteAutoencoder(_Client):
+    """`Autoencoder` over kinema.autoencoder.v1 (latents on the wire are normalised, as in process).
+
+    `downscale` and `latent_channels` come from one Encode of a zero 64x64 image on first use (cached):
+    exact for any backend and variant, where ListModels' params_json is empty under Triton.
+
+    `fingerprint()` is the embedded autoencoder's (`kinema.repository.load_autoencoder`): sha256 over the
+    hex sha256 of the encoder's weights followed by the decoder's, so provenance compares across both
+    shapes. The two hashes are those of the encoder and decoder that last ran (a probe call when one has not).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        model: str = "",
+        version: str = "",
+        timeout: float | None = 60.0,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(channel, model, version, timeout, request_id)
+        self._stub = autoencoder_pb2_grpc.AutoencoderStub(channel)
+
+    @property
+    def downscale(self) -> int:
+        return self._shape_facts()[0]
+
+    @property
+    def latent_channels(self) -> int:
+        return self._shape_facts()[1]
+
+    def _shape_facts(self) -> tuple[int, int]:
+        if "shape" not in self._facts:
+            self._probe()
+        return self._facts["shape"]
+
+    def _probe(self) -> None:
+        self.encode(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE))  # (1, 3, 64, 64)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Posterior mean (deterministic), as `LocalAutoencoder.encode`."""
+        request = autoencoder_pb2.EncodeRequest(model=self._ref, images=tensors.encode(images))
+        r = self._unary(self._stub.Encode, request)
+        self._seen(r.model, "encoder")
+        self._facts["shape"] = (r.downscale, r.latent_channels)
+        return _tensor(r.latents, "latents")  # (B, C, H/f, W/f)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        request = autoencoder_pb2.DecodeRequest(model=self._ref, latents=tensors.encode(latents))
+        r = self._unary(self._stub.Decode, request)
+        self._seen(r.model, "decoder")
+        return _tensor(r.images, "images")  # (B, 3, H, W), not clamped
+
+    def fingerprint(self) -> str:
+        if "encoder" not in self._facts:
+            self._probe()
+        if "decoder" not in self._facts:
+            f, c = self._shape_facts()
+            self.decode(torch.zeros(1, c, PROBE_SIDE // f, PROBE_SIDE // f))
+        encoder, decoder = self._facts["encoder"].sha256, self._facts["decoder"].sha256
+        if not (encoder and decoder):
+            return ""  # a backend that does not know its weights' hashes
+        return autoencoder_fingerprint(encoder, decoder)  # the embedded formula, so both shapes agree
+
+
+def connect(
+    text_encoder: str,
+    denoiser: str,
+    autoencoder: str,
+    *,
+    request_id: str = "",
+    timeout: float | None = None,
+    stream_latents: bool = False,
+) -> tuple[RemoteTextEncoder, RemoteDenoiser, RemoteAutoencoder]:
+    """(text encoder, denoiser, autoencoder) clients of the services at these `host:port` addresses, ready for
+    `text_to_image`; each owns its channel (`close()`). The denoiser's latent channels default to the
+    autoencoder's, the space it works in. `timeout` (seconds per call) overrides every client's default.
+    """
+    deadline = {} if timeout is None else {"timeout": timeout}
+    te = RemoteTextEncoder(open_channel(text_encoder), request_id=request_id, **deadline)
+    ae = RemoteAutoencoder(open_channel(autoencoder), request_id=request_id, **deadline)
+    dn = RemoteDenoiser(open_channel(denoiser), request_id=request_id, latent_channels=lambda: ae.latent_channels,
+                        stream_latents=stream_latents, **deadline)  # fmt: skip
+    return te, dn, ae
