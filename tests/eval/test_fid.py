@@ -97,3 +97,17 @@ def test_reference_stats_are_cached_by_params(tmp_path, monkeypatch) -> None:
     assert len(list(tmp_path.glob("fid-ref-val-6-*.npz"))) == 1
     reference_stats(world, split="val", n=5, cache_dir=tmp_path)
     assert calls == [6, 5]
+
+
+def test_real_floor_scores_validation_renders_against_the_reference_once(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_features(images: np.ndarray, batch: int = 32) -> np.ndarray:
+        calls.append(len(images))
+        return images.reshape(len(images), -1)[:, :8].astype(np.float64)
+
+    monkeypatch.setattr(fid_mod, "fid_features", fake_features)
+    floor = fid_mod.real_floor(6, split="test", reference_n=10, cache_dir=tmp_path)
+    assert sorted(calls) == [6, 10] and floor > 0  # 6 validation renders and the 10-render test reference
+    assert fid_mod.real_floor(6, split="test", reference_n=10, cache_dir=tmp_path) == floor
+    assert sorted(calls) == [6, 10]  # cached

@@ -63,10 +63,12 @@ def evaluate_text_to_image(
     gen_seconds = time.perf_counter() - t0
     result = {"accuracy": evaluate(Probe.from_file(), images, truths), "generation_seconds": round(gen_seconds, 1)}
     if with_fid:
-        from kinema.eval.fid import fid_against, reference_stats
+        from kinema.eval.fid import fid_against, real_floor, reference_stats
 
         result["fid"] = fid_against(images, reference_stats(split=split, n=fid_reference))
         result["fid_reference_images"] = fid_reference
+        # The same n of real renders (validation split) against the same reference: FID's small-n floor.
+        result["fid_real_renders_same_n"] = real_floor(n, split, fid_reference)
     result.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "split": split})
     return result
 
