@@ -37,3 +37,7 @@ class ResourceExhausted(KinemaError):
 
 class DeadlineExceeded(KinemaError, TimeoutError):
     """The work could not finish within its deadline (DEADLINE_EXCEEDED)."""
+
+
+class DataLoss(KinemaError):
+    """Stored data no longer matches its hash: corruption in a store, not a client error (DATA_LOSS)."""

@@ -23,6 +23,7 @@ CODES: tuple[tuple[type[errors.KinemaError], grpc.StatusCode], ...] = (
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
 )
 
 
