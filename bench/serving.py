@@ -5,7 +5,8 @@
 Starts a real Triton over models/ and the denoiser service (Triton backend) as processes, then:
 1. per network call: `TritonRunner.infer` (KServe v2 over gRPC) against the same network called in
    this process (`LocalRunner`, the very class Triton's model.py runs), median of `reps`;
-2. a full 28-step CFG Sample at the mini size through the denoiser service (gRPC stream, one Triton
+2. a full 28-step CFG Sample, for the shipped (tiny) denoiser and at the mini size (6 x 256, random
+   weights), through the denoiser service (gRPC stream, one Triton
    call per step) against the embedded loop (`LocalDenoiser`) on the same inputs;
 3. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +32,7 @@ from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from kinema.eval.report import write_results
 from kinema.inference.model_config import parameters, read_config
 from kinema.inference.runner import LocalRunner, TritonRunner
-from kinema.pipelines.local import load_local
+from kinema.pipelines.local import LocalDenoiser, load_local
 from kinema.pipelines.protocols import SampleSpec
 from kinema.repository import default_models_dir
 from kinema.rpc import tensors
@@ -82,32 +84,42 @@ def conditioning(e) -> denoiser_pb2.Conditioning:
                                      pooled=tensors.encode(e.pooled))  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=RESULTS / "serving")
-    ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
-    args = ap.parse_args(argv)
+def mini_repository(root: Path) -> tuple[Path, LocalDenoiser]:
+    """A model repository whose denoiser is the 'mini' MMDiT (6 x 256, random weights, seed 0): the issue's size."""
+    from kinema.inference.model_config import sync_hashes
+    from kinema.nn.checkpoint import save_checkpoint, sha256_file
+    from kinema.nn.mmdit import PRESETS, MMDiT
 
-    # Same compute on both sides: the embedded baseline gets the thread count of a Triton instance.
-    threads = int(parameters(read_config(default_models_dir() / "denoiser")).get("torch_threads", "0"))
-    if threads:
-        torch.set_num_threads(threads)
-    text_encoder, denoiser, _ = load_local()
-    cond, uncond = text_encoder.encode([PROMPT]), text_encoder.encode([""])
+    torch.manual_seed(0)
+    model = MMDiT(PRESETS["mini"]).eval().requires_grad_(False)
+    for p in model.parameters():  # adaLN-zero starts at zero output; give the network a real signal
+        torch.nn.init.normal_(p, std=0.02)
+    src = default_models_dir() / "denoiser"
+    (root / "denoiser" / "1").mkdir(parents=True)
+    shutil.copy(src / "config.pbtxt", root / "denoiser" / "config.pbtxt")
+    shutil.copy(src / "1" / "model.py", root / "denoiser" / "1" / "model.py")
+    weights = root / "denoiser" / "1" / "mmdit.safetensors"
+    save_checkpoint(weights, model.state_dict(), model.params)
+    sync_hashes(root)
+    return root, LocalDenoiser(model, sha256_file(weights))
+
+
+def measure(
+    repo: Path, models: tuple[str, ...], denoiser: LocalDenoiser, cond, uncond, args, calls: bool = True
+) -> dict:
+    """Triton over `repo` plus the denoiser service; per-call overhead, a 28-step Sample, dynamic batching."""
     cond_pb, uncond_pb = conditioning(cond), conditioning(uncond)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        settings = TritonSettings(models=default_models_dir(), http_port=0, grpc_port=0, metrics_port=0,
-                                  models_to_load=SERVED_MODELS)  # fmt: skip
+        settings = TritonSettings(models=repo, http_port=0, grpc_port=0, metrics_port=0, models_to_load=models)
         with TritonServer(settings, log_path=Path(tmp) / "triton.log") as triton:
             triton.wait_ready()
             service = ServiceProcess("denoiser", Path(tmp), KINEMA_BACKEND="triton", KINEMA_TRITON_URL=triton.grpc_url)
             service.start()
             try:
                 runner = TritonRunner(triton.grpc_url)
-                results = {"call": call_overhead(runner, LocalRunner(default_models_dir()), cond, args.reps)}
+                if calls:
+                    results["call"] = call_overhead(runner, LocalRunner(repo), cond, args.reps)
                 channel = service.channel()
                 stub = denoiser_pb2_grpc.DenoiserStub(channel)
 
@@ -146,6 +158,28 @@ def main(argv: list[str] | None = None) -> None:
                 runner.close()
             finally:
                 service.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=RESULTS / "serving")
+    ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
+    args = ap.parse_args(argv)
+
+    # Same compute on both sides: the embedded baseline gets the thread count of a Triton instance.
+    threads = int(parameters(read_config(default_models_dir() / "denoiser")).get("torch_threads", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    text_encoder, denoiser, _ = load_local()
+    cond, uncond = text_encoder.encode([PROMPT]), text_encoder.encode([""])
+    results = {"shipped_tiny": measure(default_models_dir(), SERVED_MODELS, denoiser, cond, uncond, args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo, mini = mini_repository(Path(tmp))
+        results["mini"] = measure(repo, ("denoiser",), mini, cond, uncond, args, calls=False)
     results["torch_threads_per_side"] = torch.get_num_threads()
     if args.note:
         results["note"] = args.note
