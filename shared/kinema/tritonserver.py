@@ -10,30 +10,30 @@ is judged per model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from kinema.errors import InvalidInput, KinemaError, NotFound, Unavailable
+from kinema.processes import free_ports, group_alive, read_tail, stop_group
 
 _LOGGER = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
 ORPHAN_GRACE = 2.0  # s a backend stub may take to notice tritonserver is gone and exit
+
+_group_alive = group_alive  # the old private name, which tests/test_tritonserver.py and tests/storage import
 
 
 def _default_models() -> Path:
@@ -127,39 +127,6 @@ def _ensure_stub(install: _Install) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise Unavailable(f"cannot install the python backend stub at {dst}: {e}") from None
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    """Ports the kernel reports free right now (held together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in process group `pgid`."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Orphaned zombies still answer signal 0 until an init reaps them; they hold no ports or memory.
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def _model_names(settings: TritonSettings) -> tuple[str, ...]:
@@ -283,7 +250,7 @@ class TritonServer:
         import tritonclient.http  # noqa: F401 - wait_ready's client; slow to import, so before anything runs
 
         wanted = (s.http_port, s.grpc_port, s.metrics_port)
-        free = iter(_free_ports(s.host, wanted.count(0)))
+        free = iter(free_ports(s.host, wanted.count(0)))
         self._ports = tuple(p or next(free) for p in wanted)  # type: ignore[assignment]
         if self._log_path is None:
             self._log_path = Path(tempfile.mkdtemp(prefix="kinema-triton-")) / "tritonserver.log"
@@ -355,11 +322,7 @@ class TritonServer:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
         """The last `lines` lines of the server log."""
-        if self._log_path is None or not self._log_path.is_file():
-            return []
-        with open(self._log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-            return f.read().decode(errors="replace").splitlines()[-lines:]
+        return read_tail(self._log_path, lines)
 
     def stop(self, timeout: float = 15.0) -> None:
         """End tritonserver and every process of its group; SIGKILL after `timeout` s. Idempotent.
@@ -371,21 +334,8 @@ class TritonServer:
         proc = self._proc
         if proc is None or self._stopped:
             return  # a second stop must not signal a group id the kernel may have handed out again
-        pgid = proc.pid  # start_new_session=True made tritonserver the leader of its own group
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _LOGGER.warning("tritonserver (group %d) still running %g s after SIGTERM; killing it", pgid, timeout)
-                _killpg(pgid, signal.SIGKILL)
-                proc.wait(5.0)
-            if not _wait_until(lambda: not _group_alive(pgid), ORPHAN_GRACE):
-                _killpg(pgid, signal.SIGKILL)
-                if not _wait_until(lambda: not _group_alive(pgid), 5.0):
-                    raise Unavailable(f"processes of tritonserver group {pgid} survived SIGKILL")
+            stop_group(proc, "tritonserver", timeout, ORPHAN_GRACE)
             self._stopped = True
         finally:
             if self._log is not None:
@@ -405,20 +355,6 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
-
-def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # -- command line ---------------------------------------------------------------------------------

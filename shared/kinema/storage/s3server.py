@@ -14,7 +14,6 @@ behind when killed; and it saves its flags to `<dir>/mini.options` and reads the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -35,9 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from kinema.errors import InvalidInput, KinemaError, Unavailable
-
-# One piece of process-group handling serves both supervisors (see tritonserver.py for the zombie pitfall).
-from kinema.tritonserver import _group_alive, _killpg, _wait_until
+from kinema.processes import read_tail, stop_group
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -336,32 +333,15 @@ class S3Server:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
         """The last `lines` lines of the server log."""
-        if self._log_path is None or not self._log_path.is_file():
-            return []
-        with open(self._log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-            return f.read().decode(errors="replace").splitlines()[-lines:]
+        return read_tail(self._log_path, lines)
 
     def stop(self, timeout: float = 8.0) -> None:
         """End weed (SIGTERM, then SIGKILL to its group after `timeout` s) and remove its sockets. Idempotent."""
         proc = self._proc
         if proc is None or self._stopped:
             return  # a second stop must not signal a group id the kernel may have handed out again
-        pgid = proc.pid  # start_new_session=True made weed the leader of its own group
         try:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)  # weed stops its components in order (about 2-4 s)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _LOGGER.warning("weed (group %d) still running %g s after SIGTERM; killing it", pgid, timeout)
-                _killpg(pgid, signal.SIGKILL)
-                proc.wait(5.0)
-            if not _wait_until(lambda: not _group_alive(pgid), 2.0):
-                _killpg(pgid, signal.SIGKILL)
-                if not _wait_until(lambda: not _group_alive(pgid), 5.0):
-                    raise Unavailable(f"processes of weed group {pgid} survived SIGKILL")
+            stop_group(proc, "weed", timeout, 2.0)  # weed stops its components in order on SIGTERM (about 2-4 s)
             self._stopped = True
             self._remove_sockets()
         finally:

@@ -1,0 +1,111 @@
+"""Process-group handling shared by the launchers of real servers (tritonserver, weed, redis-server, celery).
+
+Each launcher starts its process with `start_new_session=True`, so the process is the leader of a group of its
+own; `stop_group` ends exactly that group and `group_alive` tells whether anything of it is left. The pitfall
+handled here: an orphaned zombie still answers `killpg(pgid, 0)` until an init reaps it (and in a container
+that init may never come), so liveness is judged from /proc, not from the signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kinema.errors import Unavailable
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """Ports the kernel reports free right now (held together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes in process group `pgid`, as /proc lists them now."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Orphaned zombies still answer signal 0 until an init reaps them; they hold no ports or memory.
+    return bool(group_members(pgid))
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    """Send `sig` to every process of group `pgid`; a group that is already gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll `done` until it returns True (True) or `timeout` s pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def stop_group(proc: subprocess.Popen, name: str, timeout: float, grace: float, sig: int = signal.SIGTERM) -> None:
+    """End the group that `proc` leads: `sig` to the leader alone, SIGKILL to the group after `timeout` s.
+
+    The leader shuts its own children down on `sig`; whatever of the group outlives it by `grace` s gets
+    SIGKILL. Raises `Unavailable` if a process survives that. Call it once per process: afterwards the kernel
+    may hand the group id to someone else.
+    """
+    pgid = proc.pid  # start_new_session=True made the process the leader of its own group
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        signame = signal.Signals(sig).name
+        _LOGGER.warning("%s (group %d) still running %g s after %s; killing it", name, pgid, timeout, signame)
+        kill_group(pgid, signal.SIGKILL)
+        proc.wait(5.0)
+    if not wait_until(lambda: not group_alive(pgid), grace):
+        kill_group(pgid, signal.SIGKILL)
+        if not wait_until(lambda: not group_alive(pgid), 5.0):
+            raise Unavailable(f"processes of {name} group {pgid} survived SIGKILL")
+
+
+def read_tail(path: Path | None, lines: int) -> list[str]:
+    """The last `lines` lines of a log file (read from its last 64 KiB); [] if there is none."""
+    if path is None or not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+        return f.read().decode(errors="replace").splitlines()[-lines:]
