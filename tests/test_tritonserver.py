@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
-from kinema.tritonserver import TritonServer, TritonSettings, _ensure_stub, _group_alive, _Install
+from kinema.processes import group_alive as _group_alive
+from kinema.tritonserver import TritonServer, TritonSettings, _ensure_stub, _Install
 
 CONFIG = """\
 backend: "python"

@@ -26,14 +26,12 @@ from pathlib import Path
 from types import TracebackType
 
 from kinema.errors import InvalidInput, KinemaError, NotFound, Unavailable
-from kinema.processes import free_ports, group_alive, read_tail, stop_group
+from kinema.processes import free_ports, read_tail, stop_group
 
 _LOGGER = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
 ORPHAN_GRACE = 2.0  # s a backend stub may take to notice tritonserver is gone and exit
-
-_group_alive = group_alive  # the old private name, which tests/test_tritonserver.py and tests/storage import
 
 
 def _default_models() -> Path:
