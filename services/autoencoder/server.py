@@ -12,11 +12,9 @@ import torch
 from kinema.autoencoder.v1 import autoencoder_pb2 as pb
 from kinema.autoencoder.v1 import autoencoder_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput
-from kinema.inference.runner import make_runner
 from kinema.rpc import tensors
-from kinema.rpc.metrics import ServerMetrics
-from kinema.rpc.models import ModelFamily
-from kinema.rpc.server import Binding, KinemaServer, make_server
+from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.server import KinemaServer
 from kinema.rpc.settings import ServiceSettings
 
 SERVICE = "kinema.autoencoder.v1.Autoencoder"
@@ -67,8 +65,11 @@ class AutoencoderServicer(pb_grpc.AutoencoderServicer):
 
 
 def build_server(settings: ServiceSettings) -> KinemaServer:
-    metrics = ServerMetrics()
-    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
-    servicer = AutoencoderServicer(ModelFamily(runner, settings, "vae"))
-    binding = Binding(SERVICE, pb_grpc.add_AutoencoderServicer_to_server, servicer)
-    return make_server(settings, [binding], "autoencoder", metrics)
+    return build_model_server(
+        settings,
+        name="autoencoder",
+        service=SERVICE,
+        add_to_server=pb_grpc.add_AutoencoderServicer_to_server,
+        servicer=AutoencoderServicer,
+        default_model="vae",
+    )

@@ -19,14 +19,13 @@ import torch
 from kinema.denoiser.v1 import denoiser_pb2 as pb
 from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from kinema.errors import DeadlineExceeded, InvalidInput
-from kinema.inference.runner import ModelRunner, make_runner
+from kinema.inference.runner import ModelRunner
 from kinema.nn.text import TextEmbedding
 from kinema.pipelines.local import SAMPLERS, LocalDenoiser
 from kinema.pipelines.protocols import SampleSpec
 from kinema.rpc import tensors
-from kinema.rpc.metrics import ServerMetrics
-from kinema.rpc.models import ModelFamily
-from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
+from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 from kinema.sampling.schedule import get_schedule
 
@@ -173,8 +172,11 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
 
 
 def build_server(settings: ServiceSettings) -> KinemaServer:
-    metrics = ServerMetrics()
-    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
-    servicer = DenoiserServicer(ModelFamily(runner, settings, "denoiser"))
-    binding = Binding(SERVICE, pb_grpc.add_DenoiserServicer_to_server, servicer)
-    return make_server(settings, [binding], "denoiser", metrics)
+    return build_model_server(
+        settings,
+        name="denoiser",
+        service=SERVICE,
+        add_to_server=pb_grpc.add_DenoiserServicer_to_server,
+        servicer=DenoiserServicer,
+        default_model="denoiser",
+    )

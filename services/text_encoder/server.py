@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from kinema.errors import InvalidInput
-from kinema.inference.runner import make_runner
 from kinema.rpc import tensors
-from kinema.rpc.metrics import ServerMetrics
-from kinema.rpc.models import ModelFamily
-from kinema.rpc.server import Binding, KinemaServer, make_server
+from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.server import KinemaServer
 from kinema.rpc.settings import ServiceSettings
 from kinema.text_encoder.v1 import text_encoder_pb2 as pb
 from kinema.text_encoder.v1 import text_encoder_pb2_grpc as pb_grpc
@@ -55,8 +53,11 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
 
 
 def build_server(settings: ServiceSettings) -> KinemaServer:
-    metrics = ServerMetrics()
-    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
-    servicer = TextEncoderServicer(ModelFamily(runner, settings, "text_encoder"))
-    binding = Binding(SERVICE, pb_grpc.add_TextEncoderServicer_to_server, servicer)
-    return make_server(settings, [binding], "text_encoder", metrics)
+    return build_model_server(
+        settings,
+        name="text_encoder",
+        service=SERVICE,
+        add_to_server=pb_grpc.add_TextEncoderServicer_to_server,
+        servicer=TextEncoderServicer,
+        default_model="text_encoder",
+    )

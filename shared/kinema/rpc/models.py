@@ -106,3 +106,23 @@ def model_info(served: ServedModel) -> common_pb2.ModelInfo:
     if params:
         params = json.dumps(json.loads(params), sort_keys=True)
     return common_pb2.ModelInfo(name=served.name, version=served.version, sha256=served.sha256, params_json=params)
+
+
+def build_model_server(
+    settings: ServiceSettings,
+    *,
+    name: str,
+    service: str,
+    add_to_server: Callable,
+    servicer: Callable[[ModelFamily], object],
+    default_model: str,
+):
+    """The `build_server` of every model service: metrics, the runner the settings choose, one binding."""
+    from kinema.inference.runner import make_runner
+    from kinema.rpc.metrics import ServerMetrics
+    from kinema.rpc.server import Binding, make_server
+
+    metrics = ServerMetrics()
+    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
+    binding = Binding(service, add_to_server, servicer(ModelFamily(runner, settings, default_model)))
+    return make_server(settings, [binding], name, metrics)
