@@ -150,6 +150,8 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
             yield pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents), model=info))
         finally:
             stop.set()  # client cancel or error: the loop stops at its next step
+            # The loop then ends in _Stopped, which nobody awaits: retrieve it so it is not logged as an error.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         name, version = self.family.resolve(request.model)

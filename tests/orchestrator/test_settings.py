@@ -1,0 +1,75 @@
+"""The orchestrator's settings from `KINEMA_*` variables, and the pipeline registry, in process."""
+
+from __future__ import annotations
+
+import pytest
+
+from kinema.errors import InvalidInput, NotFound
+from kinema.orchestration.pipelines import REGISTRY, Registry, TextToImagePipeline
+from kinema.orchestration.settings import OrchestratorSettings
+from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+from kinema.rpc.settings import ServiceSettings
+
+ENV = {
+    "KINEMA_TEXT_ENCODER_URL": "te:50051",
+    "KINEMA_DENOISER_URL": "dn:50051",
+    "KINEMA_AUTOENCODER_URL": "ae:50051",
+    "KINEMA_ARTIFACTS": "s3://artifacts?endpoint=minio:9000",
+    "KINEMA_S3_ACCESS_KEY": "key",
+    "KINEMA_S3_SECRET_KEY": "secret",
+    "KINEMA_PORT": "6000",
+}
+
+
+def test_settings_from_env() -> None:
+    s = OrchestratorSettings.from_env(environ=ENV | {"KINEMA_URL_TTL_SECONDS": "60"})
+    assert s.addresses == {"text_encoder": "te:50051", "denoiser": "dn:50051", "autoencoder": "ae:50051"}
+    assert (s.artifacts, s.url_ttl_seconds, s.service.port) == ("s3://artifacts?endpoint=minio:9000", 60, 6000)
+    assert (s.s3_access_key, s.s3_secret_key) == ("key", "secret") and "secret" not in repr(s)
+    assert OrchestratorSettings.from_env(ServiceSettings(port=7), ENV).service.port == 7
+    assert OrchestratorSettings.from_env(environ=ENV).url_ttl_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        ({"KINEMA_DENOISER_URL": ""}, "KINEMA_DENOISER_URL"),
+        ({"KINEMA_ARTIFACTS": " "}, "KINEMA_ARTIFACTS"),
+        ({"KINEMA_URL_TTL_SECONDS": "0"}, "KINEMA_URL_TTL_SECONDS"),
+        ({"KINEMA_URL_TTL_SECONDS": "1h"}, "KINEMA_URL_TTL_SECONDS"),
+        ({"KINEMA_URL_TTL_SECONDS": "604801"}, "KINEMA_URL_TTL_SECONDS"),
+        ({"KINEMA_LIST_MODELS_TIMEOUT_SECONDS": "-1"}, "KINEMA_LIST_MODELS_TIMEOUT_SECONDS"),
+    ],
+)
+def test_bad_settings_name_the_variable(change, names) -> None:
+    with pytest.raises(ValueError, match=names):
+        OrchestratorSettings.from_env(environ=ENV | change)
+
+
+def test_registry() -> None:
+    registry = Registry()
+    registry.register(TextToImagePipeline())
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(TextToImagePipeline())
+    with pytest.raises(NotFound, match="registered: text_to_image") as info:
+        registry.get("inpaint")
+    assert (info.value.reason, info.value.field) == ("PIPELINE_NOT_FOUND", "pipeline")
+    assert [i.name for i in REGISTRY.infos()] == ["text_to_image"] and REGISTRY.infos("nope") == []
+
+
+def test_text_to_image_fills_in_defaults() -> None:
+    prepared = TextToImagePipeline().prepare(pb.PipelineRequest(pipeline="text_to_image", prompts=["a", "b"]), 16)
+    assert (prepared.steps, prepared.guidance, prepared.size, prepared.sampler, prepared.shift) == (
+        28,
+        4.0,
+        64,
+        "euler",
+        1.0,
+    )
+    assert 0 <= prepared.seed < 2**63 - 16
+    zero = pb.PipelineRequest(pipeline="text_to_image", prompts=[""], seed=0, guidance=0.0)
+    prepared = TextToImagePipeline().prepare(zero, 16)
+    assert (prepared.seed, prepared.guidance, prepared.prompts) == (0, 0.0, [""])  # zeros that mean zero
+    with pytest.raises(InvalidInput) as info:
+        TextToImagePipeline().prepare(pb.PipelineRequest(pipeline="text_to_image", prompts=["a"], steps=2000), 16)
+    assert info.value.field == "steps"
