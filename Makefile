@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FLOW_STEPS ?= 4800
+FLOW_STEPS_2 ?= 3000  # phase 2 of the shipped denoiser (see models/denoiser/README.md)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -72,6 +73,9 @@ weights: $(STAMP)
 		--threads 1 --out runs/decoder --export models
 	$(BIN)/python -m kinema.train.flow --preset tiny --steps $(FLOW_STEPS) --snapshot-every 300 --out runs/denoiser \
 		--export models
+	# Phase 2: continue from phase 1's EMA weights on twice the scenes at a lower learning rate.
+	$(BIN)/python -m kinema.train.flow --preset tiny --init models/denoiser/1/mmdit.safetensors --samples 80000 \
+		--steps $(FLOW_STEPS_2) --lr 5e-4 --snapshot-every 600 --out runs/denoiser-cont --export models
 	$(BIN)/python -m kinema.eval.probe --train --eval --blur 1.0 --noise 0.02
 	$(BIN)/python -m kinema.inference.model_config --sync models
 

@@ -1,0 +1,28 @@
+"""The shipped Triton model repository: configs parse, name real networks, and pin the weights beside them."""
+
+from pathlib import Path
+
+import pytest
+
+from kinema.inference.model_config import latest_version, model_dirs, parameters, read_config
+from kinema.inference.networks import NETWORKS, load_network
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SERVED = model_dirs(MODELS)
+
+
+def test_the_repository_serves_the_four_networks():
+    assert [d.name for d in SERVED] == ["denoiser", "text_encoder", "vae_decoder", "vae_encoder"]
+
+
+@pytest.mark.parametrize("model_dir", SERVED, ids=lambda d: d.name)
+def test_config_matches_its_network_and_pins_its_weights(model_dir: Path):
+    config = read_config(model_dir)
+    params = parameters(config)
+    network = load_network(params.get("network", model_dir.name), model_dir / latest_version(model_dir), params)
+    assert config.backend == "python" and config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert [i.name for i in config.input] == [s.name for s in NETWORKS[model_dir.name].inputs]
+    assert sorted(o.name for o in config.output) == sorted(s.name for s in network.outputs)
+    # A stale hash would make Triton refuse the model: run `python -m kinema.inference.model_config --sync models`.
+    assert params["weights_sha256"] == network.sha256, "config.pbtxt weights_sha256 is stale"
+    assert (model_dir / latest_version(model_dir) / "model.py").is_file()
