@@ -121,18 +121,16 @@ def _param(name: str, description: str, default: Any = None, required: bool = Fa
     return info
 
 
-# TextToImageRequest.validate's messages name the field first; its errors carry no `field`, so it is read there.
-_VALIDATE_FIELDS = {"at": "prompts", "steps": "steps", "guidance": "guidance", "size": "width", "sampler": "sampler",
-                    "shift": "shift", "seed": "seed"}  # fmt: skip
+# The library request's field names where they differ from PipelineRequest's.
+_REQUEST_FIELDS = {"size": "width"}
 
 
 def _with_field(e: InvalidInput) -> InvalidInput:
     """`e` with the PipelineRequest field it is about (a library error says 'size', the request 'width')."""
-    if e.field:
+    field = _REQUEST_FIELDS.get(e.field, e.field)
+    if field == e.field:
         return e
-    field = _VALIDATE_FIELDS.get(str(e).split(" ", 1)[0], "")
-    message = f"width and height: {e}" if field == "width" else str(e)
-    return InvalidInput(message, reason=e.reason or "OUT_OF_RANGE", field=field, metadata=e.metadata)
+    return InvalidInput(f"width and height: {e}", reason=e.reason or "OUT_OF_RANGE", field=field, metadata=e.metadata)
 
 
 class TextToImagePipeline:

@@ -27,21 +27,29 @@ class TextToImageRequest:
 
     def validate(self, patch: int) -> None:
         if not self.prompts:
-            raise InvalidInput("at least one prompt is required")
+            raise InvalidInput("at least one prompt is required", reason="MISSING", field="prompts")
         if self.steps < 1:
-            raise InvalidInput(f"steps must be >= 1, got {self.steps}")
+            raise InvalidInput(f"steps must be >= 1, got {self.steps}", reason="OUT_OF_RANGE", field="steps")
         if self.steps > 1000:
-            raise InvalidInput(f"steps must be <= 1000, got {self.steps}")
+            raise InvalidInput(f"steps must be <= 1000, got {self.steps}", reason="OUT_OF_RANGE", field="steps")
         if not np.isfinite(self.guidance) or self.guidance < 0:
-            raise InvalidInput(f"guidance must be a finite number >= 0, got {self.guidance}")
+            raise InvalidInput(
+                f"guidance must be a finite number >= 0, got {self.guidance}", reason="OUT_OF_RANGE", field="guidance"
+            )
         if self.size % patch or not patch <= self.size <= MAX_SIZE:
-            raise InvalidInput(f"size must be a multiple of {patch} between {patch} and {MAX_SIZE}, got {self.size}")
+            raise InvalidInput(
+                f"size must be a multiple of {patch} between {patch} and {MAX_SIZE}, got {self.size}",
+                reason="OUT_OF_RANGE",
+                field="size",
+            )
         if self.sampler not in ("euler", "heun"):
-            raise InvalidInput(f"sampler must be 'euler' or 'heun', got {self.sampler!r}")
+            raise InvalidInput(
+                f"sampler must be 'euler' or 'heun', got {self.sampler!r}", reason="OUT_OF_RANGE", field="sampler"
+            )
         if self.shift <= 0:
-            raise InvalidInput(f"shift must be > 0, got {self.shift}")
+            raise InvalidInput(f"shift must be > 0, got {self.shift}", reason="OUT_OF_RANGE", field="shift")
         if not 0 <= self.seed < 2**63:
-            raise InvalidInput(f"seed must be in [0, 2**63), got {self.seed}")
+            raise InvalidInput(f"seed must be in [0, 2**63), got {self.seed}", reason="OUT_OF_RANGE", field="seed")
 
 
 @dataclass(frozen=True)
