@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kinema.nn.autoencoder import Autoencoder, AutoencoderParams
-from kinema.nn.checkpoint import params_from_metadata, sha256_file
-from kinema.nn.mmdit import MMDiT, MMDiTParams
-from kinema.nn.text import TextEncoder, TextEncoderParams, load_text_encoder
+if TYPE_CHECKING:  # the loaders import torch lazily, so finding the repository stays cheap (launchers, settings)
+    from kinema.nn.autoencoder import Autoencoder
+    from kinema.nn.mmdit import MMDiT
+    from kinema.nn.text import TextEncoder
 
 AUTOENCODER_FILES = ("vae_encoder/1/encoder.safetensors", "vae_decoder/1/decoder.safetensors")
 DENOISER_FILE = "denoiser/1/mmdit.safetensors"
@@ -40,6 +41,9 @@ def load_autoencoder(models: Path) -> tuple[Autoencoder, str]:
     """(autoencoder in eval mode, sha256 over its encoder and decoder files)."""
     from safetensors.torch import load_file
 
+    from kinema.nn.autoencoder import Autoencoder, AutoencoderParams
+    from kinema.nn.checkpoint import params_from_metadata, sha256_file
+
     files = [_require(models / f) for f in AUTOENCODER_FILES]
     model = Autoencoder(params_from_metadata(files[0], AutoencoderParams))
     state = {}
@@ -58,6 +62,9 @@ def load_denoiser(models: Path, path: Path | None = None) -> tuple[MMDiT, str]:
     """(MMDiT in eval mode, sha256 of its file); `path` overrides the repository file (snapshots)."""
     from safetensors.torch import load_file
 
+    from kinema.nn.checkpoint import params_from_metadata, sha256_file
+    from kinema.nn.mmdit import MMDiT, MMDiTParams
+
     file = _require(path or models / DENOISER_FILE)
     model = MMDiT(params_from_metadata(file, MMDiTParams))
     model.load_state_dict(load_file(str(file)))
@@ -66,4 +73,6 @@ def load_denoiser(models: Path, path: Path | None = None) -> tuple[MMDiT, str]:
 
 def load_text_encoder_default() -> TextEncoder:
     """The packaged all-MiniLM-L6-v2 every mini model is trained with."""
+    from kinema.nn.text import TextEncoderParams, load_text_encoder
+
     return load_text_encoder(TextEncoderParams(kind="minilm"))

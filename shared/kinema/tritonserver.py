@@ -27,6 +27,7 @@ from types import TracebackType
 
 from kinema.errors import InvalidInput, KinemaError, NotFound, Unavailable
 from kinema.processes import free_ports, read_tail, stop_group
+from kinema.repository import default_models_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,18 +35,11 @@ LOG_TAIL_LINES = 40
 ORPHAN_GRACE = 2.0  # s a backend stub may take to notice tritonserver is gone and exit
 
 
-def _default_models() -> Path:
-    # Same rule as kinema.repository.default_models_dir, repeated on purpose: importing that module
-    # pulls in torch (about 5 s and 370 MB here) for a process that only supervises tritonserver.
-    env = os.environ.get("KINEMA_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
-
-
 @dataclass(frozen=True)
 class TritonSettings:
     """Where the model repository is, which ports to serve on (0 = any free port), what to load."""
 
-    models: Path = field(default_factory=_default_models)
+    models: Path = field(default_factory=default_models_dir)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001

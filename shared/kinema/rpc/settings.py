@@ -9,15 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kinema.repository import default_models_dir
+
 BACKENDS = ("triton", "local")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _default_models_dir() -> Path:
-    # Imported lazily: kinema.repository pulls in torch, which settings alone should not need.
-    from kinema.repository import default_models_dir
-
-    return default_models_dir()
 
 
 @dataclass(frozen=True)
@@ -32,7 +27,7 @@ class ServiceSettings:
     grace_seconds: float = 5.0
     backend: Literal["triton", "local"] = "triton"
     triton_url: str = "127.0.0.1:8001"
-    models_dir: Path = field(default_factory=_default_models_dir)
+    models_dir: Path = field(default_factory=default_models_dir)
     log_level: str = "INFO"
     request_timeout_seconds: float = 300.0  # server-side bound on a request whose client set no deadline
 
