@@ -4,13 +4,20 @@
 worker thread over the model services' gRPC clients (`kinema.orchestration.capabilities`), streams the
 denoiser's progress and stores every output in the artifact store with its provenance. A client cancel sets a
 flag the progress callback raises on, which cancels the denoiser's `Sample` call within one step; nothing is
-stored after that. Jobs and uploads are not implemented yet: those RPCs answer UNIMPLEMENTED.
+stored after that.
+
+Jobs (SubmitJob, GetJob, WatchJob, CancelJob, ListJobs) are the same runs made durable: the request is checked as
+Generate checks it, recorded in Redis (`kinema.orchestration.jobs`) and run by a Celery worker
+(`kinema.orchestration.worker`, started with `python -m services.orchestrator.worker`). Without KINEMA_REDIS_URL
+they answer UNIMPLEMENTED. Uploads are not implemented yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -19,22 +26,34 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import grpc
+from celery import Celery
 
-from kinema.common.v1 import common_pb2
-from kinema.errors import InvalidInput
+from kinema.errors import InvalidInput, KinemaError
+from kinema.jobs.celery_app import cancel, redis_errors_as_unavailable
 from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
-from kinema.orchestration.pipelines import REGISTRY, PipelineOutput, Registry
-from kinema.orchestration.settings import OrchestratorSettings
+from kinema.orchestration.jobs import (
+    TERMINAL,
+    AlreadyExists,
+    JobStore,
+    check_idempotency_key,
+    check_job_id,
+    request_fingerprint,
+)
+from kinema.orchestration.outputs import artifact_ref, provenance_message, signed, store_output
+from kinema.orchestration.pipelines import REGISTRY, SEED_LIMIT, Pipeline, Registry
+from kinema.orchestration.settings import ENV_VARS, OrchestratorSettings
+from kinema.orchestration.worker import enqueue, job_store, make_job_app
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
+from kinema.rpc.status import ERROR_DETAIL_KEY, error_detail
 from kinema.storage.artifacts import (
     DEFAULT_TENANT,
     MAX_EXPIRY,
     Artifact,
     ArtifactStore,
-    Provenance,
     check_sha256,
     check_tenant,
     store_from_uri,
@@ -43,6 +62,7 @@ from kinema.storage.artifacts import (
 SERVICE = "kinema.orchestrator.v1.Orchestrator"
 TENANT_KEY = "kinema-tenant"
 MAX_BLOCKING_CALLS = 64  # worker threads for pipeline runs and store calls (as kinema.rpc.models)
+WATCH_POLL_SECONDS = 2.0  # WatchJob reads the job at least this often, should a change notice be lost
 T = TypeVar("T")
 
 
@@ -61,25 +81,6 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return DEFAULT_TENANT
 
 
-def provenance_message(p: Provenance) -> pb.Provenance:
-    """The wire form of a stored provenance; model names and versions come from the resolved `models` parameter."""
-    msg = pb.Provenance(pipeline=p.pipeline, parent_sha256=list(p.parents))
-    msg.parameters.update(dict(p.parameters))
-    if p.seed is not None:
-        msg.seed = p.seed
-    refs = p.parameters.get("models") or {}
-    for cap, sha in p.models.items():
-        ref = refs.get(cap) or {}
-        msg.models[cap].CopyFrom(common_pb2.ModelInfo(name=ref.get("name", ""), version=ref.get("version", ""),
-                                                      sha256=sha))  # fmt: skip
-    msg.created_at.FromDatetime(datetime.fromisoformat(p.created_utc).astimezone(UTC))
-    return msg
-
-
-def artifact_ref(a: Artifact) -> common_pb2.ArtifactRef:
-    return common_pb2.ArtifactRef(uri=a.uri, sha256=a.sha256, media_type=a.media_type, size_bytes=a.size_bytes)
-
-
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def __init__(
         self,
@@ -87,8 +88,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         store: ArtifactStore,
         capabilities: RemoteCapabilities,
         registry: Registry = REGISTRY,
+        jobs: JobStore | None = None,
+        job_app: Celery | None = None,
     ) -> None:
         self.settings, self.store, self.capabilities, self.registry = settings, store, capabilities, registry
+        self.jobs, self.job_app = jobs, job_app
         self._pool = ThreadPoolExecutor(MAX_BLOCKING_CALLS, thread_name_prefix="orchestrator-call")
 
     async def _run_blocking(self, fn: Callable[..., T], *args) -> T:
@@ -99,19 +103,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def _signed(self, artifact: Artifact, ttl: int) -> tuple[str, datetime]:
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         return self.store.presigned_url(artifact.sha256, artifact.tenant, timedelta(seconds=ttl)), expires_at
-
-    def _store(self, made: PipelineOutput, pipeline: str, tenant: str) -> pb.Output:
-        provenance = Provenance(pipeline=pipeline, parameters=made.parameters, seed=made.seed, models=made.models)
-        artifact = self.store.put(made.data, made.media_type, provenance, tenant)
-        url, expires_at = self._signed(artifact, self.settings.url_ttl_seconds)
-        output = pb.Output(index=made.index, artifact=artifact_ref(artifact), presigned_url=url,
-                           prompt_truncated=made.prompt_truncated)  # fmt: skip
-        output.expires_at.FromDatetime(expires_at)
-        if made.seed is not None:
-            output.seed = made.seed
-        if artifact.provenance is not None:  # bytes stored before keep their first provenance
-            output.provenance.CopyFrom(provenance_message(artifact.provenance))
-        return output
 
     async def Generate(self, request: pb.GenerateRequest, context):
         tenant = tenant_of(context)
@@ -143,7 +134,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 if stop.is_set():
                     raise _Stopped
                 # Stored only once every output is made, so a failed or cancelled run stores nothing.
-                return [self._store(m, pipeline.name, tenant) for m in made]
+                ttl = self.settings.url_ttl_seconds
+                return [signed(self.store, store_output(self.store, m, pipeline.name, tenant), tenant, ttl)
+                        for m in made]  # fmt: skip
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, None)
 
@@ -194,26 +187,115 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         answers = await asyncio.gather(*(self._run_blocking(one, c) for c in wanted))
         return pb.ListModelsResponse(capabilities=answers)
 
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    async def _job_backend(self, context) -> tuple[JobStore, Celery]:
+        if self.jobs is None or self.job_app is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"durable jobs are off on this server: set {ENV_VARS['redis_url']} (redis://host:port/db) and run a "
+                "worker (python -m services.orchestrator.worker); Generate works without them",
+            )
+        return self.jobs, self.job_app
+
+    def _job_reply(self, job: pb.Job) -> pb.Job:
+        """`job` as a response carries it: its outputs with freshly signed URLs."""
+        if not job.outputs:
+            return job
+        reply = pb.Job()
+        reply.CopyFrom(job)
+        del reply.outputs[:]
+        ttl = self.settings.url_ttl_seconds
+        reply.outputs.extend(signed(self.store, o, job.tenant, ttl) for o in job.outputs)
+        return reply
+
+    def _resolved(self, request: pb.PipelineRequest, pipeline: Pipeline) -> pb.PipelineRequest:
+        """The request a job records: its seed drawn now when the pipeline reads one and it is unset, so that a
+        retried or restarted job reproduces its outputs (orchestrator.proto, PipelineRequest.seed)."""
+        resolved = pb.PipelineRequest()
+        resolved.CopyFrom(request)
+        reads = {p.name for p in pipeline.info().parameters}
+        if "seed" in reads and not resolved.HasField("seed"):
+            resolved.seed = secrets.randbelow(SEED_LIMIT - self.settings.service.max_batch)
+        return resolved
+
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
+        jobs, app = await self._job_backend(context)
+        tenant = tenant_of(context)
+        key = check_idempotency_key(request.idempotency_key)
+        pipeline = self.registry.get(request.request.pipeline)
+        resolved = self._resolved(request.request, pipeline)
+        pipeline.prepare(resolved, self.settings.service.max_batch)  # Generate's checks, before anything is queued
+        fingerprint = request_fingerprint(request.request)
+
+        def submit() -> pb.Job:
+            job, created = jobs.create(tenant, resolved, key, fingerprint)
+            if created:
+                try:
+                    with redis_errors_as_unavailable(app):
+                        enqueue(app, job)
+                except BaseException:
+                    with contextlib.suppress(KinemaError):
+                        jobs.delete(tenant, job.id)  # never a job no worker will ever see
+                    raise
+            return self._job_reply(job)
+
+        try:
+            job = await self._run_blocking(submit)
+        except AlreadyExists as e:
+            detail = error_detail(e, current_request_id() or "")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e),
+                                trailing_metadata=((ERROR_DETAIL_KEY, detail.SerializeToString()),))  # fmt: skip
+        return pb.SubmitJobResponse(job=job)
+
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        jobs, _ = await self._job_backend(context)
+        tenant = tenant_of(context)
+        job_id = check_job_id(request.id)
+        return pb.GetJobResponse(job=await self._run_blocking(lambda: self._job_reply(jobs.get(tenant, job_id))))
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context):
+        jobs, _ = await self._job_backend(context)
+        tenant = tenant_of(context)
+        job_id = check_job_id(request.id)
+        async with jobs.events(tenant, job_id) as events:  # subscribed before the first read: no change is missed
+            last = None
+            while True:
+                job = await self._run_blocking(jobs.get, tenant, job_id)
+                if job != last:
+                    yield pb.WatchJobResponse(job=await self._run_blocking(self._job_reply, job))
+                    last = job
+                if job.state in TERMINAL:
+                    return
+                await events.wait(WATCH_POLL_SECONDS)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        jobs, app = await self._job_backend(context)
+        tenant = tenant_of(context)
+        job_id = check_job_id(request.id)
+
+        def cancel_job() -> pb.Job:
+            job = jobs.get(tenant, job_id)  # NotFound for another tenant's job: nothing is revoked for it
+            if job.state in TERMINAL:
+                return self._job_reply(job)
+            with redis_errors_as_unavailable(app):
+                cancel(app, job_id)  # the flag the sampling loop checks, and a revoke for a job still queued
+            return self._job_reply(jobs.request_cancel(tenant, job_id))
+
+        return pb.CancelJobResponse(job=await self._run_blocking(cancel_job))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        jobs, _ = await self._job_backend(context)
+        tenant = tenant_of(context)
+
+        def page() -> pb.ListJobsResponse:
+            found = jobs.list(tenant, request.page_size, request.page_token, request.state)
+            return pb.ListJobsResponse(jobs=[self._job_reply(j) for j in found.jobs],
+                                       next_page_token=found.next_page_token)  # fmt: skip
+
+        return await self._run_blocking(page)
+
     # -- not in this release --------------------------------------------------------------------
-
-    async def _jobs_unimplemented(self, context, method: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"{method}: durable jobs are not implemented yet; use Generate")  # fmt: skip
-
-    async def SubmitJob(self, request, context):
-        await self._jobs_unimplemented(context, "SubmitJob")
-
-    async def GetJob(self, request, context):
-        await self._jobs_unimplemented(context, "GetJob")
-
-    async def WatchJob(self, request, context):
-        await self._jobs_unimplemented(context, "WatchJob")
-
-    async def CancelJob(self, request, context):
-        await self._jobs_unimplemented(context, "CancelJob")
-
-    async def ListJobs(self, request, context):
-        await self._jobs_unimplemented(context, "ListJobs")
 
     async def UploadArtifact(self, request_iterator, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -225,6 +307,7 @@ def build_server(settings: ServiceSettings | OrchestratorSettings) -> KinemaServ
     if not isinstance(settings, OrchestratorSettings):
         settings = OrchestratorSettings.from_env(service=settings)
     store = store_from_uri(settings.artifacts, settings.s3_access_key or None, settings.s3_secret_key or None)
-    servicer = OrchestratorServicer(settings, store, RemoteCapabilities(settings.addresses))
+    jobs, job_app = (job_store(settings), make_job_app(settings)) if settings.jobs_enabled else (None, None)
+    servicer = OrchestratorServicer(settings, store, RemoteCapabilities(settings.addresses), jobs=jobs, job_app=job_app)
     binding = Binding(SERVICE, pb_grpc.add_OrchestratorServicer_to_server, servicer)
     return make_server(settings.service, [binding], "orchestrator")

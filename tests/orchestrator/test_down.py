@@ -110,13 +110,22 @@ def test_artifact_lookups(stub) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_jobs_uploads_and_previews_are_unimplemented(stub) -> None:
+def test_jobs_are_off_without_redis(stub) -> None:
     calls = [
-        lambda: stub.SubmitJob(pb.SubmitJobRequest(), timeout=10),
+        lambda: stub.SubmitJob(pb.SubmitJobRequest(request=pb.PipelineRequest(**T2I)), timeout=10),
         lambda: stub.GetJob(pb.GetJobRequest(id="x"), timeout=10),
         lambda: list(stub.WatchJob(pb.WatchJobRequest(id="x"), timeout=10)),
         lambda: stub.CancelJob(pb.CancelJobRequest(id="x"), timeout=10),
         lambda: stub.ListJobs(pb.ListJobsRequest(), timeout=10),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "set KINEMA_REDIS_URL" in info.value.details()
+
+
+def test_uploads_and_previews_are_unimplemented(stub) -> None:
+    calls = [
         lambda: stub.UploadArtifact(iter([pb.UploadArtifactRequest(chunk=b"x")]), timeout=10),
         lambda: _generate(stub, pb.PipelineRequest(**T2I), preview_every=1),
     ]

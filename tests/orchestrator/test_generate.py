@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -22,7 +21,7 @@ from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.pipelines.local import load_local
 from kinema.rpc.status import parse_error_detail
 
-from .conftest import stub_of
+from .conftest import model_calls, stub_of
 
 pytestmark = pytest.mark.slow
 
@@ -170,15 +169,6 @@ def test_bad_inputs_from_the_services(stub) -> None:
     assert list(stub.Generate(pb.GenerateRequest(request=request), timeout=60))[-1].result.outputs
 
 
-def _model_calls(service) -> float:
-    """Denoiser network evaluations so far (as tests/services read them)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith('kinema_model_seconds_count{backend="triton",model="denoiser"}'):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_cancel_stops_the_denoiser_and_stores_nothing(stub, services, orchestrator) -> None:
     before_files = sorted(p for p in orchestrator.artifacts.rglob("*") if p.is_file())
     request = pb.PipelineRequest(pipeline="text_to_image", prompts=["a purple cube"], seed=11, steps=1000)
@@ -190,7 +180,7 @@ def test_cancel_stops_the_denoiser_and_stores_nothing(stub, services, orchestrat
             call.cancel()
             break
     time.sleep(1.0)  # let an evaluation in flight finish
-    calls = _model_calls(services["denoiser"])
+    calls = model_calls(services["denoiser"])
     time.sleep(1.5)
-    assert _model_calls(services["denoiser"]) == calls  # the service's loop stopped
+    assert model_calls(services["denoiser"]) == calls  # the service's loop stopped
     assert sorted(p for p in orchestrator.artifacts.rglob("*") if p.is_file()) == before_files

@@ -46,6 +46,53 @@ def test_bad_settings_name_the_variable(change, names) -> None:
         OrchestratorSettings.from_env(environ=ENV | change)
 
 
+def test_job_settings_from_env() -> None:
+    s = OrchestratorSettings.from_env(environ=ENV)
+    assert not s.jobs_enabled and s.redis_url == "" and (s.job_max_retries, s.job_max_attempts) == (3, 5)
+    jobs = {
+        "KINEMA_REDIS_URL": "redis://:hunter2@redis:6379/0",
+        "KINEMA_JOB_MAX_RETRIES": "1",
+        "KINEMA_JOB_RETRY_BACKOFF_SECONDS": "0.5",
+        "KINEMA_JOB_MAX_ATTEMPTS": "2",
+        "KINEMA_JOB_TIMEOUT_SECONDS": "60",
+        "KINEMA_JOB_RETENTION_SECONDS": "3600",
+        "KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS": "7200",
+    }
+    s = OrchestratorSettings.from_env(environ=ENV | jobs)
+    assert s.jobs_enabled and s.celery_broker_url == s.redis_url == "redis://:hunter2@redis:6379/0"
+    assert (s.job_max_retries, s.job_retry_backoff_seconds, s.job_max_attempts) == (1, 0.5, 2)
+    assert (s.job_timeout_seconds, s.job_retention_seconds, s.job_visibility_timeout_seconds) == (60, 3600, 7200)
+    assert "hunter2" not in repr(s)
+    broker = OrchestratorSettings.from_env(environ=ENV | jobs | {"KINEMA_BROKER_URL": "redis://broker:6379/1"})
+    assert broker.celery_broker_url == "redis://broker:6379/1" and broker.redis_url == jobs["KINEMA_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        ({"KINEMA_REDIS_URL": "http://redis:6379"}, "KINEMA_REDIS_URL"),
+        ({"KINEMA_BROKER_URL": "redis://broker:6379/0"}, "KINEMA_BROKER_URL needs KINEMA_REDIS_URL"),
+        ({"KINEMA_JOB_MAX_RETRIES": "-1"}, "KINEMA_JOB_MAX_RETRIES"),
+        ({"KINEMA_JOB_MAX_RETRIES": "three"}, "KINEMA_JOB_MAX_RETRIES"),
+        ({"KINEMA_JOB_MAX_ATTEMPTS": "3"}, "KINEMA_JOB_MAX_ATTEMPTS=3 must be > KINEMA_JOB_MAX_RETRIES=3"),
+        ({"KINEMA_JOB_RETRY_BACKOFF_SECONDS": "0"}, "KINEMA_JOB_RETRY_BACKOFF_SECONDS"),
+        ({"KINEMA_JOB_TIMEOUT_SECONDS": "inf"}, "KINEMA_JOB_TIMEOUT_SECONDS"),
+        ({"KINEMA_JOB_RETENTION_SECONDS": "10"}, "KINEMA_JOB_RETENTION_SECONDS"),
+        ({"KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS": "-5"}, "KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS"),
+    ],
+)
+def test_bad_job_settings_name_the_variable(change, names) -> None:
+    with pytest.raises(ValueError, match=names) as info:
+        OrchestratorSettings.from_env(environ=ENV | change)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_bad_redis_url_is_not_echoed() -> None:
+    with pytest.raises(ValueError, match="KINEMA_REDIS_URL") as info:
+        OrchestratorSettings.from_env(environ=ENV | {"KINEMA_REDIS_URL": "http://:hunter2@redis"})
+    assert "hunter2" not in str(info.value)
+
+
 def test_registry() -> None:
     registry = Registry()
     registry.register(TextToImagePipeline())

@@ -1,10 +1,15 @@
-"""The orchestrator's settings: the shared service settings plus its own, from `KINEMA_*` variables."""
+"""The orchestrator's settings: the shared service settings plus its own, from `KINEMA_*` variables.
+
+The job worker (`services.orchestrator.worker`) reads the same settings: it needs the model services, the artifact
+store and Redis just as the server does.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kinema.rpc.settings import ServiceSettings
 from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, MAX_EXPIRY
@@ -17,22 +22,64 @@ ENV_VARS: dict[str, str] = {
     "artifacts": "KINEMA_ARTIFACTS",
     "url_ttl_seconds": "KINEMA_URL_TTL_SECONDS",
     "list_models_timeout_seconds": "KINEMA_LIST_MODELS_TIMEOUT_SECONDS",
+    "redis_url": "KINEMA_REDIS_URL",
+    "broker_url": "KINEMA_BROKER_URL",
+    "job_max_retries": "KINEMA_JOB_MAX_RETRIES",
+    "job_retry_backoff_seconds": "KINEMA_JOB_RETRY_BACKOFF_SECONDS",
+    "job_max_attempts": "KINEMA_JOB_MAX_ATTEMPTS",
+    "job_timeout_seconds": "KINEMA_JOB_TIMEOUT_SECONDS",
+    "job_retention_seconds": "KINEMA_JOB_RETENTION_SECONDS",
+    "job_visibility_timeout_seconds": "KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS",
+}
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[object], bool]:
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# field -> (parse from text, check, what it must be); strings not listed here only need to be non-empty.
+_CHECKS: dict[str, tuple[Callable[[str], Any], Callable[[object], bool], str]] = {
+    "url_ttl_seconds": (int, _int_in(1, int(MAX_EXPIRY.total_seconds())), "an integer number of seconds in 1..604800"),
+    "list_models_timeout_seconds": (float, _finite_positive, "a finite number > 0"),
+    "redis_url": (str, lambda x: x == "" or str(x).startswith(_REDIS_SCHEMES), "a redis://host:port/db URL"),
+    "broker_url": (str, lambda x: x == "" or str(x).startswith(_REDIS_SCHEMES), "a redis://host:port/db URL"),
+    "job_max_retries": (int, _int_in(0, 100), "an integer in 0..100"),
+    "job_retry_backoff_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
+    "job_max_attempts": (int, _int_in(1, 1000), "an integer in 1..1000"),
+    "job_timeout_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
+    "job_retention_seconds": (int, _int_in(60, 10 * 365 * 86400), "an integer number of seconds >= 60"),
+    "job_visibility_timeout_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
 }
 
 
 @dataclass(frozen=True)
 class OrchestratorSettings:
-    """Where the model services and the artifact store are, composed with the settings every service shares."""
+    """Where the model services, the artifact store and Redis are, composed with the settings every service shares."""
 
     service: ServiceSettings
     text_encoder_url: str  # host:port of each model service
     denoiser_url: str
     autoencoder_url: str
     artifacts: str  # file:///path or s3://bucket?endpoint=host:port (kinema.storage.artifacts.store_from_uri)
-    url_ttl_seconds: int = 3600  # lifetime of the presigned URLs in Generate results
+    url_ttl_seconds: int = 3600  # lifetime of the presigned URLs in Generate results and job outputs
     list_models_timeout_seconds: float = 5.0  # ListModels waits this long for each service
     s3_access_key: str = field(default="", repr=False)
     s3_secret_key: str = field(default="", repr=False)
+    # Jobs (docs/jobs.md). Without a Redis URL the job RPCs answer UNIMPLEMENTED and Generate still works.
+    redis_url: str = field(default="", repr=False)  # job records, Celery results, cancel flags; may hold a password
+    broker_url: str = field(default="", repr=False)  # the Celery broker; "" = redis_url
+    job_max_retries: int = 3  # retries of a job that failed with UNAVAILABLE (a model service or the store down)
+    job_retry_backoff_seconds: float = 2.0  # the n-th retry waits 0.5-1 x min(60, this * 2^n) s
+    job_max_attempts: int = 5  # starts of one job in all (retries and redeliveries after a lost worker)
+    job_timeout_seconds: float = 3600.0  # deadline of each model service call a job makes
+    job_retention_seconds: int = 7 * 86400  # a finished job is kept this long, then answers NOT_FOUND
+    # A job unacknowledged this long is handed to another worker: longer than any job runs (celery_app docstring).
+    job_visibility_timeout_seconds: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
@@ -41,14 +88,18 @@ class OrchestratorSettings:
                 raise ValueError(
                     f"{ENV_VARS[name]} must be set (a non-empty {'URI' if name == 'artifacts' else 'host:port'})"
                 )
-        ttl = self.url_ttl_seconds
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_EXPIRY.total_seconds():
+        for name, (_, check, must) in _CHECKS.items():
+            value = getattr(self, name)
+            if not check(value):
+                shown = value if "url" not in name else "(hidden)"  # a Redis URL may carry a password
+                raise ValueError(f"{ENV_VARS[name]}={shown!r}: must be {must}")
+        if self.broker_url and not self.redis_url:
+            raise ValueError(f"{ENV_VARS['broker_url']} needs {ENV_VARS['redis_url']} (job records live there)")
+        if self.job_max_attempts <= self.job_max_retries:
             raise ValueError(
-                f"{ENV_VARS['url_ttl_seconds']}={ttl!r}: must be an integer number of seconds in 1..604800"
+                f"{ENV_VARS['job_max_attempts']}={self.job_max_attempts} must be > "
+                f"{ENV_VARS['job_max_retries']}={self.job_max_retries} (every retry is an attempt)"
             )
-        timeout = self.list_models_timeout_seconds
-        if not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
-            raise ValueError(f"{ENV_VARS['list_models_timeout_seconds']}={timeout!r}: must be a finite number > 0")
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -56,32 +107,31 @@ class OrchestratorSettings:
         return {"text_encoder": self.text_encoder_url, "denoiser": self.denoiser_url,
                 "autoencoder": self.autoencoder_url}  # fmt: skip
 
+    @property
+    def jobs_enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
     @classmethod
     def from_env(
         cls, service: ServiceSettings | None = None, environ: Mapping[str, str] = os.environ
     ) -> OrchestratorSettings:
         """`service` (default: ServiceSettings.from_env) plus the orchestrator's `KINEMA_*` variables."""
-        values: dict = {}
+        values: dict[str, Any] = {}
         for name, var in ENV_VARS.items():
             raw = (environ.get(var) or "").strip()
             if not raw:
                 continue
-            if name == "url_ttl_seconds":
-                try:
-                    values[name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"{var}={raw!r}: must be an integer number of seconds in 1..604800") from None
-            elif name == "list_models_timeout_seconds":
-                try:
-                    values[name] = float(raw)
-                except ValueError:
-                    raise ValueError(f"{var}={raw!r}: must be a finite number > 0") from None
-            else:
-                values[name] = raw
-        values.setdefault("text_encoder_url", "")
-        values.setdefault("denoiser_url", "")
-        values.setdefault("autoencoder_url", "")
-        values.setdefault("artifacts", "")
+            parse, _, must = _CHECKS.get(name, (str, None, ""))
+            try:
+                values[name] = parse(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r}: must be {must}") from None
+        for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
+            values.setdefault(name, "")
         return cls(
             service=service if service is not None else ServiceSettings.from_env(environ),
             s3_access_key=environ.get(ENV_ACCESS_KEY, ""),
