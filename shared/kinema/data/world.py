@@ -114,14 +114,35 @@ def _labels(scene: Scene, fov_deg: float) -> tuple[ObjectLabel, ...]:
     )
 
 
-def cached_images(world: World, split: str, count: int, cache_dir: Path) -> tuple[np.ndarray, list[str]]:
-    """`world.images(split, 0, count)`, rendered once and kept in `cache_dir` as .npy + .json."""
+def _render_chunk(args: tuple[WorldParams, str, int, int]) -> tuple[np.ndarray, list[str]]:
+    params, split, start, count = args
+    return World(params).images(split, start, count)
+
+
+def render_images(world: World, split: str, count: int, workers: int = 1) -> tuple[np.ndarray, list[str]]:
+    """`world.images(split, 0, count)`, split over `workers` processes; the result does not depend on `workers`."""
+    if workers <= 1 or count < 2 * workers:
+        return world.images(split, 0, count)
+    import multiprocessing
+
+    chunk = -(-count // (4 * workers))
+    jobs = [(world.params, split, s, min(chunk, count - s)) for s in range(0, count, chunk)]
+    # spawn, not fork: callers may already hold torch's thread pools or a CUDA context.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_render_chunk, jobs)
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+
+def cached_images(
+    world: World, split: str, count: int, cache_dir: Path, workers: int = 1
+) -> tuple[np.ndarray, list[str]]:
+    """`world.images(split, 0, count)`, rendered once (over `workers` processes) and kept in `cache_dir`."""
     key = hashlib.sha256(json.dumps([asdict(world.params), split, count]).encode()).hexdigest()[:16]
     img_path = cache_dir / f"world-{split}-{count}-{key}.npy"
     cap_path = img_path.with_suffix(".json")
     if img_path.exists() and cap_path.exists():
         return np.load(img_path), json.loads(cap_path.read_text())
-    images, caps = world.images(split, 0, count)
+    images, caps = render_images(world, split, count, workers)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = img_path.with_suffix(".tmp.npy")
     np.save(tmp, images)

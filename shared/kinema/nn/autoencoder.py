@@ -45,6 +45,8 @@ class AutoencoderParams:
 
 PRESETS: dict[str, AutoencoderParams] = {
     "mini": AutoencoderParams(),
+    # Twice the width and depth of 'mini', same latent (16x16x4 at 64 px): what ships when a GPU trains it.
+    "small": AutoencoderParams(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=16),
     # The SD3 autoencoder's shape (16 latent channels, f=8), for loading real checkpoints.
     "sd3": AutoencoderParams(
         block_out_channels=(128, 256, 512, 512),

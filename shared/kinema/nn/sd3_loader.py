@@ -122,7 +122,7 @@ def _check_pos_embed(grid: Tensor, params: MMDiTParams) -> None:
     table = pos_table(params)  # (M, D/2)
     idx = torch.linspace(0, m - 1, min(m, 9)).long()
     ours = torch.cat([table[idx][None].expand(len(idx), -1, -1), table[idx][:, None].expand(-1, len(idx), -1)], -1)
-    theirs = grid.reshape(m, m, d)[idx][:, idx].float()  # (k, k, D), [row, col]
+    theirs = grid.reshape(m, m, d)[idx][:, idx].float().cpu()  # (k, k, D), [row, col]
     tol = 1e-5 if grid.dtype == torch.float32 else 1e-2
     if not torch.allclose(ours, theirs, atol=tol):
         raise ValueError(f"{_POS_EMBED_KEY} is not the 2D sin-cos grid for sample_size {params.sample_size}")

@@ -4,8 +4,9 @@
 
 x_t = (1 - t) x_0 + t eps with t ~ logit-normal(m, s) optionally shifted (SD3 sec. 3.1, eq. 23),
 loss = || v_theta(x_t, t, c) - (eps - x_0) ||^2, text dropped to the empty prompt for CFG,
-EMA weights. Latents and text states of the training scenes are computed once and cached.
-Checkpoints as it goes and resumes from them; EMA snapshots feed the learning curve.
+EMA weights. Latents and text states of the training scenes are computed once and cached, and
+live on the training device with the batches drawn there. Checkpoints as it goes and resumes from
+them; EMA snapshots feed the learning curve; `--max-seconds` ends a run on a time budget.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kinema.data import World, cached_images
 from kinema.nn.checkpoint import save_checkpoint
 from kinema.nn.mmdit import PRESETS, MMDiT
 from kinema.sampling.schedule import logit_normal_t, shift_sigmas
+from kinema.train.runtime import add_runtime_args, resolve_device
 from kinema.train.state import ema_update, load_train_state, save_train_state
 
 CACHE = Path(".cache/kinema")
@@ -66,9 +68,9 @@ def encode_prompts(encoder, prompts: list[str], batch: int = 256) -> Conditionin
     """Encode unique prompts once and pad every result to the longest."""
     embs = [encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
     length = max(e.tokens.shape[1] for e in embs)
-    tokens = torch.cat([F.pad(e.tokens, (0, 0, 0, length - e.tokens.shape[1])) for e in embs]).half()
-    mask = torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])) for e in embs])
-    pooled = torch.cat([e.pooled for e in embs]).half()
+    tokens = torch.cat([F.pad(e.tokens, (0, 0, 0, length - e.tokens.shape[1])).cpu() for e in embs]).half()
+    mask = torch.cat([F.pad(e.mask, (0, length - e.mask.shape[1])).cpu() for e in embs])
+    pooled = torch.cat([e.pooled.cpu() for e in embs]).half()
     return Conditioning(tokens, mask, pooled)
 
 
@@ -92,13 +94,15 @@ def text_cache(captions: list[str], encoder) -> tuple[Conditioning, torch.Tensor
 
 @torch.no_grad()
 def latent_cache(images: np.ndarray, autoencoder, tag: str) -> torch.Tensor:
-    """Normalised latents (N, C, h, w) of uint8 images, cached per autoencoder weights."""
+    """Normalised latents (N, C, h, w) of uint8 images, cached per autoencoder weights (encoded where it lives)."""
     from kinema.train.autoencoder import to_tensor
 
     path = CACHE / f"latents-{tag}-{len(images)}.safetensors"
     if not path.exists():
         t0 = time.perf_counter()
-        z = torch.cat([autoencoder.encode(to_tensor(images[i : i + 128])) for i in range(0, len(images), 128)])
+        device = next(autoencoder.parameters()).device
+        z = torch.cat([autoencoder.encode(to_tensor(images[i : i + 128]).to(device)).cpu()
+                       for i in range(0, len(images), 128)])  # fmt: skip
         CACHE.mkdir(parents=True, exist_ok=True)
         save_file({"latents": z.contiguous()}, str(path))
         print(f"encoded {len(images)} latents in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -113,30 +117,50 @@ def flow_loss(model: MMDiT, x0: torch.Tensor, t: torch.Tensor, cond: tuple, nois
     return (v - (noise - x0)).pow(2).mean()
 
 
-def train(cfg: FlowTrainConfig, out: Path, models_dir: Path, init: Path | None = None) -> tuple[MMDiT, MMDiT]:
-    from kinema.repository import load_autoencoder, load_text_encoder_default
+def train(
+    cfg: FlowTrainConfig,
+    out: Path,
+    models_dir: Path,
+    init: Path | None = None,
+    device: torch.device | None = None,
+    amp: bool = False,
+    max_seconds: float | None = None,
+    workers: int = 1,
+) -> tuple[MMDiT, MMDiT]:
+    """Train (or resume, or warm start from `init`); returns (model, EMA model) on the CPU.
 
-    torch.manual_seed(cfg.seed)
-    world = World()
-    images, captions = cached_images(world, "train", cfg.samples, CACHE)
+    `amp` runs the forward pass under bf16 autocast (CUDA only); `max_seconds` ends the run early.
+    """
     from kinema.nn.checkpoint import sha256_file
-    from kinema.repository import AUTOENCODER_FILES
+    from kinema.repository import AUTOENCODER_FILES, load_autoencoder, load_text_encoder_default
 
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    images, captions = cached_images(World(), "train", cfg.samples, CACHE, workers)
     autoencoder, _ = load_autoencoder(models_dir)
     # Latents depend on the encoder only: a decoder fine-tune keeps the cache valid.
-    latents = latent_cache(images, autoencoder, sha256_file(models_dir / AUTOENCODER_FILES[0])[:12])
+    latents = latent_cache(images, autoencoder.to(device), sha256_file(models_dir / AUTOENCODER_FILES[0])[:12])
+    del images, autoencoder
     encoder = load_text_encoder_default()
+    encoder.model.to(device)
     cond, cap_idx = text_cache(captions, encoder)
     null = encode_prompts(encoder, [""])
-    null_tokens = F.pad(null.tokens.float(), (0, 0, 0, cond.tokens.shape[1] - null.tokens.shape[1]))
-    null_mask = F.pad(null.mask, (0, cond.mask.shape[1] - null.mask.shape[1]))
-    del images
+    del encoder
+    null_tokens = F.pad(null.tokens.float(), (0, 0, 0, cond.tokens.shape[1] - null.tokens.shape[1])).to(device)
+    null_mask = F.pad(null.mask, (0, cond.mask.shape[1] - null.mask.shape[1])).to(device)
+    null_pooled = null.pooled.float().to(device)
+    latents = latents.to(device)
+    cond = Conditioning(cond.tokens.to(device), cond.mask.to(device), cond.pooled.to(device))
+    cap_idx = cap_idx.to(device)
 
-    model = MMDiT(PRESETS[cfg.preset])
+    params = PRESETS[cfg.preset]
+    if params.in_channels != latents.shape[1]:  # the denoiser speaks the autoencoder's latent
+        params = dataclasses.replace(params, in_channels=latents.shape[1], out_channels=latents.shape[1])
+    model = MMDiT(params)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     counters = {"step": 0, "samples": 0, "seconds": 0.0}
     state_path, log = out / "state.safetensors", out / "log.jsonl"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     if state_path.exists():
         counters = load_train_state(state_path, model, opt, ema)
         print(f"resumed at step {counters['step']}", flush=True)
@@ -152,26 +176,37 @@ def train(cfg: FlowTrainConfig, out: Path, models_dir: Path, init: Path | None =
         counters["samples"] = int(card.get("samples_seen", 0))
         counters["seconds"] = float(card.get("train_seconds", 0.0))
         print(f"warm start from {init} ({counters['samples']} samples seen)", flush=True)
+    model.to(device)
+    ema.to(device)
+    for state in opt.state.values():  # moments restored on the CPU follow their parameters
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + counters["step"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"MMDiT {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(latents)} training latents", flush=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     t0 = time.perf_counter() - counters["seconds"]
+    start_seconds = counters["seconds"]
     window = time.perf_counter()
-    while counters["step"] < cfg.steps:
+    while counters["step"] < cfg.steps and not (max_seconds and counters["seconds"] - start_seconds >= max_seconds):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (counters["step"] + 1) / cfg.warmup)
+        # Randomness comes from one CPU generator whatever the device, so a run is the same draw everywhere.
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
+        drop = (torch.rand(cfg.batch, generator=gen) < cfg.text_dropout).to(device)
+        t = shift_sigmas(logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, generator=gen), cfg.shift)
+        noise = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
+        idx, t, noise = idx.to(device), t.to(device), noise.to(device)
         x0 = latents[idx]
         tokens, mask, pooled = cond.take(cap_idx[idx])
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.text_dropout
         tokens = torch.where(drop[:, None, None], null_tokens, tokens)
         mask = torch.where(drop[:, None], null_mask, mask)
-        pooled = torch.where(drop[:, None], null.pooled.float(), pooled)
-        t = shift_sigmas(logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, generator=gen), cfg.shift)
-        noise = torch.randn(x0.shape, generator=gen)
-        loss = flow_loss(model, x0, t, (tokens, mask, pooled), noise)
+        pooled = torch.where(drop[:, None], null_pooled, pooled)
+        with autocast:
+            loss = flow_loss(model, x0, t, (tokens, mask, pooled), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -192,7 +227,11 @@ def train(cfg: FlowTrainConfig, out: Path, models_dir: Path, init: Path | None =
         if counters["step"] % cfg.snapshot_every == 0:
             snap = out / "snapshots" / f"ema-{counters['samples']:09d}.safetensors"
             save_checkpoint(snap, ema.state_dict(), ema.params, {"counters": counters})
-    return model, ema
+    if counters["step"] % 50:  # the log's last row is where the run ended
+        save_train_state(state_path, model, opt, counters, ema)
+        with log.open("a") as f:
+            f.write(json.dumps({**counters, "loss": round(loss.item(), 5)}) + "\n")
+    return model.cpu(), ema.cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,7 +241,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=FlowTrainConfig.samples)
     ap.add_argument("--batch", type=int, default=FlowTrainConfig.batch)
     ap.add_argument("--seed", type=int, default=FlowTrainConfig.seed)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--lr", type=float, default=FlowTrainConfig.lr)
     ap.add_argument(
         "--snapshot-every", type=int, default=FlowTrainConfig.snapshot_every, help="steps between EMA snapshots"
@@ -211,15 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
     ap.add_argument("--init", type=Path, default=None, help="warm start from these EMA weights (a shipped mmdit)")
+    add_runtime_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args)
     cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed,
-                          lr=args.lr, snapshot_every=args.snapshot_every)  # fmt: skip
-    _, ema = train(cfg, args.out, args.models, args.init)
+                          lr=args.lr, snapshot_every=args.snapshot_every,
+                          checkpoint_every=args.checkpoint_every or FlowTrainConfig.checkpoint_every)  # fmt: skip
+    _, ema = train(cfg, args.out, args.models, args.init, device, args.amp, args.max_seconds, args.workers)
     if args.export:
         log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
-        card = {"config": dataclasses.asdict(cfg), "samples_seen": log[-1]["samples"],
+        card = {"config": dataclasses.asdict(cfg), "steps_done": log[-1]["step"], "samples_seen": log[-1]["samples"],
                 "train_seconds": log[-1]["seconds"], "final_loss": log[-1]["loss"]}  # fmt: skip
         import shlex
         import sys
