@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FLOW_STEPS ?= 4800
-FLOW_STEPS_2 ?= 3000  # phase 2 of the shipped denoiser (see models/denoiser/README.md)
+AE_STEPS ?= 2593  # the shipped autoencoder's steps (models/vae_encoder/README.md)
+FLOW_STEPS ?= 12081  # the shipped denoiser's steps (models/denoiser/README.md)
+WORKERS ?= $(shell nproc)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -68,14 +69,14 @@ eval: $(STAMP)
 # The two autoencoder phases keep the latent space fixed after the first, so the denoiser may train
 # beside the decoder phase (give each process --threads 1 when they share the cores).
 weights: $(STAMP)
-	$(BIN)/python -m kinema.train.autoencoder --steps 1500 --batch 24 --threads 1 --out runs/autoencoder --export models
-	$(BIN)/python -m kinema.train.autoencoder --decoder-only --init models --steps 6000 --batch 24 --lr 3e-4 \
-		--threads 1 --out runs/decoder --export models
-	$(BIN)/python -m kinema.train.flow --preset tiny --steps $(FLOW_STEPS) --snapshot-every 300 --out runs/denoiser \
-		--export models
-	# Phase 2: continue from phase 1's EMA weights on twice the scenes at a lower learning rate.
-	$(BIN)/python -m kinema.train.flow --preset tiny --init models/denoiser/1/mmdit.safetensors --samples 80000 \
-		--steps $(FLOW_STEPS_2) --lr 5e-4 --snapshot-every 600 --out runs/denoiser-cont --export models
+	# The shipped recipe (model cards): trained on a lent H200 in minutes; --device auto uses a GPU
+	# when one is visible and the CPU otherwise (then it takes many hours).
+	$(BIN)/python -m kinema.train.autoencoder --preset small --crop 64 --synthetic-pool 160000 --steps $(AE_STEPS) \
+		--batch 64 --real-pool 20000 --device auto --amp --workers $(WORKERS) --checkpoint-every 2000 \
+		--out runs/autoencoder --export models
+	$(BIN)/python -m kinema.train.flow --preset tiny --samples 160000 --steps $(FLOW_STEPS) --batch 256 --lr 1e-3 \
+		--device auto --amp --workers $(WORKERS) --checkpoint-every 5000 --snapshot-every 1000000 \
+		--out runs/denoiser --export models
 	$(BIN)/python -m kinema.eval.probe --train --eval --blur 1.0 --noise 0.02
 	$(BIN)/python -m kinema.inference.model_config --sync models
 

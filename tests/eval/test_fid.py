@@ -111,3 +111,28 @@ def test_real_floor_scores_validation_renders_against_the_reference_once(tmp_pat
     assert sorted(calls) == [6, 10] and floor > 0  # 6 validation renders and the 10-render test reference
     assert fid_mod.real_floor(6, split="test", reference_n=10, cache_dir=tmp_path) == floor
     assert sorted(calls) == [6, 10]  # cached
+
+
+def test_reconstruction_fid_of_a_lossless_autoencoder_is_the_real_floor(tmp_path, monkeypatch) -> None:
+    """rFID runs validation renders through the autoencoder: an identity one scores what the renders score."""
+    import torch
+
+    def fake_features(images: np.ndarray, batch: int = 32) -> np.ndarray:
+        return images.reshape(len(images), -1)[:, :8].astype(np.float64)
+
+    class Identity:
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return z
+
+    class Dark(Identity):
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return z * 0.5 - 0.5
+
+    monkeypatch.setattr(fid_mod, "fid_features", fake_features)
+    floor = fid_mod.real_floor(6, split="test", reference_n=10, cache_dir=tmp_path)
+    rfid = fid_mod.reconstruction_fid(Identity(), 6, split="test", reference_n=10, cache_dir=tmp_path)
+    assert rfid == pytest.approx(floor)
+    assert fid_mod.reconstruction_fid(Dark(), 6, split="test", reference_n=10, cache_dir=tmp_path) > floor + 1

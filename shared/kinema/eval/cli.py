@@ -36,6 +36,11 @@ def cmd_autoencoder(args: argparse.Namespace) -> None:
 
     model, sha = load_autoencoder(args.models or default_models_dir())
     result = {"autoencoder_sha256": sha, "n": args.n, **evaluate(model, args.n)}
+    if args.fid_n:
+        from kinema.eval.fid import real_floor, reconstruction_fid
+
+        result["rfid"] = {"n": args.fid_n, "fid": reconstruction_fid(model, args.fid_n),
+                          "fid_real_renders_same_n": real_floor(args.fid_n)}  # fmt: skip
     for path in write_results(args.out, result, _command()):
         print(path)
 
@@ -107,6 +112,7 @@ def add_eval_parser(sub) -> None:
     ae = ev.add_parser("autoencoder", help="PSNR / SSIM on held-out synthetic and real images")
     common(ae, "autoencoder")
     ae.add_argument("--n", type=int, default=256)
+    ae.add_argument("--fid-n", type=int, default=0, help="also the reconstruction FID of this many renders (0 = off)")
     ae.set_defaults(func=cmd_autoencoder)
 
     fl = ev.add_parser("flow-loss", help="validation flow-matching loss on a fixed t grid")

@@ -152,3 +152,19 @@ def real_floor(n: int, split: str = "test", reference_n: int = 2000, cache_dir: 
     tmp.write_text(json.dumps({"fid": value, "params": key_src}))
     tmp.rename(path)
     return value
+
+
+def reconstruction_fid(autoencoder, n: int, split: str = "test", reference_n: int = 2000,
+                       cache_dir: Path = DEFAULT_CACHE) -> float:  # fmt: skip
+    """rFID (LDM, Rombach et al. 2022, tab. 8): `n` validation renders through the autoencoder, against the
+    `split` reference; the best FID a denoiser in its latent space can reach, read against `real_floor(n)`."""
+    import torch
+
+    from kinema.train.autoencoder import to_tensor, to_uint8
+
+    world = World()
+    images, _ = cached_images(world, "val", n, Path(cache_dir))
+    with torch.no_grad():
+        rec = np.concatenate([to_uint8(autoencoder.decode(autoencoder.encode(to_tensor(images[i : i + 64]))))
+                              for i in range(0, n, 64)])  # fmt: skip
+    return fid_against(rec, reference_stats(world, split, reference_n, cache_dir))
