@@ -6,6 +6,7 @@ import torch
 
 from kinema.repository import default_models_dir
 from kinema.rpc.process import SERVED_MODELS, ServiceProcess
+from kinema.storage.s3server import S3Server, S3ServerSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,3 +63,11 @@ def services(triton, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Serv
     finally:
         for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def job_s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) for the job tests' artifacts (tests/orchestrator, tests/client)."""
+    root = tmp_path_factory.mktemp("jobs-s3")
+    with S3Server(S3ServerSettings(data_dir=root / "data"), log_path=root / "weed.log") as server:
+        yield server

@@ -1,4 +1,5 @@
-"""`kinema` command line: generate images on this machine, run the demo, evaluate models."""
+"""`kinema` command line: generate images on this machine or through a Kinema server (`--server`), manage a
+server's jobs, run the demo, evaluate models."""
 
 from __future__ import annotations
 
@@ -25,8 +26,28 @@ DEMO_PROMPTS = (
 )
 
 
+# Exit statuses: 0 done; 1 the work ran and failed (a job FAILED or CANCELLED, a download that does not match its
+# hash, an internal server error); 2 a request to fix (usage, INVALID_ARGUMENT, NOT_FOUND); 3 the server or one of
+# its dependencies is unreachable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED): try again later; 130 Ctrl-C.
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
+# The option of this CLI that sets a request field a server names in an error.
+_OPTION_OF_FIELD = {"prompts": "--n", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
+                    "width": "--size", "height": "--size", "sampler": "--sampler", "id": "the job ID",
+                    "state": "--state", "idempotency_key": "--idempotency-key",
+                    "kinema-tenant": "--tenant"}  # fmt: skip
+
+
 class CliError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class WorkFailed(CliError):
+    """The work ran and did not succeed (a job FAILED or was CANCELLED); exit status 1."""
+
+    exit_code = EXIT_FAILED
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +62,13 @@ def _guidance(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def _server_address(text: str) -> str:
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
+    return text.strip()
 
 
 def _size(text: str) -> int:
@@ -71,6 +99,20 @@ def _png_info(prompt: str, params: dict, seed: int, models: dict[str, str]):
     return info
 
 
+def _save_png(image, out: Path, info) -> None:
+    """Write a PIL image with its text metadata whole or not at all, and print its path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(out)
+    print(out)
+
+
+def _numbered(output: Path, n: int) -> list[Path]:
+    """`output` for one image, else out-0.png, out-1.png, ..."""
+    return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
 def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], loaded=None) -> None:
     from PIL import Image
     from tqdm import tqdm
@@ -92,11 +134,7 @@ def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], l
             _LOGGER.warning("prompt is longer than the text encoder's token limit and was truncated: %r", prompt)
     params = {"steps": args.steps, "guidance": args.guidance, "size": args.size, "sampler": args.sampler}
     for img, prompt, seed, out in zip(result.images, prompts, result.seeds, outputs, strict=True):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
-        Image.fromarray(img).save(tmp, format="PNG", pnginfo=_png_info(prompt, params, seed, result.models))
-        tmp.replace(out)  # a PNG is written whole or not at all
-        print(out)
+        _save_png(Image.fromarray(img), out, _png_info(prompt, params, seed, result.models))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -104,12 +142,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("the prompt is empty")
     if args.output.suffix.lower() != ".png":
         raise CliError(f"output must be a .png file, got {args.output}")
-    outputs = (
-        [args.output]
-        if args.n == 1
-        else [args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(args.n)]
-    )
-    _render([args.prompt] * args.n, args, outputs)
+    if args.server:
+        _remote_generate(args)
+    else:
+        _render([args.prompt] * args.n, args, _numbered(args.output, args.n))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -130,26 +166,224 @@ def cmd_triton(args: argparse.Namespace) -> None:
         raise CliError(str(e).splitlines()[0]) from None
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+# -- through a server (--server) ---------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    if not args.server:
+        raise CliError(f"`kinema {args.command}` needs a server: pass --server HOST:PORT or set KINEMA_SERVER")
+    from kinema.client import KinemaClient
+
+    return KinemaClient(args.server, tenant=args.tenant)
+
+
+def _request_fields(args: argparse.Namespace) -> dict:
+    """The request the sampling options stand for: the same values embedded mode runs with, so that one command
+    makes the same image embedded and served."""
+    return {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size,
+            "sampler": args.sampler}  # fmt: skip
+
+
+class _Progress:
+    """A progress bar on stderr from a server's progress events; it appears with the first one, so that an error
+    (an unreachable server) is not preceded by an empty bar."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar, self.desc = quiet, None, ""
+
+    def show(self, step: int, total: int, desc: str = "sampling") -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total or None, desc=desc, unit="step", file=sys.stderr, disable=self.quiet)
+        elif desc != self.desc:
+            self.bar.set_description(desc, refresh=False)
+        self.desc = desc
+        if total and self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.update(step - self.bar.n)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _save_output(client, output, out: Path) -> None:
+    """Download one output, checked against its sha256, to `out`: a PNG gets the text metadata embedded mode
+    writes, taken from the artifact's provenance (its parameters are the resolved request that reproduces it), and
+    the artifact's sha256; the pixels are the artifact's."""
+    import io
+
+    from google.protobuf import json_format
+    from PIL import Image
+
+    if output.artifact.media_type != "image/png":
+        client.download(output, out)
+        print(out)
+        return
+    image = Image.open(io.BytesIO(client.read(output)))
+    image.load()
+    p = output.provenance
+    params = json_format.MessageToDict(p.parameters)
+    prompt = next(iter(params.get("prompts") or []), "")
+    seed = p.seed if p.HasField("seed") else output.seed
+    info = _png_info(prompt, params, seed, {cap: m.sha256 for cap, m in p.models.items()})
+    info.add_text("artifact", output.artifact.sha256)
+    _save_png(image, out, info)
+
+
+def _save_outputs(client, outputs, output: Path) -> None:
+    ordered = sorted(outputs, key=lambda o: o.index)
+    for o in ordered:
+        if o.prompt_truncated:
+            _LOGGER.warning(
+                "output %d: the prompt was longer than the text encoder's token limit and truncated", o.index
+            )
+    for o, out in zip(ordered, _numbered(output, len(ordered)), strict=True):
+        _save_output(client, o, out)
+
+
+def _remote_generate(args: argparse.Namespace) -> None:
+    if args.models is not None:
+        raise CliError("--models names a model repository on this machine; with --server the server's models run")
+    with _client(args) as client:
+        with _Progress(args.quiet) as bar:
+            result = client.generate(args.prompt, on_progress=lambda p: bar.show(p.step, p.total),
+                                     **_request_fields(args))  # fmt: skip
+        _save_outputs(client, result.outputs, args.output)
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise CliError("the prompt is empty")
+    with _client(args) as client:
+        job = client.submit_job(args.prompt, idempotency_key=args.idempotency_key, **_request_fields(args))
+    print(job.id)
+
+
+def cmd_jobs_watch(args: argparse.Namespace) -> None:
+    from kinema.client import state_name
+    from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+
+    if args.output is not None and args.output.suffix.lower() != ".png":
+        raise CliError(f"output must be a .png file, got {args.output}")
+    with _client(args) as client:
+        with _Progress(args.quiet) as bar:
+            job = client.watch_job(args.id, lambda j: bar.show(j.progress.step, j.progress.total, state_name(j.state)))
+        if job.state == pb.JOB_STATE_FAILED:
+            raise WorkFailed(f"job {job.id} failed: {_job_error(job.error)}")
+        if job.state == pb.JOB_STATE_CANCELLED:
+            raise WorkFailed(f"job {job.id} was cancelled")
+        if args.output is None:
+            for o in sorted(job.outputs, key=lambda o: o.index):
+                print(o.artifact.sha256)
+        else:
+            _save_outputs(client, job.outputs, args.output)
+
+
+def _job_error(error) -> str:
+    import grpc
+
+    code = next((c.name for c in grpc.StatusCode if c.value[0] == error.code), str(error.code))
+    text = f"{error.message} ({code}"
+    if error.detail.field:
+        text += f", {_OPTION_OF_FIELD.get(error.detail.field, 'field ' + error.detail.field)}"
+    return text + ")"
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> None:
+    from kinema.client import state_name
+    from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+
+    with _client(args) as client:
+        job = client.cancel_job(args.id)
+    note = " (cancel requested: it stops at its next sampling step)" if job.state == pb.JOB_STATE_RUNNING else ""
+    print(f"{job.id} {state_name(job.state)}{note}")
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> None:
+    from datetime import UTC
+
+    from kinema.client import state_name
+
+    with _client(args) as client:
+        jobs = client.list_jobs(args.state, limit=args.limit)
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return
+    rows = [("ID", "STATE", "CREATED (UTC)", "PROGRESS", "PROMPT")]
+    for j in jobs:
+        created = j.created_at.ToDatetime(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        progress = f"{j.progress.step}/{j.progress.total}" if j.progress.total else "-"
+        prompts = list(j.request.prompts)
+        prompt = (prompts[0][:48] + (f" (x{len(prompts)})" if len(prompts) > 1 else "")) if prompts else ""
+        rows.append((j.id, state_name(j.state), created, progress, prompt))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]).rstrip())
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default 28)")
     p.add_argument("--guidance", type=_guidance, default=4.0, help="classifier-free guidance scale (default 4)")
     p.add_argument("--size", type=_size, default=64, help="image side in pixels, multiple of 8 (default 64)")
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    _add_request_args(p)
     p.add_argument("--models", type=Path, default=None, help="model repository (default: KINEMA_MODELS or ./models)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_server_args(p: argparse.ArgumentParser, server: object, tenant: object) -> None:
+    p.add_argument("--server", type=_server_address, default=server, metavar="HOST:PORT",
+                   help="run through the Kinema server at HOST:PORT (default: KINEMA_SERVER; unset: here)")  # fmt: skip
+    p.add_argument("--tenant", default=tenant,
+                   help="tenant the server acts for (default: KINEMA_TENANT, else the server's default)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kinema", description="Rectified-flow image synthesis on this machine.")
+    parser = argparse.ArgumentParser(
+        prog="kinema", description="Rectified-flow image synthesis on this machine or through a Kinema server."
+    )
+    _add_server_args(parser, os.environ.get("KINEMA_SERVER") or None, os.environ.get("KINEMA_TENANT") or None)
+    remote = argparse.ArgumentParser(add_help=False)  # the same options after a command, not overriding the above
+    _add_server_args(remote, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="render an image from a text prompt")
+    gen = sub.add_parser("generate", parents=[remote], help="render an image from a text prompt")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
     gen.add_argument("--n", type=_positive_int, default=1, help="number of images (out-0.png, out-1.png, ...)")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    jobs = sub.add_parser("jobs", help="durable jobs on a Kinema server (--server)")
+    verbs = jobs.add_subparsers(dest="verb", required=True)
+    submit = verbs.add_parser("submit", parents=[remote], help="queue a text-to-image job; prints its id")
+    submit.add_argument("prompt")
+    submit.add_argument("--n", type=_positive_int, default=1, help="number of images")
+    submit.add_argument("--idempotency-key", default="", help="resubmitting with the same key returns the same job")
+    _add_request_args(submit)
+    submit.set_defaults(func=cmd_jobs_submit)
+    watch = verbs.add_parser("watch", parents=[remote], help="show a job's progress; download its images when done")
+    watch.add_argument("id")
+    watch.add_argument("-o", "--output", type=Path, default=None,
+                       help="PNG path (out-0.png, ... for several images); without it: print their sha256")  # fmt: skip
+    watch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    watch.set_defaults(func=cmd_jobs_watch)
+    cancel = verbs.add_parser("cancel", parents=[remote], help="stop a job")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_jobs_cancel)
+    listing = verbs.add_parser("list", parents=[remote], help="the tenant's jobs, newest first")
+    listing.add_argument("--state", choices=JOB_STATES, default=None)
+    listing.add_argument("--limit", type=_positive_int, default=50, help="most jobs to list (default 50)")
+    listing.set_defaults(func=cmd_jobs_list)
 
     demo = sub.add_parser("demo", help="render the demo prompts into a folder")
     demo.add_argument("--out", type=Path, default=Path("out"))
@@ -171,21 +405,44 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from kinema.errors import InvalidInput
+    from kinema.errors import KinemaError
 
     try:
         args.func(args)
-    except (CliError, FileNotFoundError, InvalidInput) as e:
-        if isinstance(e, FileNotFoundError):
+    except KeyboardInterrupt:
+        print("kinema: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, FileNotFoundError, KinemaError) as e:
+        if isinstance(e, FileNotFoundError) and not isinstance(e, KinemaError):
             # kinema.repository imports torch (seconds, 370 MB): not worth it for `kinema triton`, which only
             # supervises a server, so only a FileNotFoundError pays to check for MissingWeights.
             from kinema.repository import MissingWeights
 
             if not isinstance(e, MissingWeights):
                 raise
-        print(f"kinema: error: {e}", file=sys.stderr)
-        return 2
+        print(f"kinema: error: {_message(e)}", file=sys.stderr)
+        return _exit_code(e)
     return 0
+
+
+def _message(e: Exception) -> str:
+    """The one line the user sees; a server's error names the option of the field at fault."""
+    field = getattr(e, "field", "")
+    return f"{e} ({_OPTION_OF_FIELD.get(field, 'field ' + field)})" if field else str(e)
+
+
+def _exit_code(e: Exception) -> int:
+    from kinema.errors import DataLoss, DeadlineExceeded, InvalidInput, KinemaError, NotFound, Unavailable
+
+    if isinstance(e, CliError):
+        return e.exit_code
+    if isinstance(e, Unavailable | DeadlineExceeded):
+        return EXIT_UNAVAILABLE
+    if isinstance(e, InvalidInput | NotFound | FileNotFoundError) and not isinstance(e, DataLoss):
+        return EXIT_USAGE
+    if isinstance(e, KinemaError) and e.metadata.get("grpc_code") == "ALREADY_EXISTS":
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

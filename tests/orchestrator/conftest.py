@@ -1,6 +1,7 @@
 """The orchestrator as its own process (`python -m services.orchestrator`) over the session's real model services
 (`triton`, `services` in tests/conftest.py), with a local-folder artifact store; and, for jobs, a real S3 server,
-redis-server and Celery worker (`python -m celery -A services.orchestrator.worker:app worker`)."""
+redis-server and Celery worker (`python -m celery -A services.orchestrator.worker:app worker`). The S3 server
+(`job_s3`) is in tests/conftest.py, shared with tests/client."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from kinema.jobs.celery_app import CeleryWorker, WorkerSettings
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc
 from kinema.rpc.process import REPO, ServiceProcess, free_port
-from kinema.storage.s3server import S3Server, S3ServerSettings
+from kinema.storage.s3server import S3Server
 
 WORKER_APP = "services.orchestrator.worker:app"
 
@@ -63,14 +64,6 @@ def model_calls(service: ServiceProcess) -> float:
 
 
 # -- jobs -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def job_s3(tmp_path_factory: pytest.TempPathFactory):
-    """A real S3 server (SeaweedFS) for the job tests' artifacts."""
-    root = tmp_path_factory.mktemp("jobs-s3")
-    with S3Server(S3ServerSettings(data_dir=root / "data"), log_path=root / "weed.log") as server:
-        yield server
 
 
 def jobs_env(addresses: Mapping[str, str], s3: S3Server, redis_url: str, bucket: str, **extra: str) -> dict[str, str]:
