@@ -9,7 +9,7 @@ WORKERS ?= $(shell nproc)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format protos protolint bench weights eval venv clean triton
+.PHONY: demo test lint format protos protolint bench weights eval venv clean triton stack stack-up stack-status stack-down
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -82,3 +82,11 @@ weights: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache out runs
+
+# The distributed shape on this machine (docs/stack.md): redis, S3, Triton, the services, the orchestrator, a job worker.
+stack stack-up: $(STAMP)
+	$(BIN)/kinema stack up
+stack-status: $(STAMP)
+	$(BIN)/kinema stack status
+stack-down: $(STAMP)
+	$(BIN)/kinema stack down

@@ -1,5 +1,5 @@
 """`kinema` command line: generate images on this machine or through a Kinema server (`--server`), manage a
-server's jobs, run the demo, evaluate models."""
+server's jobs, start a local stack, run the demo, evaluate models."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class CliError(Exception):
     exit_code = EXIT_USAGE
 
 
+class NotUp(CliError):
+    """`kinema stack status`: no stack, or not all of it is up; exit status 3."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class WorkFailed(CliError):
     """The work ran and did not succeed (a job FAILED or was CANCELLED); exit status 1."""
 
@@ -69,6 +75,13 @@ def _server_address(text: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
     return text.strip()
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535 (0 = any free port), got {value}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -164,6 +177,61 @@ def cmd_triton(args: argparse.Namespace) -> None:
         serve(settings_from_args(args))
     except KinemaError as e:  # the server log tail follows the first line; the CLI shows the summary
         raise CliError(str(e).splitlines()[0]) from None
+
+
+# -- the local stack (kinema.stack) -------------------------------------------------------------------
+
+
+def _print_components(rows: list[tuple[str, str, str, int]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    for name, state, address, pid in rows:
+        print(f"  {name.ljust(width)}  {state.ljust(9)}  {address}  (pid {pid})")
+
+
+def cmd_stack_up(args: argparse.Namespace) -> None:
+    from kinema.stack import AlreadyRunning, StackSettings, up
+
+    kwargs = {"models": args.models} if args.models is not None else {}
+    settings = StackSettings(run_dir=args.run_dir, port=args.port, startup_timeout=args.timeout, **kwargs)
+    try:
+        state = up(settings, report=lambda line: print(line, file=sys.stderr, flush=True))
+    except AlreadyRunning as e:
+        raise CliError(str(e)) from None
+    print(f"stack up in {state.run_dir} (logs in {Path(state.run_dir) / 'logs'}):")
+    _print_components([(c.name, "up", c.address, c.pid) for c in state.components])
+    print(f"orchestrator: {state.orchestrator}")
+    print(f"export KINEMA_SERVER={state.orchestrator}")
+
+
+def cmd_stack_status(args: argparse.Namespace) -> None:
+    from kinema.stack import status
+
+    found = status(args.run_dir)
+    if found is None:
+        raise NotUp(f"no stack recorded in {args.run_dir.resolve()}")
+    state, components = found
+    print(f"stack in {state.run_dir} ({state.state}, since {state.created}):")
+    _print_components([(s.component.name, s.state, s.component.address, s.component.pid) for s in components])
+    if state.orchestrator:
+        print(f"orchestrator: {state.orchestrator}")
+    bad = [f"{s.component.name} ({s.state})" for s in components if s.state != "up"]
+    if bad:
+        raise NotUp(f"{len(bad)} of {len(components)} components are not up: {', '.join(bad)}")
+    if state.state != "up":
+        raise NotUp("the stack is still starting, or its `stack up` was cut short (`kinema stack down` clears it)")
+
+
+def cmd_stack_down(args: argparse.Namespace) -> None:
+    from kinema.stack import AlreadyRunning, down
+
+    try:
+        state = down(args.run_dir, timeout=args.timeout, report=lambda line: print(line, file=sys.stderr, flush=True))
+    except AlreadyRunning as e:
+        raise CliError(str(e)) from None
+    if state is None:
+        print(f"no stack running from {args.run_dir.resolve()}: nothing to stop")
+    else:
+        print(f"stack from {state.run_dir} stopped ({len(state.components)} process groups)")
 
 
 # -- through a server (--server) ---------------------------------------------------------------------
@@ -395,6 +463,29 @@ def build_parser() -> argparse.ArgumentParser:
     triton = sub.add_parser("triton", help="serve the model repository with Triton Inference Server")
     add_triton_arguments(triton)
     triton.set_defaults(func=cmd_triton)
+
+    from kinema.stack import DEFAULT_PORT, DEFAULT_RUN_DIR  # stdlib and kinema.processes only: cheap
+
+    stack = sub.add_parser("stack", help="the distributed shape on this machine: up, status, down")
+    stack_verbs = stack.add_subparsers(dest="verb", required=True)
+    run_dir = argparse.ArgumentParser(add_help=False)
+    run_dir.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                         help=f"state file, logs and data of the stack (default {DEFAULT_RUN_DIR})")  # fmt: skip
+    up_help = "start redis, S3, Triton, the services, the orchestrator and a job worker; wait until all are healthy"
+    stack_up = stack_verbs.add_parser("up", parents=[run_dir], help=up_help)
+    stack_up.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                          help=f"the orchestrator's port (default {DEFAULT_PORT}; 0 = any free port)")  # fmt: skip
+    stack_up.add_argument("--models", type=Path, default=None,
+                          help="model repository Triton serves (default: KINEMA_MODELS or ./models)")  # fmt: skip
+    stack_up.add_argument("--timeout", type=float, default=120.0,
+                          help="seconds each component may take to become healthy (default 120)")  # fmt: skip
+    stack_up.set_defaults(func=cmd_stack_up)
+    stack_status = stack_verbs.add_parser("status", parents=[run_dir], help="each component: up, unhealthy or dead")
+    stack_status.set_defaults(func=cmd_stack_status)
+    stack_down = stack_verbs.add_parser("down", parents=[run_dir], help="stop exactly what `stack up` started")
+    stack_down.add_argument("--timeout", type=float, default=15.0,
+                            help="seconds each process has after SIGTERM before SIGKILL (default 15)")  # fmt: skip
+    stack_down.set_defaults(func=cmd_stack_down)
 
     from kinema.eval.cli import add_eval_parser
 

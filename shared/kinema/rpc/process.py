@@ -29,16 +29,20 @@ def free_port() -> int:
 class ServiceProcess:
     """A service started as its own process, as the container runs it; stopped with SIGTERM."""
 
-    def __init__(self, name: str, log_dir: Path, **env: str) -> None:
+    def __init__(self, name: str, log_dir: Path, *, port: int = 0, log_name: str = "", detached: bool = False,
+                 **env: str) -> None:  # fmt: skip
+        """`port` 0: any free port; `log_name` "": `<name>-<port>.log`; `detached`: its own session, so that it
+        outlives the starting process and the terminal (the local stack), and no stdin."""
         self.name = name
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = port or free_port(), free_port()
+        self.detached = detached
         self.env = os.environ | {
             "KINEMA_PORT": str(self.port),
             "KINEMA_METRICS_PORT": str(self.metrics_port),
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": str(REPO),
         } | env  # fmt: skip
-        self.log = log_dir / f"{name}-{self.port}.log"
+        self.log = log_dir / (log_name or f"{name}-{self.port}.log")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -51,7 +55,9 @@ class ServiceProcess:
     def launch(self) -> ServiceProcess:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], cwd=REPO, env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL if self.detached else None,
+                                         start_new_session=self.detached)  # fmt: skip
         return self
 
     def wait_healthy(self, timeout: float = 60.0) -> ServiceProcess:

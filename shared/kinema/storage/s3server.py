@@ -27,6 +27,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -144,6 +145,17 @@ def _free_port_pairs(host: str, count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def remove_sockets(ports: Iterable[int]) -> None:
+    """Remove the unix sockets a stopped weed left in /tmp for its http `ports` (and their gRPC ports)."""
+    # weed removes most of them on SIGTERM but not the S3 one, and none when killed; these names carry its
+    # ports, which nobody else could bind while weed ran.
+    for http in ports:
+        for port in (http, http + GRPC_OFFSET):
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                if path.is_socket():
+                    path.unlink(missing_ok=True)
 
 
 class S3Server:
@@ -350,13 +362,7 @@ class S3Server:
                 self._log = None
 
     def _remove_sockets(self) -> None:
-        # weed removes most of them on SIGTERM but not the S3 one, and none when killed; these names carry our
-        # ports, which nobody else could bind while weed ran.
-        ports = [p for http in self.resolved_settings.ports.values() for p in (http, http + GRPC_OFFSET)]
-        for port in ports:
-            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                if path.is_socket():
-                    path.unlink(missing_ok=True)
+        remove_sockets(self.resolved_settings.ports.values())
 
     def __enter__(self) -> S3Server:
         self.start()
