@@ -1,9 +1,11 @@
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kinema.nn import mmdit
 from kinema.nn.mmdit import PRESETS, MMDiT, MMDiTParams
 
 TINY = MMDiTParams(
@@ -93,6 +95,77 @@ def test_context_mask_hides_padded_tokens(variant, one_thread):
         # all-True mask is the unmasked network; without a mask the padding does leak in
         assert torch.allclose(model(x, t, ctx, pooled, torch.ones(2, 6, dtype=torch.bool)), model(x, t, ctx, pooled))
         assert not torch.allclose(model(x, t, changed_pad, pooled), model(x, t, ctx, pooled), atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_grad_path_matches_autograd_path(variant, monkeypatch, one_thread):
+    # Without autograd the forward runs its MLPs in row chunks over reused buffers and overwrites its own
+    # temporaries; it must compute the same function and leave the caller's tensors alone.
+    p = VARIANTS[variant]
+    model = _randomized(p)
+    x, t, ctx, pooled = _inputs(p, seq=6)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    before = [a.clone() for a in (x, t, ctx, pooled)]
+    expected = model(x, t, ctx, pooled, mask)
+    assert expected.requires_grad
+    hidden = int(p.hidden_size * p.mlp_ratio)
+    monkeypatch.setattr(mmdit, "_MLP_CHUNK_ELEMENTS", 5 * hidden)  # 5-row chunks: 32 image rows, 12 text
+    with torch.no_grad():
+        chunked = model(x, t, ctx, pooled, mask)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        whole = model(x, t, ctx, pooled, mask)
+    torch.testing.assert_close(chunked, expected.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole, chunked, atol=1e-6, rtol=0)
+    for a, b in zip((x, t, ctx, pooled), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_outputs_are_not_reused_buffers(one_thread):
+    model = _randomized(TINY)
+    a, b = _inputs(TINY, seed=1), _inputs(TINY, seed=2)
+    with torch.no_grad():
+        first = model(*a)
+        kept = first.clone()
+        model(*b)
+    assert torch.equal(first, kept)
+
+
+def test_concurrent_no_grad_forwards_in_threads_agree_with_sequential(one_thread):
+    model = _randomized(TINY)
+    batches = [_inputs(TINY, seed=s) for s in range(16)]
+    with torch.no_grad():
+        expected = [model(*inputs) for inputs in batches]
+
+    def run(inputs):
+        torch.set_num_threads(1)  # per thread; the same kernels as the sequential run, so the same bits
+        with torch.no_grad():
+            return model(*inputs)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(run, batches))
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
+def test_bfloat16_no_grad_forward_tracks_float32(one_thread):
+    model = _randomized(TINY)
+    x, t, ctx, pooled = _inputs(TINY)
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled)
+        out = model.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16(), pooled.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_every_used_parameter(variant, one_thread):
+    p = VARIANTS[variant]
+    model = _randomized(p).train()
+    model(*_inputs(p)).square().mean().backward()
+    no_grad = {n for n, w in model.named_parameters() if w.grad is None or not w.grad.abs().sum()}
+    # The last block's text queries are never computed into anything (its text stream ends there).
+    assert no_grad <= {f"blocks.{p.depth - 1}.txt_q_norm.weight"}, no_grad
 
 
 def test_tiny_model_overfits_a_fixed_batch(one_thread):
