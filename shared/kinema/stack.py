@@ -110,6 +110,7 @@ class StackState:
     redis_url: str = ""
     s3: dict[str, str] = field(default_factory=dict)  # endpoint, bucket, access_key, secret_key, ports
     triton: dict[str, Any] = field(default_factory=dict)  # grpc, http, metrics, models
+    metrics: dict[str, str] = field(default_factory=dict)  # each service's Prometheus endpoint, by service name
     components: list[Component] = field(default_factory=list)
     version: int = STATE_VERSION
 
@@ -365,6 +366,7 @@ class _Launch:
         t1 = time.monotonic()
         for name, proc in services.items():
             proc.launch()
+            self.state.metrics[name] = f"http://{HOST}:{proc.metrics_port}/metrics"
             self.record(name, proc, proc.proc.pid, proc.address, "grpc")
         for name, proc in services.items():
             self.wait(name, lambda proc=proc: proc.wait_healthy(timeout), t1)
@@ -373,6 +375,7 @@ class _Launch:
                                       **env)  # fmt: skip
         t2 = time.monotonic()
         orchestrator.launch()
+        self.state.metrics["orchestrator"] = f"http://{HOST}:{orchestrator.metrics_port}/metrics"
         self.record("orchestrator", orchestrator, orchestrator.proc.pid, orchestrator.address, "grpc")
         self.state.orchestrator = orchestrator.address
         write_state(self.state)

@@ -1,14 +1,19 @@
-"""The job task's pieces in process: the Celery app it registers on, retry waits, and the errors a job records."""
+"""The job task's pieces in process: the Celery app it registers on, retry waits, the errors a job records, and how
+its end is recorded across a Redis outage (a real redis-server, stopped and started again on its data)."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.jobs.redis_server import RedisServer, RedisSettings
 from kinema.orchestration.settings import OrchestratorSettings
-from kinema.orchestration.worker import TASK_NAME, job_error, make_job_app, retry_wait
+from kinema.orchestration.worker import TASK_NAME, JobRunner, job_error, make_job_app, retry_wait
+from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.rpc.settings import ServiceSettings
 
 BASE = {"text_encoder_url": "te:1", "denoiser_url": "dn:1", "autoencoder_url": "ae:1", "artifacts": "file:///tmp/a"}
@@ -48,3 +53,39 @@ def test_a_job_records_the_status_generate_would_end_with() -> None:
     internal = job_error(KeyError("secret internals at /srv/x.py line 7"), "j2")
     assert internal.code == 13 and internal.message == "internal error (request id j2)"
     assert "secret" not in str(internal) and internal.detail.metadata["request_id"] == "j2"
+
+
+def test_a_job_that_ends_while_redis_is_down_is_recorded_once_redis_is_back(tmp_path) -> None:
+    redis_server = RedisServer(RedisSettings(data_dir=tmp_path / "redis"))
+    redis_server.__enter__()
+    try:
+        runner = JobRunner(_settings(redis_url=redis_server.url, job_record_retry_seconds=60))
+        job, _ = runner.jobs.create("acme", pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"]))
+        assert runner.jobs.start("acme", job.id).state == pb.JOB_STATE_RUNNING
+        output = pb.Output(index=0, seed=1)
+        output.artifact.sha256 = "ab" * 32
+        redis_server.stop()
+        with pytest.raises(Unavailable):  # what a write without the retry meets
+            runner.jobs.complete("acme", job.id, [output])
+
+        ended: list = []
+        writer = threading.Thread(target=lambda: ended.append(
+            runner._record("completion", lambda: runner.jobs.complete("acme", job.id, [output]))))  # fmt: skip
+        writer.start()
+        time.sleep(2.0)
+        assert writer.is_alive() and not ended  # still trying
+        redis_server = RedisServer(redis_server.resolved_settings)
+        redis_server.__enter__()
+        writer.join(timeout=30)
+        ((after, recorded),) = ended
+        assert recorded and after.state == pb.JOB_STATE_COMPLETED
+        assert runner.jobs.get("acme", job.id).outputs[0].artifact.sha256 == "ab" * 32
+
+        short = JobRunner(_settings(redis_url=redis_server.url, job_record_retry_seconds=1.0))
+        redis_server.stop()
+        started = time.monotonic()
+        with pytest.raises(Unavailable):  # bounded: gives up after job_record_retry_seconds
+            short._record("failure", lambda: short.jobs.get("acme", job.id))
+        assert time.monotonic() - started < 15
+    finally:
+        redis_server.stop()

@@ -15,6 +15,7 @@ from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from kinema.errors import NotFound
+from kinema.orchestration.inputs import NO_INPUTS, StoredInputs
 from kinema.pipelines.remote import RemoteAutoencoder, RemoteDenoiser, RemoteTextEncoder, open_channel
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
@@ -39,10 +40,12 @@ class Catalog:
 
 @dataclass(frozen=True)
 class Bound:
-    """The clients of one run, by capability, and the models they resolve to ({"name", "version"} each)."""
+    """The clients of one run, by capability, the models they resolve to ({"name", "version"} each) and the
+    run's input artifacts (`kinema.orchestration.inputs`; none unless the caller resolved them)."""
 
     clients: Mapping[str, Any]
     models: Mapping[str, dict[str, str]]
+    inputs: StoredInputs = NO_INPUTS
 
 
 class RemoteCapabilities:
@@ -112,7 +115,9 @@ class RemoteCapabilities:
                     reason="MODEL_NOT_FOUND",
                     field=f"models.{cap}",
                 )
-            versions = [m.version for m in catalog.models if m.name == name and m.version.isdigit()]
+            # The autoencoder service lists model `vae` as its two networks, `vae_encoder` and `vae_decoder`.
+            listed = {name, f"{name}_encoder"} if cap == "autoencoder" else {name}
+            versions = [m.version for m in catalog.models if m.name in listed and m.version.isdigit()]
             version = refs[cap].version or (max(versions, key=int) if versions else "")
             models[cap] = {"name": name, "version": version}
         return Bound(clients, models)

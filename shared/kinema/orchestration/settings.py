@@ -13,6 +13,7 @@ from typing import Any
 
 from kinema.rpc.settings import ServiceSettings
 from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, MAX_EXPIRY
+from kinema.storage.media import DEFAULT_MAX_SIDE, MediaLimits
 
 # Orchestrator field -> environment variable (the S3 credentials are read by name, see `from_env`).
 ENV_VARS: dict[str, str] = {
@@ -30,6 +31,9 @@ ENV_VARS: dict[str, str] = {
     "job_timeout_seconds": "KINEMA_JOB_TIMEOUT_SECONDS",
     "job_retention_seconds": "KINEMA_JOB_RETENTION_SECONDS",
     "job_visibility_timeout_seconds": "KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS",
+    "upload_max_bytes": "KINEMA_UPLOAD_MAX_BYTES",
+    "upload_max_image_side": "KINEMA_UPLOAD_MAX_IMAGE_SIDE",
+    "job_record_retry_seconds": "KINEMA_JOB_RECORD_RETRY_SECONDS",
 }
 
 
@@ -54,6 +58,9 @@ _CHECKS: dict[str, tuple[Callable[[str], Any], Callable[[object], bool], str]] =
     "job_timeout_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
     "job_retention_seconds": (int, _int_in(60, 10 * 365 * 86400), "an integer number of seconds >= 60"),
     "job_visibility_timeout_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
+    "upload_max_bytes": (int, _int_in(1, 1 << 40), "an integer number of bytes in 1..2**40"),
+    "upload_max_image_side": (int, _int_in(1, 65535), "an integer number of pixels in 1..65535"),
+    "job_record_retry_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
 }
 
 
@@ -80,6 +87,12 @@ class OrchestratorSettings:
     job_retention_seconds: int = 7 * 86400  # a finished job is kept this long, then answers NOT_FOUND
     # A job unacknowledged this long is handed to another worker: longer than any job runs (celery_app docstring).
     job_visibility_timeout_seconds: float = 6 * 3600.0
+    # Uploads (UploadArtifact): the largest upload in bytes, and the largest side in pixels of an input image (or
+    # video frame), checked from the file's header before any pixel is decoded (decompression bombs).
+    upload_max_bytes: int = 256 << 20
+    upload_max_image_side: int = DEFAULT_MAX_SIDE
+    # A worker that cannot write a job's end (COMPLETED, FAILED, CANCELLED) to Redis tries again this long.
+    job_record_retry_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
@@ -106,6 +119,11 @@ class OrchestratorSettings:
         """Capability -> host:port of the service serving it."""
         return {"text_encoder": self.text_encoder_url, "denoiser": self.denoiser_url,
                 "autoencoder": self.autoencoder_url}  # fmt: skip
+
+    @property
+    def media_limits(self) -> MediaLimits:
+        """The limits every input image (and video frame) is checked against, at upload and when a run reads it."""
+        return MediaLimits(max_side=self.upload_max_image_side)
 
     @property
     def jobs_enabled(self) -> bool:

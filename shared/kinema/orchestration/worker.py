@@ -12,6 +12,10 @@ with the same request store the same artifact. Along the way:
 - retries: `Unavailable` (a model service or the artifact store down) puts the job back to QUEUED and retries it
   after a jittered exponential wait, at most `job_max_retries` times; any other error ends it FAILED with the
   status a Generate call would have ended with (an unexpected one says only "internal error" and the job id);
+- the end of a job (COMPLETED with its stored outputs, FAILED, CANCELLED) is written to the record again and again,
+  with backoff, while Redis is unreachable, for at most `job_record_retry_seconds`: a job that finishes during a
+  Redis outage ends in its state once Redis is back, instead of reading RUNNING until the broker redelivers it.
+  If Redis stays away longer, the message is not acknowledged and the broker hands it out again later;
 - idempotency: delivery is at least once (`acks_late`), so a job may run again (a retry, a lost worker's job handed
   to another). A rerun reproduces the same bytes (fixed seed), which the content-addressed store does not write
   again, and the record takes outputs only on its way from RUNNING to COMPLETED, once; a record already finished
@@ -25,7 +29,8 @@ import logging
 import random
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery
 from celery.signals import task_revoked
@@ -47,6 +52,8 @@ _LOGGER = logging.getLogger(__name__)
 TASK_NAME = "kinema.orchestrator.run_job"
 SERVICE = "kinema.orchestrator.v1.Orchestrator"  # what the job's log lines and service calls name as their origin
 MAX_RETRY_WAIT = 60.0
+RECORD_RETRY_WAIT = (0.25, 5.0)  # first and longest wait (s) between two tries of a job's final record write
+T = TypeVar("T")
 
 
 class JobCancelled(Exception):
@@ -116,7 +123,7 @@ class JobRunner:
             try:
                 outputs = self._make(task, job, attempt, started)
             except JobCancelled:
-                self.jobs.cancelled(tenant, job_id)
+                self._record("cancel", lambda: self.jobs.cancelled(tenant, job_id))
                 _LOGGER.info("job cancelled", extra={"tenant": tenant, "attempt": attempt})
                 return pb.JobState.Name(pb.JOB_STATE_CANCELLED)
             except Unavailable as e:
@@ -130,7 +137,7 @@ class JobRunner:
                 return self._fail(tenant, job_id, attempt, e)
             except Exception as e:
                 return self._fail(tenant, job_id, attempt, e)
-            after, recorded = self.jobs.complete(tenant, job_id, outputs)
+            after, recorded = self._record("completion", lambda: self.jobs.complete(tenant, job_id, outputs))
             _LOGGER.info("job finished", extra={"recorded": recorded, "outputs": len(outputs)})
             return pb.JobState.Name(after.state if after is not None else pb.JOB_STATE_UNSPECIFIED)
 
@@ -140,8 +147,24 @@ class JobRunner:
             _LOGGER.warning("job failed", extra={"error": str(exc), "reason": exc.reason, "field": exc.field})
         else:  # the traceback goes to the worker log only; the record says "internal error" and the job id
             _LOGGER.error("job failed with an unexpected error", exc_info=exc)
-        self.jobs.fail(tenant, job_id, attempt, error)
+        self._record("failure", lambda: self.jobs.fail(tenant, job_id, attempt, error))
         return pb.JobState.Name(pb.JOB_STATE_FAILED)
+
+    def _record(self, what: str, write: Callable[[], T]) -> T:
+        """`write()` of a job's end, tried again with backoff while Redis is unreachable (`Unavailable`), for at
+        most `job_record_retry_seconds`; then the last `Unavailable` propagates and the message stays unacked."""
+        deadline = time.monotonic() + self.settings.job_record_retry_seconds
+        wait, longest = RECORD_RETRY_WAIT
+        while True:
+            try:
+                return write()
+            except Unavailable as e:
+                if time.monotonic() + wait > deadline:
+                    raise
+                _LOGGER.warning("could not record the job's %s; trying again", what,
+                                extra={"error": str(e).splitlines()[0], "wait_seconds": wait})  # fmt: skip
+                time.sleep(wait)
+                wait = min(longest, 2 * wait)
 
     def _make(self, task: KinemaTask, job: pb.Job, attempt: int, started: float) -> list[pb.Output]:
         """Run the pipeline and store its outputs; raises JobCancelled once the job was cancelled."""

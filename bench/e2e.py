@@ -1,0 +1,161 @@
+"""The distributed shape end to end against the embedded one, in one run; then job throughput.
+
+    .venv/bin/python bench/e2e.py [--samples 7] [--window 60] [--concurrency 1 4 16]
+
+Starts the local stack (`kinema.stack.up`: redis, S3, Triton, the model services, a Celery worker, the orchestrator)
+over a model repository whose denoiser is the 'mini' MMDiT (6 x 256, random weights, seed 0: the issue's size) beside
+the shipped text encoder and autoencoder, then:
+
+1. text -> image, one 64 px image, 28 steps with CFG: `Orchestrator.Generate` (gRPC stream until the stored result)
+   against `kinema.pipelines.text_to_image` in this process over the same repository plus the PNG encoding, timed
+   alternately, medians of `samples`. The embedded side gets the torch thread count of one Triton instance
+   (config.pbtxt), the compute each network call gets in the stack. The two PNGs must be identical.
+2. jobs completed per minute with 1, 4 and 16 clients, each submitting a job (the same request, a seed of its own)
+   and watching it to the end, then the next, for `window` seconds (jobs still running then are waited for and
+   counted); with the submit-to-completed latency.
+Writes bench/results/e2e.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from PIL import Image
+
+from kinema.eval.report import write_results
+from kinema.inference.model_config import parameters, read_config
+from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from kinema.pipelines import TextToImageRequest, text_to_image
+from kinema.pipelines.local import load_local
+from kinema.repository import default_models_dir
+from kinema.stack import StackSettings, down, up
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import mini_repository, paired_ms  # noqa: E402  (bench/serving.py: the same mini denoiser)
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "a small red sphere to the left of a blue cube"
+STEPS, GUIDANCE, SIZE = 28, 4.0, 64
+
+
+def stack_repository(root: Path) -> Path:
+    """The shipped text encoder and autoencoder with the mini denoiser, as one model repository."""
+    for name in ("text_encoder", "vae_encoder", "vae_decoder"):
+        shutil.copytree(default_models_dir() / name, root / name)
+    repo, _ = mini_repository(root)
+    return repo
+
+
+def png_bytes(image) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def request(seed: int, steps: int = STEPS) -> pb.PipelineRequest:
+    return pb.PipelineRequest(pipeline="text_to_image", prompts=[PROMPT], seed=seed, steps=steps, guidance=GUIDANCE,
+                              width=SIZE, height=SIZE)  # fmt: skip
+
+
+def generate_vs_embedded(stub: pb_grpc.OrchestratorStub, repo: Path, samples: int) -> dict:
+    threads = int(parameters(read_config(repo / "denoiser")).get("torch_threads", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    text_encoder, denoiser, autoencoder = load_local(repo)
+    local = TextToImageRequest(prompts=[PROMPT], seed=0, steps=STEPS, guidance=GUIDANCE, size=SIZE)
+
+    def served() -> str:
+        events = list(stub.Generate(pb.GenerateRequest(request=request(0)), timeout=600))
+        return events[-1].result.outputs[0].artifact.sha256
+
+    def embedded() -> str:
+        image = text_to_image(local, text_encoder, denoiser, autoencoder).images[0]
+        return hashlib.sha256(png_bytes(image)).hexdigest()
+
+    same = served() == embedded()
+    served_ms, embedded_ms = paired_ms(served, embedded, samples, warmup=1)
+    return {"served_ms": served_ms, "embedded_ms": embedded_ms, "ratio": served_ms / embedded_ms,
+            "identical_png": same, "torch_threads_embedded": torch.get_num_threads()}  # fmt: skip
+
+
+def job_throughput(stub: pb_grpc.OrchestratorStub, clients: int, window: float, steps: int) -> dict:
+    """Jobs completed per minute with `clients` submitters that each keep one job in flight for `window` s."""
+    latencies: list[float] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def client(c: int) -> None:
+        i = 0
+        while time.perf_counter() - start < window:
+            t0 = time.perf_counter()
+            job = stub.SubmitJob(pb.SubmitJobRequest(request=request(10_000 * c + i, steps)), timeout=60).job
+            *_, last = (r.job for r in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600))
+            with lock:
+                if last.state == pb.JOB_STATE_COMPLETED:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    failed.append(f"{job.id}: {pb.JobState.Name(last.state)} {last.error.message}")
+            i += 1
+
+    workers = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"clients": clients, "completed": len(latencies), "failed": len(failed), "seconds": elapsed,
+            "jobs_per_minute": 60 * len(latencies) / elapsed, "latency_p50_s": statistics.median(latencies),
+            "latency_max_s": latencies[-1], "failures": failed[:5]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=7)
+    ap.add_argument("--window", type=float, default=60.0, help="seconds each concurrency level submits for")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--job-steps", type=int, default=STEPS, help="sampling steps of each throughput job")
+    ap.add_argument("--out", type=Path, default=RESULTS / "e2e")
+    ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
+    args = ap.parse_args(argv)
+
+    results: dict = {"config": {"size": SIZE, "steps": STEPS, "guidance": GUIDANCE, "denoiser": "mini (6 x 256)",
+                                "job_steps": args.job_steps}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = stack_repository(Path(tmp) / "models")
+        run_dir = Path(tmp) / "stack"
+        state = up(StackSettings(run_dir=run_dir, port=0, models=repo), report=lambda line: print(line, flush=True))
+        try:
+            with grpc.insecure_channel(state.orchestrator) as channel:
+                stub = pb_grpc.OrchestratorStub(channel)
+                results["generate"] = generate_vs_embedded(stub, repo, args.samples)
+                print("generate:", results["generate"], flush=True)
+                for n in args.concurrency:
+                    results[f"jobs_{n}_clients"] = job_throughput(stub, n, args.window, args.job_steps)
+                    print(f"{n} clients:", results[f"jobs_{n}_clients"], flush=True)
+        finally:
+            down(run_dir)
+    results["worker_concurrency"] = StackSettings().worker_concurrency
+    if args.note:
+        results["note"] = args.note
+    command = "python bench/e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for path in write_results(args.out, results, command):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
