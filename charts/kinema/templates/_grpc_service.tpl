@@ -1,0 +1,104 @@
+{{/* A Kinema gRPC server (model service or orchestrator): its Deployment and Service, one definition for all.
+     (dict "ctx" $ "component" NAME "values" VALUES "env" ENV-YAML) */}}
+
+{{- define "kinema.grpcDeployment" -}}
+{{- $ctx := .ctx -}}
+{{- $v := .values -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "kinema.componentName" . }}
+  labels:
+    {{- include "kinema.labels" . | nindent 4 }}
+spec:
+  {{- if not $v.autoscaling.enabled }}
+  replicas: {{ $v.replicaCount }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxUnavailable: 0
+      maxSurge: 1
+  selector:
+    matchLabels:
+      {{- include "kinema.selectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "kinema.labels" . | nindent 8 }}
+    spec:
+      {{- include "kinema.podCommon" . | nindent 6 }}
+      {{- with include "kinema.scheduling" (dict "values" $v) | trim }}{{ . | nindent 6 }}{{- end }}
+      terminationGracePeriodSeconds: 30
+      containers:
+        - name: {{ .component | replace "_" "-" }}
+          image: {{ include "kinema.image" (dict "ctx" $ctx "image" $v.image) }}
+          imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+          {{- /* the image's CMD: python -m services.<name>, as kinema.rpc.process.ServiceProcess starts it */}}
+          ports:
+            - name: grpc
+              containerPort: {{ include "kinema.grpcPort" $ctx }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ include "kinema.metricsPort" $ctx }}
+              protocol: TCP
+          env:
+            {{- include "kinema.serverEnv" $ctx | nindent 12 }}
+            {{- .env | trim | nindent 12 }}
+            {{- with $v.env }}{{ include "kinema.extraEnv" . | trim | nindent 12 }}{{- end }}
+          {{- /* grpc.health.v1 on the serving port (kinema.rpc.server), as `kinema stack status` asks it */}}
+          startupProbe:
+            grpc:
+              port: {{ include "kinema.grpcPort" $ctx }}
+            periodSeconds: 2
+            failureThreshold: 60
+          readinessProbe:
+            grpc:
+              port: {{ include "kinema.grpcPort" $ctx }}
+            periodSeconds: 10
+            timeoutSeconds: 2
+            failureThreshold: 3
+          livenessProbe:
+            grpc:
+              port: {{ include "kinema.grpcPort" $ctx }}
+            periodSeconds: 20
+            timeoutSeconds: 5
+            failureThreshold: 3
+          resources:
+            {{- toYaml $v.resources | nindent 12 }}
+          securityContext:
+            {{- include "kinema.containerSecurityContext" $ctx | nindent 12 }}
+          volumeMounts:
+            {{- include "kinema.tmpMount" $ctx | nindent 12 }}
+      volumes:
+        {{- include "kinema.tmpVolume" $ctx | nindent 8 }}
+{{- end -}}
+
+{{- define "kinema.grpcService" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "kinema.componentName" . }}
+  labels:
+    {{- include "kinema.labels" . | nindent 4 }}
+  {{- with .annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  type: {{ .type | default "ClusterIP" }}
+  selector:
+    {{- include "kinema.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ .port | default (include "kinema.grpcPort" .ctx) }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+    - name: metrics
+      port: {{ include "kinema.metricsPort" .ctx }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+{{- end -}}

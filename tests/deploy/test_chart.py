@@ -1,0 +1,335 @@
+"""charts/kinema with the real helm: lint, Kubernetes schemas 1.29-1.33, and what every manifest must hold."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kinema.orchestration import settings as orchestration_settings
+from kinema.rpc import settings as rpc_settings
+from kinema.rpc.settings import ServiceSettings
+from kinema.stack import MODEL_SERVICES
+from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, store_from_uri
+
+from .conftest import (
+    CHART,
+    CI_VALUES,
+    RELEASE,
+    SERVICE_MONITOR_API,
+    by_kind,
+    component,
+    containers,
+    env_of,
+    helm,
+    render,
+    render_error,
+)
+
+KUBERNETES = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+# What the Kinema processes read (the settings code), plus what Celery and Triton's S3 repository read.
+KINEMA_VARS = set(rpc_settings.ENV_VARS.values()) | set(orchestration_settings.ENV_VARS.values())
+KINEMA_VARS |= {ENV_ACCESS_KEY, ENV_SECRET_KEY}
+OTHER_VARS = {"OMP_NUM_THREADS", "HOME", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_BROWSER",
+              "REDIS_PASSWORD"}  # fmt: skip
+GRPC_PORT = ServiceSettings.from_env({"KINEMA_PORT": "50051"}).port
+
+
+def test_lint_strict(ci_values):
+    out = helm("lint", "--strict", str(CHART), "-f", str(ci_values)).stdout
+    assert "0 chart(s) failed" in out
+
+
+def test_lint_strict_with_defaults():
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART)).stdout
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+def test_manifests_validate_against_kubernetes(ci_values, version):
+    for doc in render(ci_values):
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} on {version}: {e.message}") from None
+
+
+def test_every_resource_has_the_standard_labels(ci_values):
+    for doc in render(ci_values, api_versions=(SERVICE_MONITOR_API,)):
+        labels = doc["metadata"].get("labels", {})
+        release_wide = doc["kind"] == "NetworkPolicy" and "app.kubernetes.io/component" not in labels
+        needed = [k for k in STANDARD_LABELS if not (release_wide and k == "app.kubernetes.io/component")]
+        missing = [k for k in needed if k not in labels]
+        assert not missing, f"{doc['kind']}/{doc['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+
+
+def test_every_container_has_probes_resources_and_runs_as_non_root(ci_values):
+    deployments = by_kind(render(ci_values), "Deployment")
+    assert deployments
+    for name, d in deployments.items():
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["automountServiceAccountToken"] is False, name
+        assert (
+            d["spec"]["template"]["metadata"]["labels"] | d["spec"]["selector"]["matchLabels"]
+            == (d["spec"]["template"]["metadata"]["labels"])
+        ), f"{name}: its selector does not select its own pods"
+        for c in pod["containers"]:
+            where = f"{name}/{c['name']}"
+            assert "readinessProbe" in c and "livenessProbe" in c, f"{where} has no readiness/liveness probe"
+            assert c["resources"].get("requests", {}).get("memory"), f"{where} requests no memory"
+            assert c["resources"].get("limits", {}).get("memory"), f"{where} has no memory limit"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert c.get("runAsUser", 1) != 0, where
+
+
+def test_grpc_servers_use_native_grpc_probes_on_their_serving_port():
+    for name, d in by_kind(render(CI_VALUES[0]), "Deployment").items():
+        c = containers(d)[0]
+        env = env_of(c)
+        if "KINEMA_PORT" not in env:
+            continue
+        port = int(env["KINEMA_PORT"]["value"])
+        assert port == GRPC_PORT
+        assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == port, name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+        assert env["KINEMA_HOST"]["value"] == "0.0.0.0", f"{name} would listen on loopback only"
+        metrics = int(env["KINEMA_METRICS_PORT"]["value"])
+        assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == metrics, name
+
+
+def test_services_select_their_deployments_and_target_real_ports(ci_values):
+    docs = render(ci_values)
+    deployments = by_kind(docs, "Deployment")
+    for name, svc in by_kind(docs, "Service").items():
+        selector = svc["spec"]["selector"]
+        matches = [d for d in deployments.values()
+                   if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]  # fmt: skip
+        assert len(matches) == 1, f"Service {name} selects {len(matches)} Deployments"
+        ports = {p["name"]: p["containerPort"] for c in containers(matches[0]) for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in ports, f"Service {name} targets {p['targetPort']}, not a container port"
+        assert component(svc) == component(matches[0])
+
+
+def test_every_env_var_is_one_a_process_reads(ci_values):
+    for name, d in by_kind(render(ci_values), "Deployment").items():
+        for c in containers(d):
+            unknown = set(env_of(c)) - KINEMA_VARS - OTHER_VARS
+            assert not unknown, f"{name} sets variables nothing reads: {sorted(unknown)}"
+
+
+def _workload(docs: list[dict], comp: str) -> dict:
+    (d,) = [d for d in by_kind(docs, "Deployment").values() if component(d) == comp]
+    return d
+
+
+def _with_secrets(docs: list[dict], env: dict[str, dict]) -> dict[str, str]:
+    """Env values as the pod sees them, secretKeyRefs resolved from the rendered Secrets."""
+    import base64
+
+    secrets = by_kind(docs, "Secret")
+    out = {}
+    for name, e in env.items():
+        if "value" in e:
+            out[name] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            if ref["name"] in secrets:
+                out[name] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+    return out
+
+
+def test_model_services_get_the_settings_the_local_stack_gives_them():
+    docs = render(CI_VALUES[0])
+    services = by_kind(docs, "Service")
+    for name in MODEL_SERVICES:
+        env = _with_secrets(docs, env_of(containers(_workload(docs, name.replace("_", "-")))[0]))
+        settings = ServiceSettings.from_env(env)  # parses as the service does, or raises naming the variable
+        assert settings.backend == "triton"
+        host, port = settings.triton_url.rsplit(":", 1)
+        assert host in services and component(services[host]) == "triton"
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc"}
+
+
+@pytest.mark.parametrize("profile", ["cpu", "external-s3", "minimal"])
+def test_orchestrator_and_worker_settings_parse_and_point_at_real_services(profile):
+    from kinema.orchestration.settings import OrchestratorSettings
+
+    docs = render(CHART / "ci" / f"{profile}-values.yaml")
+    services = by_kind(docs, "Service")
+    comps = ["orchestrator"] + (["worker"] if profile != "minimal" else [])
+    for comp in comps:
+        env = _with_secrets(docs, env_of(containers(_workload(docs, comp))[0]))
+        if profile == "external-s3":  # keys and Redis URL live in the platform's Secrets
+            env |= {ENV_ACCESS_KEY: "k", ENV_SECRET_KEY: "s", "KINEMA_REDIS_URL": "redis://redis.example:6380/0"}
+        settings = OrchestratorSettings.from_env(environ=env)
+        for capability, address in settings.addresses.items():
+            host, port = address.rsplit(":", 1)
+            assert component(services[host]) == capability.replace("_", "-")
+            assert int(port) == GRPC_PORT
+        store = store_from_uri(settings.artifacts, settings.s3_access_key, settings.s3_secret_key)
+        assert store.bucket
+        assert settings.jobs_enabled is (profile != "minimal")
+        if profile == "cpu":
+            minio = services[store.endpoint.rsplit(":", 1)[0]]
+            assert component(minio) == "minio" and not store.secure
+            redis_host = settings.redis_url.rsplit("@", 1)[1].split(":")[0]
+            assert component(services[redis_host]) == "redis"
+        if comp == "worker":  # Celery's own variables name the same Redis
+            raw = env_of(containers(_workload(docs, comp))[0])
+            assert raw["CELERY_BROKER_URL"] == raw["CELERY_RESULT_BACKEND"] | {"name": "CELERY_BROKER_URL"}
+            assert raw["CELERY_BROKER_URL"]["valueFrom"] == raw["KINEMA_REDIS_URL"]["valueFrom"]
+
+
+def test_every_enabled_model_service_reaches_the_orchestrator_as_kinema_name_url():
+    docs = render(CI_VALUES[0], sets=("services.denoiser.enabled=false",))
+    env = env_of(containers(_workload(docs, "orchestrator"))[0])
+    assert "KINEMA_TEXT_ENCODER_URL" in env and "KINEMA_AUTOENCODER_URL" in env
+    assert "KINEMA_DENOISER_URL" not in env
+    assert not [d for d in by_kind(docs, "Deployment").values() if component(d) == "denoiser"]
+
+
+def test_generated_secrets_and_existing_secrets():
+    docs = render(CI_VALUES[0])
+    secrets = by_kind(docs, "Secret")
+    assert {f"{RELEASE}-kinema-s3", f"{RELEASE}-kinema-redis"} <= set(secrets)
+    external = render(CHART / "ci" / "external-s3-values.yaml")
+    assert not by_kind(external, "Secret"), "existingSecret given: the chart must not make its own"
+    env = env_of(containers(_workload(external, "orchestrator"))[0])
+    assert env[ENV_ACCESS_KEY]["valueFrom"]["secretKeyRef"] == {"name": "kinema-s3", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["KINEMA_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "kinema-redis", "key": "url"}
+    kinds = {d["kind"] + "/" + component(d) for d in external if "labels" in d["metadata"] and
+             "app.kubernetes.io/component" in d["metadata"]["labels"]}  # fmt: skip
+    assert not [k for k in kinds if k.endswith(("/minio", "/redis"))], "external S3/Redis: no MinIO or Redis"
+
+
+def test_triton_runs_as_the_local_stack_starts_it_with_shm_and_optional_gpu():
+    from kinema.rpc.process import SERVED_MODELS
+
+    cpu = _workload(render(CI_VALUES[0]), "triton")
+    (c,) = containers(cpu)
+    args = c["args"]
+    assert {f"--load-model={m}" for m in SERVED_MODELS} <= set(args)
+    assert {"--model-control-mode=explicit", "--strict-readiness=false"} <= set(args)
+    assert c["readinessProbe"]["exec"]["command"][3:] == list(SERVED_MODELS)
+    shm = next(v for v in cpu["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+
+    gpu = _workload(render(CHART / "ci" / "gpu-values.yaml"), "triton")
+    (g,) = containers(gpu)
+    assert g["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "replicas" not in gpu["spec"], "autoscaled: the HPA owns the replica count"
+
+    s3 = _workload(render(CHART / "ci" / "external-s3-values.yaml"), "triton")
+    (t,) = containers(s3)
+    assert "--model-repository=s3://s3.eu-central-1.amazonaws.com/kinema-models/models/v1" in t["args"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env_of(t))
+
+
+def test_hpa_pdb_serviceaccount_per_component():
+    docs = render(CHART / "ci" / "gpu-values.yaml")
+    hpas = {component(h): h for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
+    assert set(hpas) == {"triton", "orchestrator"}
+    deployments = {component(d): d for d in by_kind(docs, "Deployment").values()}
+    for comp, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployments[comp]["metadata"]["name"]
+    for pdb in by_kind(docs, "PodDisruptionBudget").values():
+        d = deployments[component(pdb)]
+        assert pdb["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+    accounts = by_kind(docs, "ServiceAccount")
+    for d in deployments.values():
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] in accounts
+
+
+def test_service_monitors_only_where_the_crd_exists():
+    assert not by_kind(render(CI_VALUES[0]), "ServiceMonitor")
+    monitors = by_kind(render(CI_VALUES[0], api_versions=(SERVICE_MONITOR_API,)), "ServiceMonitor")
+    services = {component(s): s for s in by_kind(render(CI_VALUES[0]), "Service").values()}
+    assert {component(m) for m in monitors.values()} == {"triton", "orchestrator", *[
+        s.replace("_", "-") for s in MODEL_SERVICES]}  # fmt: skip
+    for m in monitors.values():
+        svc = services[component(m)]
+        assert m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert m["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_ingress_routes_to_the_orchestrator_grpc_port():
+    docs = render(CHART / "ci" / "gpu-values.yaml")
+    (ingress,) = by_kind(docs, "Ingress").values()
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    svc = by_kind(docs, "Service")[backend["name"]]
+    assert component(svc) == "orchestrator" and backend["port"]["name"] == "grpc"
+    assert not by_kind(render(CI_VALUES[0]), "Ingress")
+
+
+def test_notes_show_a_grpcurl_call(tmp_path):
+    """NOTES.txt as `helm install` prints it: rendered in a copy of the chart, wrapped in a ConfigMap (helm template
+    leaves NOTES out, and helm install wants a cluster)."""
+    import shutil
+
+    chart = shutil.copytree(CHART, tmp_path / "kinema")
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}' + notes + "{{- end -}}")
+    (chart / "templates" / "notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  text: {{ include "notes" . | quote }}\n'
+    )
+    out = helm("template", RELEASE, str(chart), "-f", str(CI_VALUES[0]), "--show-only", "templates/notes.yaml").stdout
+    text = yaml.safe_load(out)["data"]["text"]
+    assert f"port-forward svc/{RELEASE}-kinema-orchestrator 50050:50051" in text
+    assert "grpcurl -plaintext 127.0.0.1:50050 list" in text
+    assert "kinema.orchestrator.v1.Orchestrator/Generate" in text
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("nope=1",), "Additional property nope is not allowed"),
+        (("worker.pool=fork",), "worker.pool must be one of"),
+        (("triton.modelRepository.source=http",), "triton.modelRepository.source must be one of"),
+        (("services.text_encoder.env.PATH=/x",), "Does not match pattern"),
+        (("services.Bad-Name.enabled=true",), "Does not match pattern"),
+        (("minio.enabled=false",), "artifacts.endpoint"),
+        (("minio.enabled=false", "artifacts.endpoint=s3.example:443"), "artifacts.accessKey"),
+        (("redis.enabled=false",), "redis.externalUrl"),
+    ],
+)
+def test_values_the_chart_refuses(sets, message):
+    assert message in render_error(sets=sets)
+
+
+def test_schema_is_strict_everywhere():
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+                assert set(node.get("required", [])) <= set(node["properties"]), path
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+
+    walk(schema, "$")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    documented = (CHART / "values.yaml").read_text()
+    for key in values:
+        assert f"## @param {key}" in documented, f"values.yaml: {key} has no ## @param line"

@@ -1,0 +1,128 @@
+"""The NetworkPolicies allow exactly the calls Kinema makes, derived from the addresses in each process's settings."""
+
+from __future__ import annotations
+
+import base64
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from .conftest import CHART, CI_VALUES, by_kind, component, containers, render
+
+PROFILES = [p for p in CI_VALUES if "minimal" not in p.name]  # minimal turns the policies off
+
+
+def _resolve(docs: list[dict], entry: dict) -> str | None:
+    if "value" in entry:
+        return entry["value"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    secret = by_kind(docs, "Secret").get(ref["name"])
+    return base64.b64decode(secret["data"][ref["key"]]).decode() if secret else None
+
+
+def _addresses(value: str) -> list[str]:
+    """host:port pairs a setting names: plain host:port, redis://..., s3://bucket?endpoint=..., Triton's s3://host:port/."""
+    if re.fullmatch(r"[a-z0-9.-]+:\d+", value):
+        return [value]
+    parts = urlsplit(value)
+    if parts.scheme in ("redis", "rediss"):
+        return [f"{parts.hostname}:{parts.port or 6379}"]
+    if parts.scheme == "s3":
+        endpoint = parse_qs(parts.query).get("endpoint")
+        return endpoint or [parts.netloc]
+    return []
+
+
+def expected_edges(docs: list[dict]) -> set[tuple[str, str, int]]:
+    """(caller, callee, port) for every address of a release Service in a container's env or arguments."""
+    services = by_kind(docs, "Service")
+    edges = set()
+    for d in by_kind(docs, "Deployment").values():
+        for c in containers(d):
+            values = [_resolve(docs, e) for e in c.get("env", [])]
+            values += [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--model-repository=")]
+            for value in filter(None, values):
+                for address in _addresses(value):
+                    host, _, port = address.rpartition(":")
+                    if host in services:
+                        edges.add((component(d), component(services[host]), int(port)))
+    return edges
+
+
+def _peers(rule: dict, key: str, release: str) -> list[str | None]:
+    """The release components a rule's peers select; None for a peer outside the release (namespaces, CIDRs)."""
+    out = []
+    for peer in rule.get(key, [{}]):
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        if "namespaceSelector" in peer or "ipBlock" in peer or not labels:
+            out.append(None)
+        else:
+            assert labels.get("app.kubernetes.io/instance") == release, peer
+            out.append(labels["app.kubernetes.io/component"])
+    return out
+
+
+def allowed_edges(docs: list[dict]) -> tuple[set, set]:
+    """(edges both ends' policies allow inside the release, (component, port) open to peers outside it)."""
+    egress, ingress, outside = set(), set(), set()
+    for p in by_kind(docs, "NetworkPolicy").values():
+        selected = p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component")
+        if selected is None:
+            continue  # the release-wide default deny and DNS
+        for rule in p["spec"].get("egress", []):
+            for peer in _peers(rule, "to", "kin"):
+                for port in rule["ports"]:
+                    if peer is not None:
+                        egress.add((selected, peer, port["port"]))
+        for rule in p["spec"].get("ingress", []):
+            for peer in _peers(rule, "from", "kin"):
+                for port in rule["ports"]:
+                    (ingress if peer is not None else outside).add(
+                        (peer, selected, port["port"]) if peer is not None else (selected, port["port"])
+                    )
+    return egress & ingress, outside, egress ^ ingress
+
+
+@pytest.mark.parametrize("values", PROFILES, ids=lambda p: p.name.removesuffix("-values.yaml"))
+def test_policies_allow_exactly_the_real_paths(values):
+    docs = render(values)
+    allowed, _, one_sided = allowed_edges(docs)
+    expected = expected_edges(docs)
+    assert expected, "no calls found in the settings"
+    assert allowed == expected, f"missing: {sorted(expected - allowed)}; extra: {sorted(allowed - expected)}"
+    assert not one_sided, f"allowed at one end only: {sorted(one_sided)}"
+
+
+def test_the_real_paths_are_the_platform_architecture():
+    edges = expected_edges(render(CI_VALUES[0]))
+    callers = {"orchestrator", "worker"}
+    models = {"text-encoder", "autoencoder", "denoiser"}
+    assert edges == ({(c, m, 50051) for c in callers for m in models} | {(m, "triton", 8001) for m in models}
+                     | {(c, "minio", 9000) for c in callers} | {(c, "redis", 6379) for c in callers})  # fmt: skip
+
+
+def test_only_the_api_and_metrics_are_open_to_outside_and_everything_else_is_denied():
+    docs = render(CI_VALUES[0])
+    _, outside, _ = allowed_edges(docs)
+    assert outside == {("orchestrator", 50051), ("orchestrator", 9100), ("text-encoder", 9100),
+                       ("autoencoder", 9100), ("denoiser", 9100), ("triton", 8002)}  # fmt: skip
+    policies = by_kind(docs, "NetworkPolicy")
+    deny = policies["kin-kinema-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    release = {"app.kubernetes.io/name": "kinema", "app.kubernetes.io/instance": "kin"}
+    assert deny["podSelector"]["matchLabels"] == release
+    dns = policies["kin-kinema-dns"]["spec"]["egress"]
+    assert [p["port"] for p in dns[0]["ports"]] == [53, 53]
+    for d in by_kind(docs, "Deployment").values():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert deny["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_external_s3_and_redis_are_reached_on_their_ports_only():
+    docs = render(CHART / "ci" / "external-s3-values.yaml")
+    orchestrator = by_kind(docs, "NetworkPolicy")["kin-kinema-orchestrator"]["spec"]["egress"]
+    external = {(r["to"][0]["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in orchestrator if "ipBlock" in r["to"][0]}
+    assert external == {("10.0.0.0/8", 443), ("10.0.0.0/8", 6380)}
+    triton = by_kind(docs, "NetworkPolicy")["kin-kinema-triton"]["spec"]["egress"]
+    assert [r["ports"][0]["port"] for r in triton] == [443], "Triton reads its model repository from S3"
