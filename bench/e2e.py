@@ -44,7 +44,7 @@ from kinema.repository import default_models_dir
 from kinema.stack import StackSettings, down, up
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import mini_repository, paired_ms  # noqa: E402  (bench/serving.py: the same mini denoiser)
+from serving import mini_repository, paired_ms  # bench/serving.py: the same mini denoiser
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"

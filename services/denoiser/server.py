@@ -27,6 +27,7 @@ from kinema.rpc import tensors
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
+from kinema.sampling.edit import start_latents
 from kinema.sampling.schedule import get_schedule
 
 SERVICE = "kinema.denoiser.v1.Denoiser"
@@ -87,7 +88,37 @@ def _spec(request: pb.SampleRequest) -> SampleSpec:
         raise InvalidInput(f"shift must be > 0, got {shift}", reason="OUT_OF_RANGE", field="shift")
     if request.preview_every < 0:
         raise InvalidInput("preview_every must be >= 0", reason="OUT_OF_RANGE", field="preview_every")
-    return SampleSpec(steps=request.steps, guidance=request.guidance, sampler=sampler, shift=shift)
+    if not 0 <= request.start_step < request.steps:
+        raise InvalidInput(f"start_step must be in 0..steps-1 ({request.steps - 1}), got {request.start_step}",
+                           reason="OUT_OF_RANGE", field="start_step")  # fmt: skip
+    if request.start_step and not request.HasField("init_latents"):
+        raise InvalidInput("start_step > 0 needs init_latents to start from", reason="MISSING", field="init_latents")
+    return SampleSpec(steps=request.steps, guidance=request.guidance, sampler=sampler, shift=shift,
+                      start_step=request.start_step)  # fmt: skip
+
+
+def _edit(request: pb.SampleRequest, noise: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The request's init latents and mask, checked against the noise's shape (None where unset)."""
+    if not request.HasField("init_latents"):
+        if request.HasField("mask"):
+            raise InvalidInput("mask needs init_latents: the latents it keeps", reason="MISSING", field="init_latents")
+        return None, None
+    init = tensors.decode(request.init_latents, "init_latents", np.float32, ndim=4, writable=True)  # (B, C, h, w)
+    if init.shape != tuple(noise.shape):
+        raise InvalidInput(f"init_latents has shape {init.shape}, noise {tuple(noise.shape)}: they must agree",
+                           reason="INVALID_SHAPE", field="init_latents")  # fmt: skip
+    if not np.isfinite(init).all():
+        raise InvalidInput("init_latents must be finite", reason="OUT_OF_RANGE", field="init_latents")
+    if not request.HasField("mask"):
+        return torch.from_numpy(init), None
+    mask = tensors.decode(request.mask, "mask", np.float32, ndim=4, writable=True)  # (B or 1, 1, h, w)
+    b, _, h, w = noise.shape
+    if mask.shape[0] not in (1, b) or mask.shape[1:] != (1, h, w):
+        raise InvalidInput(f"mask must have shape (1 or {b}, 1, {h}, {w}), got {mask.shape}",
+                           reason="INVALID_SHAPE", field="mask")  # fmt: skip
+    if not (np.isfinite(mask).all() and (mask >= 0).all() and (mask <= 1).all()):
+        raise InvalidInput("mask values must be in [0, 1]", reason="OUT_OF_RANGE", field="mask")
+    return torch.from_numpy(init), torch.from_numpy(mask)
 
 
 class DenoiserServicer(pb_grpc.DenoiserServicer):
@@ -111,17 +142,18 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
                 raise InvalidInput("uncond must have 1 or B rows", reason="INVALID_SHAPE", field="uncond")
         else:
             uncond = cond
+        init_latents, mask = _edit(request, noise)
         info = await self.family.describe(name, version)  # NOT_FOUND / UNAVAILABLE before any work
         deadline = time.monotonic() + remaining_seconds(context, self.family.settings)
         network = RunnerNetwork(self.family.runner, name, version, deadline)
         denoiser = LocalDenoiser(network, info.sha256, latent_channels=noise.shape[1])
-        schedule = get_schedule(spec.steps, spec.shift)
+        schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         started = time.monotonic()
-        previous = [noise]
+        previous = [start_latents(noise, schedule[0], init_latents)]
 
         def callback(i: int, n: int, x: torch.Tensor) -> None:
             if stop.is_set():
@@ -131,14 +163,14 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
             progress.progress.elapsed_seconds = time.monotonic() - started
             if request.preview_every and (i + 1) % request.preview_every == 0:
                 t, t_next = schedule[i], schedule[i + 1]
-                v = (x - previous[0]) / (t_next - t)  # the step's (guided) velocity; exact for Euler
+                v = (x - previous[0]) / (t_next - t)  # the step's effective velocity (guided, blended)
                 progress.progress.preview.CopyFrom(tensors.encode(previous[0] - t * v))
             previous[0] = x
             loop.call_soon_threadsafe(events.put_nowait, progress)
 
         def run() -> torch.Tensor:
             try:
-                return denoiser.sample(noise, cond, uncond, spec, callback)
+                return denoiser.sample(noise, cond, uncond, spec, callback, init_latents=init_latents, mask=mask)
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, None)
 

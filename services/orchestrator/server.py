@@ -9,7 +9,11 @@ stored after that.
 Jobs (SubmitJob, GetJob, WatchJob, CancelJob, ListJobs) are the same runs made durable: the request is checked as
 Generate checks it, recorded in Redis (`kinema.orchestration.jobs`) and run by a Celery worker
 (`kinema.orchestration.worker`, started with `python -m services.orchestrator.worker`). Without KINEMA_REDIS_URL
-they answer UNIMPLEMENTED. Uploads are not implemented yet.
+they answer UNIMPLEMENTED.
+
+A request's `inputs` are artifacts of the caller's tenant, looked up before anything runs
+(`kinema.orchestration.inputs`); `UploadArtifact` stores them (`kinema.orchestration.uploads`): the stream is
+checked message by message, the bytes are checked to be a whole image of an accepted size, and only then stored.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -31,6 +36,7 @@ from celery import Celery
 from kinema.errors import InvalidInput, KinemaError
 from kinema.jobs.celery_app import cancel, redis_errors_as_unavailable
 from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
+from kinema.orchestration.inputs import NO_INPUTS, StoredInputs, resolve_inputs
 from kinema.orchestration.jobs import (
     TERMINAL,
     AlreadyExists,
@@ -42,6 +48,7 @@ from kinema.orchestration.jobs import (
 from kinema.orchestration.outputs import artifact_ref, provenance_message, signed, store_output
 from kinema.orchestration.pipelines import REGISTRY, SEED_LIMIT, Pipeline, Registry
 from kinema.orchestration.settings import ENV_VARS, OrchestratorSettings
+from kinema.orchestration.uploads import Upload, UploadLimits, accepted_media_types
 from kinema.orchestration.worker import enqueue, job_store, make_job_app
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -100,6 +107,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         ctx = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: ctx.run(fn, *args))
 
+    def _inputs(self, tenant: str, request: pb.PipelineRequest, pipeline: Pipeline) -> StoredInputs:
+        """The request's input artifacts, each found in `tenant` with a media type the pipeline reads (blocking)."""
+        if not request.inputs:
+            return NO_INPUTS
+        return resolve_inputs(self.store, tenant, request, pipeline.info(), self.settings.media_limits)
+
     def _signed(self, artifact: Artifact, ttl: int) -> tuple[str, datetime]:
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         return self.store.presigned_url(artifact.sha256, artifact.tenant, timedelta(seconds=ttl)), expires_at
@@ -129,8 +142,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
         def work() -> list[pb.Output]:
             try:
+                inputs = self._inputs(tenant, request.request, pipeline)
                 bound = self.capabilities.bind(pipeline.capabilities, request.request.models, timeout)
-                made = pipeline.run(prepared, bound, callback)
+                made = pipeline.run(prepared, replace(bound, inputs=inputs), callback)
                 if stop.is_set():
                     raise _Stopped
                 # Stored only once every output is made, so a failed or cancelled run stores nothing.
@@ -225,10 +239,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         key = check_idempotency_key(request.idempotency_key)
         pipeline = self.registry.get(request.request.pipeline)
         resolved = self._resolved(request.request, pipeline)
-        pipeline.prepare(resolved, self.settings.service.max_batch)  # Generate's checks, before anything is queued
+        prepared = pipeline.prepare(resolved, self.settings.service.max_batch)  # Generate's checks, before queueing
         fingerprint = request_fingerprint(request.request)
 
         def submit() -> pb.Job:
+            inputs = self._inputs(tenant, resolved, pipeline)
+            check_inputs = getattr(pipeline, "check_inputs", None)  # what a pipeline can check of its inputs' headers
+            if inputs.artifacts and check_inputs is not None:
+                check_inputs(prepared, inputs)
             job, created = jobs.create(tenant, resolved, key, fingerprint)
             if created:
                 try:
@@ -295,11 +313,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
         return await self._run_blocking(page)
 
-    # -- not in this release --------------------------------------------------------------------
+    # -- uploads --------------------------------------------------------------------------------------
 
-    async def UploadArtifact(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "UploadArtifact is not implemented yet; text_to_image needs no inputs")  # fmt: skip
+    async def UploadArtifact(self, request_iterator, context) -> pb.UploadArtifactResponse:
+        tenant = tenant_of(context)
+        limits = UploadLimits(self.settings.upload_max_bytes, accepted_media_types(self.registry.infos()),
+                              self.settings.media_limits)  # fmt: skip
+        upload = Upload(limits)
+        try:
+            async for message in request_iterator:
+                await self._run_blocking(upload.add, message)  # in order; a spooled file may write to disk
+            artifact = await self._run_blocking(upload.store, self.store, tenant)
+        finally:
+            upload.close()
+        return pb.UploadArtifactResponse(artifact=artifact_ref(artifact))
 
 
 def build_server(settings: ServiceSettings | OrchestratorSettings) -> KinemaServer:

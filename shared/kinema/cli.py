@@ -35,7 +35,9 @@ JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
 _OPTION_OF_FIELD = {"prompts": "--n", "seed": "--seed", "steps": "--steps", "guidance": "--guidance",
                     "width": "--size", "height": "--size", "sampler": "--sampler", "id": "the job ID",
                     "state": "--state", "idempotency_key": "--idempotency-key",
-                    "kinema-tenant": "--tenant"}  # fmt: skip
+                    "kinema-tenant": "--tenant", "strength": "--strength", "inputs.image": "--init-image",
+                    "inputs.mask": "--mask"}  # fmt: skip
+DEFAULT_SIZE = 64
 
 
 class CliError(Exception):
@@ -81,6 +83,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be between 0 and 65535 (0 = any free port), got {value}")
+    return value
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -134,8 +143,9 @@ def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], l
     from kinema.pipelines import TextToImageRequest, text_to_image
 
     text_encoder, denoiser, autoencoder = loaded or _load(args.models)
+    size = args.size or DEFAULT_SIZE
     request = TextToImageRequest(
-        prompts=prompts, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size, sampler=args.sampler
+        prompts=prompts, seed=args.seed, steps=args.steps, guidance=args.guidance, size=size, sampler=args.sampler
     )
     with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         try:
@@ -145,7 +155,78 @@ def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], l
     for prompt, cut in zip(prompts, result.truncated, strict=True):
         if cut:
             _LOGGER.warning("prompt is longer than the text encoder's token limit and was truncated: %r", prompt)
-    params = {"steps": args.steps, "guidance": args.guidance, "size": args.size, "sampler": args.sampler}
+    params = {"steps": args.steps, "guidance": args.guidance, "size": size, "sampler": args.sampler}
+    for img, prompt, seed, out in zip(result.images, prompts, result.seeds, outputs, strict=True):
+        _save_png(Image.fromarray(img), out, _png_info(prompt, params, seed, result.models))
+
+
+def _edit_pipeline(args: argparse.Namespace) -> str:
+    """The pipeline the edit options ask for: text_to_image, image_to_image (--init-image) or inpaint (+ --mask)."""
+    init, mask, strength = (
+        getattr(args, "init_image", None),
+        getattr(args, "mask", None),
+        getattr(args, "strength", None),
+    )
+    if init is None:
+        if mask is not None or strength is not None:
+            raise CliError(f"{'--mask' if mask is not None else '--strength'} needs --init-image (the image to edit)")
+        return "text_to_image"
+    return "inpaint" if mask is not None else "image_to_image"
+
+
+def _read_image(path: Path, option: str, mode: str):
+    """The pixels of a PNG or JPEG file for an edit option (the checks an upload gets, on this machine)."""
+    import hashlib
+
+    from kinema.errors import InvalidInput
+    from kinema.storage.media import decode_image, media_type_of
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CliError(f"{option} {path}: {e.strerror or e}") from None
+    try:
+        pixels = decode_image(data, media_type_of(path.name, data[:16]), f"{option} {path}", mode=mode)
+    except InvalidInput as e:
+        message = str(e)
+        raise CliError(message if message.startswith(option) else f"{option} {path}: {message}") from None
+    return pixels, hashlib.sha256(data).hexdigest()
+
+
+def _render_edit(pipeline: str, args: argparse.Namespace, outputs: list[Path]) -> None:
+    """image_to_image or inpaint on this machine, written as `_render` writes text_to_image."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from kinema.errors import InvalidInput
+    from kinema.pipelines import ImageToImageRequest, InpaintRequest, image_to_image, inpaint
+    from kinema.sampling.edit import start_step
+
+    image, image_sha = _read_image(args.init_image, "--init-image", "RGB")
+    height, width = image.shape[:2]
+    if args.size and (width, height) != (args.size, args.size):
+        raise CliError(f"the output keeps the input's size {width}x{height}; leave --size out or set it to that")
+    prompts = [args.prompt] * args.n
+    fields = {"prompts": prompts, "image": image, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "sampler": args.sampler}  # fmt: skip
+    params = {"pipeline": pipeline, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
+              "sampler": args.sampler, "init_image": image_sha}  # fmt: skip
+    if pipeline == "inpaint":
+        mask, params["mask"] = _read_image(args.mask, "--mask", "L")
+        request = InpaintRequest(mask=mask, strength=args.strength or 1.0, **fields)
+        run = inpaint
+    else:
+        request = ImageToImageRequest(strength=args.strength or 0.8, **fields)
+        run = image_to_image
+    params["strength"] = request.strength
+    text_encoder, denoiser, autoencoder = _load(args.models)
+    total = args.steps - start_step(args.steps, request.strength)
+    with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
+        try:
+            result = run(request, text_encoder, denoiser, autoencoder, callback=lambda i, n, x: bar.update(1))
+        except InvalidInput as e:
+            option = {"image": f"--init-image {args.init_image}", "mask": f"--mask {args.mask}"}.get(e.field)
+            raise CliError(f"{option}: {e}" if option else str(e)) from None
     for img, prompt, seed, out in zip(result.images, prompts, result.seeds, outputs, strict=True):
         _save_png(Image.fromarray(img), out, _png_info(prompt, params, seed, result.models))
 
@@ -155,10 +236,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("the prompt is empty")
     if args.output.suffix.lower() != ".png":
         raise CliError(f"output must be a .png file, got {args.output}")
+    pipeline = _edit_pipeline(args)
     if args.server:
         _remote_generate(args)
-    else:
+    elif pipeline == "text_to_image":
         _render([args.prompt] * args.n, args, _numbered(args.output, args.n))
+    else:
+        _render_edit(pipeline, args, _numbered(args.output, args.n))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -245,11 +329,32 @@ def _client(args: argparse.Namespace):
     return KinemaClient(args.server, tenant=args.tenant)
 
 
-def _request_fields(args: argparse.Namespace) -> dict:
+def _request_fields(args: argparse.Namespace, client=None) -> dict:
     """The request the sampling options stand for: the same values embedded mode runs with, so that one command
-    makes the same image embedded and served."""
-    return {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size,
-            "sampler": args.sampler}  # fmt: skip
+    makes the same image embedded and served. With --init-image (and --mask) the files are uploaded first."""
+    fields = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size or 0,
+              "sampler": args.sampler}  # fmt: skip
+    pipeline = _edit_pipeline(args)
+    if pipeline != "text_to_image":
+        fields |= {"pipeline": pipeline, "strength": args.strength or 0.0, "inputs": {}}
+        for name, option, path in (("image", "--init-image", args.init_image), ("mask", "--mask", args.mask)):
+            if path is not None:
+                fields["inputs"][name] = _upload(client, path, option)
+    return fields
+
+
+def _upload(client, path: Path, option: str):
+    """`client.upload(path)`, its errors naming the option and the file."""
+    from kinema.errors import KinemaError, Unavailable
+
+    if not path.is_file():
+        raise CliError(f"{option} {path}: no such file")
+    try:
+        return client.upload(path)
+    except KinemaError as e:
+        if isinstance(e, Unavailable):
+            raise
+        raise type(e)(f"{option} {path}: {e}", reason=e.reason, metadata=e.metadata) from None
 
 
 class _Progress:
@@ -318,9 +423,9 @@ def _remote_generate(args: argparse.Namespace) -> None:
     if args.models is not None:
         raise CliError("--models names a model repository on this machine; with --server the server's models run")
     with _client(args) as client:
+        fields = _request_fields(args, client)
         with _Progress(args.quiet) as bar:
-            result = client.generate(args.prompt, on_progress=lambda p: bar.show(p.step, p.total),
-                                     **_request_fields(args))  # fmt: skip
+            result = client.generate(args.prompt, on_progress=lambda p: bar.show(p.step, p.total), **fields)
         _save_outputs(client, result.outputs, args.output)
 
 
@@ -328,7 +433,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise CliError("the prompt is empty")
     with _client(args) as client:
-        job = client.submit_job(args.prompt, idempotency_key=args.idempotency_key, **_request_fields(args))
+        job = client.submit_job(args.prompt, idempotency_key=args.idempotency_key, **_request_fields(args, client))
     print(job.id)
 
 
@@ -398,8 +503,18 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default 28)")
     p.add_argument("--guidance", type=_guidance, default=4.0, help="classifier-free guidance scale (default 4)")
-    p.add_argument("--size", type=_size, default=64, help="image side in pixels, multiple of 8 (default 64)")
+    size_help = f"image side in pixels, multiple of 8 (default {DEFAULT_SIZE}; with --init-image: its size)"
+    p.add_argument("--size", type=_size, default=None, help=size_help)
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+
+
+def _add_edit_args(p: argparse.ArgumentParser) -> None:
+    image_help = "edit this image instead of starting from noise (image_to_image; the output keeps its size)"
+    p.add_argument("--init-image", type=Path, default=None, metavar="PNG|JPEG", help=image_help)
+    mask_help = "with --init-image: repaint where this mask (same size, greyscale) is >= 128 (inpaint)"
+    p.add_argument("--mask", type=Path, default=None, metavar="PNG|JPEG", help=mask_help)
+    strength_help = "with --init-image: how far to move from it, in (0, 1] (default 0.8; inpaint 1.0)"
+    p.add_argument("--strength", type=_strength, default=None, help=strength_help)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -429,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
     gen.add_argument("--n", type=_positive_int, default=1, help="number of images (out-0.png, out-1.png, ...)")
     _add_sampling_args(gen)
+    _add_edit_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     jobs = sub.add_parser("jobs", help="durable jobs on a Kinema server (--server)")
@@ -438,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--n", type=_positive_int, default=1, help="number of images")
     submit.add_argument("--idempotency-key", default="", help="resubmitting with the same key returns the same job")
     _add_request_args(submit)
+    _add_edit_args(submit)
     submit.set_defaults(func=cmd_jobs_submit)
     watch = verbs.add_parser("watch", parents=[remote], help="show a job's progress; download its images when done")
     watch.add_argument("id")
@@ -523,13 +640,21 @@ def _message(e: Exception) -> str:
 
 
 def _exit_code(e: Exception) -> int:
-    from kinema.errors import DataLoss, DeadlineExceeded, InvalidInput, KinemaError, NotFound, Unavailable
+    from kinema.errors import (
+        DataLoss,
+        DeadlineExceeded,
+        InvalidInput,
+        KinemaError,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+    )
 
     if isinstance(e, CliError):
         return e.exit_code
     if isinstance(e, Unavailable | DeadlineExceeded):
         return EXIT_UNAVAILABLE
-    if isinstance(e, InvalidInput | NotFound | FileNotFoundError) and not isinstance(e, DataLoss):
+    if isinstance(e, InvalidInput | NotFound | ResourceExhausted | FileNotFoundError) and not isinstance(e, DataLoss):
         return EXIT_USAGE
     if isinstance(e, KinemaError) and e.metadata.get("grpc_code") == "ALREADY_EXISTS":
         return EXIT_USAGE

@@ -31,6 +31,7 @@ from kinema.errors import DataLoss, DeadlineExceeded, InvalidInput, KinemaError,
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from kinema.rpc.status import from_rpc_error
+from kinema.storage.media import media_type_of
 
 # The request metadata the orchestrator reads the tenant from. Deliberately the same literal as
 # services/orchestrator/server.py's TENANT_KEY (the library never imports services/); a test keeps them equal.
@@ -82,6 +83,7 @@ def pipeline_request(
     sampler: str = "",
     shift: float = 0.0,
     negative_prompt: str = "",
+    strength: float = 0.0,
     models: Mapping[str, str | common_pb2.ModelRef] | None = None,
     inputs: Mapping[str, str | common_pb2.ArtifactRef] | None = None,
     options: Mapping[str, Any] | None = None,
@@ -89,13 +91,14 @@ def pipeline_request(
     """A `PipelineRequest`; zero or None leaves a field to the pipeline's default, as the proto says.
 
     A single prompt is repeated `n` times (output i gets seed + i); `size` sets both width and height. `models`
-    maps a capability to a model name or `ModelRef`, `inputs` a name to an artifact's sha256 or `ArtifactRef`.
+    maps a capability to a model name or `ModelRef`, `inputs` a name to an artifact's sha256 or `ArtifactRef`
+    (`upload` returns one), e.g. `pipeline="image_to_image", inputs={"image": ref}, strength=0.6`.
     The server checks everything: an out-of-range value comes back as `InvalidInput` naming the field.
     """
     prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
     request = pb.PipelineRequest(pipeline=pipeline, prompts=prompts, steps=steps, width=width or size,
                                  height=height or size, sampler=sampler, shift=shift,
-                                 negative_prompt=negative_prompt)  # fmt: skip
+                                 negative_prompt=negative_prompt, strength=strength)  # fmt: skip
     if seed is not None:
         request.seed = seed
     if guidance is not None:
@@ -240,6 +243,52 @@ class KinemaClient:
 
     # -- artifacts and catalogues ---------------------------------------------------------------------
 
+    def upload(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        *,
+        media_type: str | None = None,
+        filename: str | None = None,
+        timeout: float | None = None,
+    ) -> common_pb2.ArtifactRef:
+        """Store a file (or bytes) as an artifact of the tenant and return its `ArtifactRef`, ready for `inputs`.
+
+        `media_type` defaults to the file's suffix (.png, .jpg/.jpeg, .mp4, ...) or, for bytes, their signature;
+        `filename` (recorded in the provenance) to the file's name. Bytes the tenant already holds are not sent
+        again (GetArtifact first). The server checks the bytes (a whole image of an accepted size) and stores them
+        whole or not at all: `InvalidInput` for what is not, `ResourceExhausted` over its size limit.
+        """
+        path = None if isinstance(source, bytes | bytearray) else Path(source)
+        if path is not None:
+            try:
+                size, sha256 = _file_digest(path)
+            except OSError as e:
+                raise InvalidInput(f"cannot read {path}: {e.strerror or e}", reason="UNREADABLE_FILE") from None
+            head = _read_head(path)
+        else:
+            data = bytes(source)
+            size, sha256, head = len(data), hashlib.sha256(data).hexdigest(), data[:16]
+        media_type = media_type or media_type_of(path.name if path is not None else None, head)
+        try:
+            return self.get_artifact(sha256, timeout=timeout).artifact
+        except NotFound:
+            pass
+        name = filename if filename is not None else (path.name if path is not None else "")
+        header = pb.UploadHeader(media_type=media_type, size_bytes=size, sha256=sha256, filename=name)
+
+        def messages() -> Iterator[pb.UploadArtifactRequest]:
+            yield pb.UploadArtifactRequest(header=header)
+            if path is None:
+                for start in range(0, size, _CHUNK):
+                    yield pb.UploadArtifactRequest(chunk=data[start : start + _CHUNK])
+                return
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield pb.UploadArtifactRequest(chunk=chunk)
+
+        budget = timeout or self.timeout or UNARY_TIMEOUT_SECONDS + size / _CHUNK  # a second per MiB beyond a minute
+        return self._unary(self._stub.UploadArtifact, messages(), budget).artifact
+
     def get_artifact(self, ref: str | common_pb2.ArtifactRef | pb.Output, *, url_ttl_seconds: int = 0,
                      timeout: float | None = None) -> pb.GetArtifactResponse:  # fmt: skip
         """An artifact's metadata, provenance and a fresh presigned URL (`url_ttl_seconds` 0: an hour)."""
@@ -324,6 +373,20 @@ class KinemaClient:
             return False
         finally:
             ready.cancel()
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _read_head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(16)
 
 
 def _sha256_of(ref: str | common_pb2.ArtifactRef | pb.Output) -> str:

@@ -38,7 +38,9 @@ def test_list_models_reports_down_services_as_unavailable(stub) -> None:
 
 
 def test_list_pipelines(stub) -> None:
-    (info,) = stub.ListPipelines(pb.ListPipelinesRequest(), timeout=10).pipelines
+    infos = stub.ListPipelines(pb.ListPipelinesRequest(), timeout=10).pipelines
+    assert [i.name for i in infos] == ["image_to_image", "inpaint", "text_to_image"]
+    (info,) = stub.ListPipelines(pb.ListPipelinesRequest(name="text_to_image"), timeout=10).pipelines
     assert info.name == "text_to_image" and info.output_media_type == "image/png"
     assert sorted(info.capabilities) == ["autoencoder", "denoiser", "text_encoder"]
     params = {p.name: p for p in info.parameters}
@@ -124,12 +126,7 @@ def test_jobs_are_off_without_redis(stub) -> None:
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "set KINEMA_REDIS_URL" in info.value.details()
 
 
-def test_uploads_and_previews_are_unimplemented(stub) -> None:
-    calls = [
-        lambda: stub.UploadArtifact(iter([pb.UploadArtifactRequest(chunk=b"x")]), timeout=10),
-        lambda: _generate(stub, pb.PipelineRequest(**T2I), preview_every=1),
-    ]
-    for call in calls:
-        with pytest.raises(grpc.RpcError) as info:
-            call()
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not implemented yet" in info.value.details()
+def test_previews_are_unimplemented(stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _generate(stub, pb.PipelineRequest(**T2I), preview_every=1)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not implemented yet" in info.value.details()

@@ -101,7 +101,8 @@ def test_registry() -> None:
     with pytest.raises(NotFound, match="registered: text_to_image") as info:
         registry.get("inpaint")
     assert (info.value.reason, info.value.field) == ("PIPELINE_NOT_FOUND", "pipeline")
-    assert [i.name for i in REGISTRY.infos()] == ["text_to_image"] and REGISTRY.infos("nope") == []
+    assert [i.name for i in REGISTRY.infos()] == ["image_to_image", "inpaint", "text_to_image"]
+    assert REGISTRY.infos("nope") == []
 
 
 def test_text_to_image_fills_in_defaults() -> None:

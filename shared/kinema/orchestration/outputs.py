@@ -36,7 +36,8 @@ def artifact_ref(a: Artifact) -> common_pb2.ArtifactRef:
 
 def store_output(store: ArtifactStore, made: PipelineOutput, pipeline: str, tenant: str) -> pb.Output:
     """Store `made` (bytes a tenant already holds are not written again) and describe it, unsigned."""
-    provenance = Provenance(pipeline=pipeline, parameters=made.parameters, seed=made.seed, models=made.models)
+    provenance = Provenance(pipeline=pipeline, parameters=made.parameters, seed=made.seed, models=made.models,
+                            parents=made.parents)  # fmt: skip
     artifact = store.put(made.data, made.media_type, provenance, tenant)
     output = pb.Output(index=made.index, artifact=artifact_ref(artifact), prompt_truncated=made.prompt_truncated)
     if made.seed is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -18,8 +19,11 @@ from PIL import Image
 
 from kinema.errors import InvalidInput, NotFound
 from kinema.orchestration.capabilities import Bound
+from kinema.orchestration.inputs import StoredInputs
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
-from kinema.pipelines.text_to_image import TextToImageRequest, text_to_image
+from kinema.pipelines.image_to_image import ImageToImageRequest, check_strength, image_to_image
+from kinema.pipelines.inpaint import InpaintRequest, inpaint
+from kinema.pipelines.text_to_image import TextToImageRequest, check_sampling, text_to_image
 from kinema.sampling.samplers import Callback
 
 SEED_LIMIT = 2**63
@@ -36,6 +40,7 @@ class PipelineOutput:
     prompt_truncated: bool
     parameters: dict[str, Any]  # the resolved request of this output alone, keyed by PipelineRequest field names
     models: dict[str, str]  # capability -> weight sha256
+    parents: tuple[str, ...] = ()  # sha256 of the input artifacts it was made from
 
 
 class Pipeline(Protocol):
@@ -133,6 +138,26 @@ def _with_field(e: InvalidInput) -> InvalidInput:
     return InvalidInput(f"width and height: {e}", reason=e.reason or "OUT_OF_RANGE", field=field, metadata=e.metadata)
 
 
+def prompts_and_seed(request: pb.PipelineRequest, max_batch: int) -> int:
+    """Check the prompts against the batch limit; the seed of the first output (drawn when unset)."""
+    n = len(request.prompts)
+    if n == 0:
+        raise InvalidInput("at least one prompt is required", reason="MISSING", field="prompts")
+    if n > max_batch:
+        raise InvalidInput(
+            f"{n} prompts are over this server's batch limit of {max_batch}; split the request",
+            reason="BATCH_TOO_LARGE",
+            field="prompts",
+            metadata={"max_batch": str(max_batch)},
+        )
+    if not request.HasField("seed"):
+        return secrets.randbelow(SEED_LIMIT - max_batch)
+    if request.seed + n > SEED_LIMIT:
+        raise InvalidInput(f"seed + {n - 1} (the last output's seed) must be < 2**63, got seed {request.seed}",
+                           reason="OUT_OF_RANGE", field="seed")  # fmt: skip
+    return request.seed
+
+
 class TextToImagePipeline:
     """`kinema.pipelines.text_to_image` behind the orchestrator."""
 
@@ -168,27 +193,11 @@ class TextToImagePipeline:
 
     def prepare(self, request: pb.PipelineRequest, max_batch: int) -> TextToImageRequest:
         reject_unread(request, self.name, self._reads, self.capabilities)
-        n = len(request.prompts)
-        if n == 0:
-            raise InvalidInput("at least one prompt is required", reason="MISSING", field="prompts")
-        if n > max_batch:
-            raise InvalidInput(
-                f"{n} prompts are over this server's batch limit of {max_batch}; split the request",
-                reason="BATCH_TOO_LARGE",
-                field="prompts",
-                metadata={"max_batch": str(max_batch)},
-            )
+        seed = prompts_and_seed(request, max_batch)
         width, height = request.width or self.defaults.size, request.height or self.defaults.size
         if width != height:
             raise InvalidInput(f"{self.name} makes square images: width {width} != height {height}",
                                reason="NOT_SQUARE", field="width")  # fmt: skip
-        if request.HasField("seed"):
-            seed = request.seed
-            if seed + n > SEED_LIMIT:
-                raise InvalidInput(f"seed + {n - 1} (the last output's seed) must be < 2**63, got seed {seed}",
-                                   reason="OUT_OF_RANGE", field="seed")  # fmt: skip
-        else:
-            seed = secrets.randbelow(SEED_LIMIT - max_batch)
         prepared = replace(
             self.defaults,
             prompts=list(request.prompts),
@@ -234,7 +243,227 @@ class TextToImagePipeline:
         return outputs
 
 
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png")
+# A library edit error's field -> the PipelineRequest field it is about.
+_EDIT_FIELDS = {"image": "inputs.image", "mask": "inputs.mask"}
+
+
+def _edit_field(e: InvalidInput) -> InvalidInput:
+    field = _EDIT_FIELDS.get(e.field)
+    if field is None:
+        return e
+    return InvalidInput(f"{field}: {e}", reason=e.reason or "OUT_OF_RANGE", field=field, metadata=e.metadata)
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """A checked image_to_image or inpaint request, every default filled in; the images are read at run time."""
+
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    shift: float
+    strength: float
+    width: int  # 0: the input image's
+    height: int
+    inputs: tuple[tuple[str, str], ...]  # (name, sha256) as requested
+
+
+class _EditPipeline:
+    """What image_to_image and inpaint share: an input image whose size the outputs keep, and a strength."""
+
+    name: str
+    description: str
+    inputs: tuple[pb.InputInfo, ...]
+    default_strength: float
+    capabilities = ("autoencoder", "denoiser", "text_encoder")
+    defaults = TextToImageRequest(prompts=[])
+    _reads = frozenset({"prompts", "negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler",
+                        "shift", "strength", "inputs", "models"})  # fmt: skip
+
+    def info(self) -> pb.PipelineInfo:
+        d = self.defaults
+        return pb.PipelineInfo(
+            name=self.name,
+            description=self.description,
+            inputs=list(self.inputs),
+            parameters=[
+                _param("prompts", "the prompts, one output each; 1 to the server's batch limit", required=True),
+                _param("negative_prompt", "the prompt guidance steers away from", d.negative_prompt),
+                _param("seed", "seed of the first output, in [0, 2^63); unset: drawn by the server"),
+                _param(
+                    "steps",
+                    "sampling steps of the full schedule, 1..1000; the run takes the last ceil(strength * steps)",
+                    d.steps,
+                ),
+                _param("guidance", "classifier-free guidance scale >= 0 (1: none)", d.guidance),
+                _param(
+                    "strength",
+                    "how far from the input to move, in (0, 1]; 1 starts from pure noise",
+                    self.default_strength,
+                ),
+                _param(
+                    "width",
+                    "0 or the input image's width (never resized); a multiple of the model's pixel patch up to 256",
+                ),
+                _param("height", "0 or the input image's height"),
+                _param("sampler", "ODE sampler: 'euler' or 'heun'", d.sampler),
+                _param("shift", "timestep shift s > 0 of the schedule (SD3 eq. 23)", d.shift),
+            ],
+            capabilities=list(self.capabilities),
+            output_media_type="image/png",
+        )
+
+    def prepare(self, request: pb.PipelineRequest, max_batch: int) -> EditPlan:
+        reject_unread(request, self.name, self._reads, self.capabilities)
+        seed = prompts_and_seed(request, max_batch)
+        names = {i.name for i in self.inputs}
+        for name in sorted(request.inputs):
+            if name not in names:
+                raise InvalidInput(f"pipeline {self.name!r} reads no input {name!r}; it reads {sorted(names)}",
+                                   reason="UNUSED_INPUT", field=f"inputs.{name}")  # fmt: skip
+        for i in self.inputs:
+            if i.required and i.name not in request.inputs:
+                raise InvalidInput(f"{self.name} needs inputs.{i.name}: {i.description}", reason="MISSING",
+                                   field=f"inputs.{i.name}")  # fmt: skip
+        for side in ("width", "height"):
+            if getattr(request, side) < 0:
+                raise InvalidInput(f"{side} must be 0 or the input image's {side}, got {getattr(request, side)}",
+                                   reason="OUT_OF_RANGE", field=side)  # fmt: skip
+        d = self.defaults
+        plan = EditPlan(
+            prompts=tuple(request.prompts),
+            negative_prompt=request.negative_prompt,
+            seed=seed,
+            steps=request.steps or d.steps,
+            guidance=request.guidance if request.HasField("guidance") else d.guidance,
+            sampler=request.sampler or d.sampler,
+            shift=request.shift or d.shift,
+            strength=request.strength or self.default_strength,
+            width=request.width,
+            height=request.height,
+            inputs=tuple(sorted((name, ref.sha256) for name, ref in request.inputs.items())),
+        )
+        check_sampling(plan)
+        check_strength(plan.strength)
+        return plan
+
+    def check_inputs(self, plan: EditPlan, inputs: StoredInputs) -> tuple[int, int]:
+        """The input image's (width, height), checked against the requested size; reads image headers only."""
+        width, height = inputs.image_size("image")
+        for side, want, have in (("width", plan.width, width), ("height", plan.height, height)):
+            if want not in (0, have):
+                raise InvalidInput(f"{self.name} keeps the input image's size {width}x{height}; leave {side} 0 or "
+                                   f"set it to {have}, got {want}", reason="SIZE_MISMATCH", field=side)  # fmt: skip
+        return width, height
+
+    def _sample(self, plan: EditPlan, inputs: StoredInputs, c: Mapping[str, Any], callback: Callback | None):
+        raise NotImplementedError
+
+    def run(self, plan: EditPlan, bound: Bound, callback: Callback | None) -> list[PipelineOutput]:
+        width, height = self.check_inputs(plan, bound.inputs)
+        try:
+            result = self._sample(plan, bound.inputs, bound.clients, callback)
+        except InvalidInput as e:
+            raise _edit_field(e) from None
+        models = {cap: sha for cap, sha in result.models.items() if sha}
+        outputs = []
+        for i, (image, prompt, seed, cut) in enumerate(
+            zip(result.images, plan.prompts, result.seeds, result.truncated, strict=True)
+        ):
+            parameters = {
+                "pipeline": self.name,
+                "prompts": [prompt],
+                "negative_prompt": plan.negative_prompt,
+                "seed": str(seed),  # proto3 JSON writes 64-bit integers as strings: exact through ParseDict
+                "steps": plan.steps,
+                "guidance": plan.guidance,
+                "strength": plan.strength,
+                "width": width,
+                "height": height,
+                "sampler": plan.sampler,
+                "shift": plan.shift,
+                "inputs": {name: {"sha256": sha} for name, sha in plan.inputs},
+                "models": {cap: dict(ref) for cap, ref in bound.models.items()},
+            }
+            outputs.append(PipelineOutput(i, png(image), "image/png", seed, bool(cut), parameters, models,
+                                          bound.inputs.parents))  # fmt: skip
+        return outputs
+
+
+def _image_input(description: str) -> pb.InputInfo:
+    return pb.InputInfo(name="image", description=description, required=True, media_types=list(IMAGE_MEDIA_TYPES))
+
+
+class ImageToImagePipeline(_EditPipeline):
+    """`kinema.pipelines.image_to_image` behind the orchestrator."""
+
+    name = "image_to_image"
+    default_strength = 0.8
+    description = (
+        "Edits an image towards the prompts (SDEdit, Meng et al. 2021, on SD3's rectified flow): the input is "
+        "encoded, noised to the flow time of the first step strength leaves and sampled to the end. One PNG per "
+        "prompt, the input's size; output i uses seed + i."
+    )
+    inputs = (_image_input("the image to edit, PNG or JPEG (RGB; alpha is dropped), its sides multiples of the "
+                           "model's pixel patch up to 256"),)  # fmt: skip
+
+    def _sample(self, plan: EditPlan, inputs: StoredInputs, c: Mapping[str, Any], callback: Callback | None):
+        request = ImageToImageRequest(
+            prompts=list(plan.prompts), image=inputs.image("image"), strength=plan.strength, seed=plan.seed,
+            steps=plan.steps, guidance=plan.guidance, sampler=plan.sampler, shift=plan.shift,
+            negative_prompt=plan.negative_prompt,
+        )  # fmt: skip
+        return image_to_image(request, c["text_encoder"], c["denoiser"], c["autoencoder"], callback)
+
+
+class InpaintPipeline(_EditPipeline):
+    """`kinema.pipelines.inpaint` behind the orchestrator."""
+
+    name = "inpaint"
+    default_strength = 1.0
+    description = (
+        "Repaints the masked part of an image from the prompts and keeps the rest (latent inpainting: after every "
+        "step the kept region is reset to the input's latents noised to that step's time; Rombach et al. 2022, "
+        "LDM; SDEdit strength inside the mask). One PNG per prompt, the input's size; output i uses seed + i."
+    )
+    inputs = (
+        _image_input(
+            "the image to repaint, PNG or JPEG (RGB; alpha is dropped), its sides multiples of the "
+            "model's pixel patch up to 256"
+        ),
+        pb.InputInfo(
+            name="mask",
+            description="same size as the image, read as greyscale: pixels >= 128 are regenerated, pixels < 128 kept",
+            required=True,
+            media_types=list(IMAGE_MEDIA_TYPES),
+        ),
+    )
+
+    def check_inputs(self, plan: EditPlan, inputs: StoredInputs) -> tuple[int, int]:
+        width, height = super().check_inputs(plan, inputs)
+        mask_width, mask_height = inputs.image_size("mask")
+        if (mask_width, mask_height) != (width, height):
+            raise InvalidInput(f"inputs.mask is {mask_width}x{mask_height} pixels, the image {width}x{height}: "
+                               "they must be the same size", reason="SIZE_MISMATCH", field="inputs.mask")  # fmt: skip
+        return width, height
+
+    def _sample(self, plan: EditPlan, inputs: StoredInputs, c: Mapping[str, Any], callback: Callback | None):
+        request = InpaintRequest(
+            prompts=list(plan.prompts), image=inputs.image("image"), mask=inputs.image("mask", mode="L"),
+            strength=plan.strength, seed=plan.seed, steps=plan.steps, guidance=plan.guidance, sampler=plan.sampler,
+            shift=plan.shift, negative_prompt=plan.negative_prompt,
+        )  # fmt: skip
+        return inpaint(request, c["text_encoder"], c["denoiser"], c["autoencoder"], callback)
+
+
 REGISTRY = Registry()
 REGISTRY.register(TextToImagePipeline())
+REGISTRY.register(ImageToImagePipeline())
+REGISTRY.register(InpaintPipeline())
 
-__all__ = ["REGISTRY", "Pipeline", "PipelineOutput", "Registry", "TextToImagePipeline", "reject_unread"]
+__all__ = ["REGISTRY", "EditPlan", "ImageToImagePipeline", "InpaintPipeline", "Pipeline", "PipelineOutput",
+           "Registry", "TextToImagePipeline", "prompts_and_seed", "reject_unread"]  # fmt: skip

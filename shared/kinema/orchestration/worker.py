@@ -30,6 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -38,6 +39,7 @@ from celery.signals import task_revoked
 from kinema.errors import KinemaError, Unavailable
 from kinema.jobs.celery_app import KinemaTask, make_celery
 from kinema.orchestration.capabilities import RemoteCapabilities
+from kinema.orchestration.inputs import NO_INPUTS, resolve_inputs
 from kinema.orchestration.jobs import JobStore
 from kinema.orchestration.outputs import store_output
 from kinema.orchestration.pipelines import REGISTRY, Registry
@@ -183,8 +185,11 @@ class JobRunner:
 
         if self._cancelled(task):
             raise JobCancelled
+        inputs = NO_INPUTS  # the request's input artifacts, looked up again: one may have gone since the submit
+        if job.request.inputs:
+            inputs = resolve_inputs(store, tenant, job.request, pipeline.info(), self.settings.media_limits)
         bound = capabilities.bind(pipeline.capabilities, job.request.models, self.settings.job_timeout_seconds)
-        made = pipeline.run(prepared, bound, callback)
+        made = pipeline.run(prepared, replace(bound, inputs=inputs), callback)
         if self._cancelled(task):
             raise JobCancelled  # stored only once every output is made, so a cancelled job stores nothing
         return [store_output(store, m, pipeline.name, tenant) for m in made]

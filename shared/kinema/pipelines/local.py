@@ -12,6 +12,7 @@ from kinema.nn.autoencoder import Autoencoder
 from kinema.nn.mmdit import MMDiT
 from kinema.nn.text import TextEmbedding
 from kinema.pipelines.protocols import SampleSpec
+from kinema.sampling.edit import sample_masked, start_latents
 from kinema.sampling.guidance import cfg_velocity
 from kinema.sampling.samplers import Callback, sample_euler, sample_heun
 from kinema.sampling.schedule import get_schedule
@@ -49,7 +50,15 @@ class LocalDenoiser:
 
     @torch.inference_mode()
     def sample(
-        self, noise: Tensor, cond: TextEmbedding, uncond: TextEmbedding, spec: SampleSpec, callback: Callback | None
+        self,
+        noise: Tensor,
+        cond: TextEmbedding,
+        uncond: TextEmbedding,
+        spec: SampleSpec,
+        callback: Callback | None,
+        *,
+        init_latents: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         b = noise.shape[0]
         length = max(cond.tokens.shape[1], uncond.tokens.shape[1])
@@ -58,20 +67,29 @@ class LocalDenoiser:
         guided = spec.guidance != 1.0
         if guided:  # one batched evaluation for both halves of CFG
             tokens = torch.cat([c_tok, u_tok.expand(b, -1, -1)])
-            mask = torch.cat([c_mask, u_mask.expand(b, -1)])
+            token_mask = torch.cat([c_mask, u_mask.expand(b, -1)])
             pooled = torch.cat([cond.pooled, uncond.pooled.expand(b, -1)])
         else:
-            tokens, mask, pooled = c_tok, c_mask, cond.pooled
+            tokens, token_mask, pooled = c_tok, c_mask, cond.pooled
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             if not guided:
-                return self.model(x, t, tokens, pooled, mask)
-            v = self.model(torch.cat([x, x]), torch.cat([t, t]), tokens, pooled, mask)
+                return self.model(x, t, tokens, pooled, token_mask)
+            v = self.model(torch.cat([x, x]), torch.cat([t, t]), tokens, pooled, token_mask)
             v_cond, v_uncond = v.chunk(2)
             return cfg_velocity(v_cond, v_uncond, spec.guidance)
 
-        schedule = get_schedule(spec.steps, spec.shift)
-        return SAMPLERS[spec.sampler](velocity, noise, schedule, callback=callback)
+        schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
+        sampler = SAMPLERS[spec.sampler]
+        if spec.start_step and init_latents is None:
+            raise ValueError("a run that skips steps needs init_latents to start from")
+        x = start_latents(noise, schedule[0], init_latents)
+        if mask is None:
+            return sampler(velocity, x, schedule, callback=callback)
+        if init_latents is None:
+            raise ValueError("a mask needs init_latents: the latents it keeps")
+        return sample_masked(sampler, velocity, x, schedule, known=init_latents, noise=noise, mask=mask,
+                             callback=callback)  # fmt: skip
 
 
 class LocalAutoencoder:

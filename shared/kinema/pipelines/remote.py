@@ -33,6 +33,7 @@ from kinema.repository import autoencoder_fingerprint
 from kinema.rpc import tensors
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
+from kinema.sampling.edit import start_latents
 from kinema.sampling.samplers import Callback
 from kinema.sampling.schedule import get_schedule
 from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
@@ -148,7 +149,7 @@ class RemoteDenoiser(_Client):
     `latent_channels`: an int, or a function giving it (`connect` passes the autoencoder's), used when
     ListModels' params_json does not carry `in_channels` (Triton-backed services leave params_json empty).
 
-    Callbacks get `(i, n, x)` as in process: i = 0..n-1 once per finished step, n = steps. With
+    Callbacks get `(i, n, x)` as in process: i = 0..n-1 once per finished step, n = steps - start_step. With
     `stream_latents=False` (the default: progress bars and job progress only count steps) x is None and no
     tensor travels per step. With `stream_latents=True` the service sends each step's predicted clean latents
     (`preview_every=1`) and x is the same x_t the in-process loop passes, rebuilt from them (equal up to
@@ -195,7 +196,15 @@ class RemoteDenoiser(_Client):
         return self._facts["model"].sha256
 
     def sample(
-        self, noise: Tensor, cond: TextEmbedding, uncond: TextEmbedding, spec: SampleSpec, callback: Callback | None
+        self,
+        noise: Tensor,
+        cond: TextEmbedding,
+        uncond: TextEmbedding,
+        spec: SampleSpec,
+        callback: Callback | None,
+        *,
+        init_latents: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         stream = self.stream_latents and callback is not None
         request = denoiser_pb2.SampleRequest(
@@ -208,9 +217,15 @@ class RemoteDenoiser(_Client):
             sampler=spec.sampler,
             shift=spec.shift,
             preview_every=1 if stream else 0,
+            start_step=spec.start_step,
         )
-        schedule = get_schedule(spec.steps, spec.shift) if stream else []
-        x = noise.double() if stream else noise  # (B, C, h, w) x_t rebuilt from previews, in float64
+        if init_latents is not None:
+            request.init_latents.CopyFrom(tensors.encode(init_latents))  # (B, C, h, w)
+        if mask is not None:
+            request.mask.CopyFrom(tensors.encode(mask))  # (B or 1, 1, h, w)
+        schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :] if stream else []
+        # (B, C, h, w) x_t rebuilt from previews, in float64, from where the service starts
+        x = start_latents(noise, schedule[0], init_latents).double() if stream else noise
         result = None
         call = self._stub.Sample(request, timeout=self.timeout, metadata=self._metadata())
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from kinema.errors import InvalidInput
 from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, TextEncoder
@@ -26,30 +28,39 @@ class TextToImageRequest:
     negative_prompt: str = ""
 
     def validate(self, patch: int) -> None:
-        if not self.prompts:
-            raise InvalidInput("at least one prompt is required", reason="MISSING", field="prompts")
-        if self.steps < 1:
-            raise InvalidInput(f"steps must be >= 1, got {self.steps}", reason="OUT_OF_RANGE", field="steps")
-        if self.steps > 1000:
-            raise InvalidInput(f"steps must be <= 1000, got {self.steps}", reason="OUT_OF_RANGE", field="steps")
-        if not np.isfinite(self.guidance) or self.guidance < 0:
-            raise InvalidInput(
-                f"guidance must be a finite number >= 0, got {self.guidance}", reason="OUT_OF_RANGE", field="guidance"
-            )
-        if self.size % patch or not patch <= self.size <= MAX_SIZE:
-            raise InvalidInput(
-                f"size must be a multiple of {patch} between {patch} and {MAX_SIZE}, got {self.size}",
-                reason="OUT_OF_RANGE",
-                field="size",
-            )
-        if self.sampler not in ("euler", "heun"):
-            raise InvalidInput(
-                f"sampler must be 'euler' or 'heun', got {self.sampler!r}", reason="OUT_OF_RANGE", field="sampler"
-            )
-        if self.shift <= 0:
-            raise InvalidInput(f"shift must be > 0, got {self.shift}", reason="OUT_OF_RANGE", field="shift")
-        if not 0 <= self.seed < 2**63:
-            raise InvalidInput(f"seed must be in [0, 2**63), got {self.seed}", reason="OUT_OF_RANGE", field="seed")
+        check_sampling(self)
+        check_side(self.size, patch, "size")
+
+
+def check_side(side: int, patch: int, field: str) -> None:
+    """An image side the denoiser can sample: a multiple of its pixel patch within MAX_SIZE."""
+    if side % patch or not patch <= side <= MAX_SIZE:
+        raise InvalidInput(
+            f"{field} must be a multiple of {patch} between {patch} and {MAX_SIZE}, got {side}",
+            reason="OUT_OF_RANGE",
+            field=field,
+        )
+
+
+def check_sampling(r: Any) -> None:
+    """The checks every image pipeline's request shares: prompts, seed, steps, guidance, sampler, shift."""
+    if not r.prompts:
+        raise InvalidInput("at least one prompt is required", reason="MISSING", field="prompts")
+    if r.steps < 1:
+        raise InvalidInput(f"steps must be >= 1, got {r.steps}", reason="OUT_OF_RANGE", field="steps")
+    if r.steps > 1000:
+        raise InvalidInput(f"steps must be <= 1000, got {r.steps}", reason="OUT_OF_RANGE", field="steps")
+    if not np.isfinite(r.guidance) or r.guidance < 0:
+        raise InvalidInput(
+            f"guidance must be a finite number >= 0, got {r.guidance}", reason="OUT_OF_RANGE", field="guidance"
+        )
+    if r.sampler not in ("euler", "heun"):
+        raise InvalidInput(f"sampler must be 'euler' or 'heun', got {r.sampler!r}", reason="OUT_OF_RANGE",
+                           field="sampler")  # fmt: skip
+    if not r.shift > 0:
+        raise InvalidInput(f"shift must be > 0, got {r.shift}", reason="OUT_OF_RANGE", field="shift")
+    if not 0 <= r.seed < 2**63:
+        raise InvalidInput(f"seed must be in [0, 2**63), got {r.seed}", reason="OUT_OF_RANGE", field="seed")
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,18 @@ def text_to_image(
     noise = torch.cat([initial_noise((1, denoiser.latent_channels, h, h), s) for s in seeds])  # (B, C, h, w)
     spec = SampleSpec(steps=request.steps, guidance=request.guidance, sampler=request.sampler, shift=request.shift)
     latents = denoiser.sample(noise, cond, uncond, spec, callback)
+    return finish(latents, seeds, cond.truncated, text_encoder, denoiser, autoencoder)
+
+
+def finish(
+    latents: Tensor,
+    seeds: list[int],
+    truncated: list[bool],
+    text_encoder: TextEncoder,
+    denoiser: Denoiser,
+    autoencoder: Autoencoder,
+) -> TextToImageResult:
+    """Decode sampled latents (B, C, h, w) to uint8 images and name the models that ran (every image pipeline)."""
     pixels = autoencoder.decode(latents)  # (B, 3, H, W) in [-1, 1]
     images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     models = {
@@ -84,4 +107,4 @@ def text_to_image(
         "denoiser": denoiser.fingerprint(),
         "autoencoder": autoencoder.fingerprint(),
     }
-    return TextToImageResult(images=images, seeds=seeds, truncated=list(cond.truncated), models=models)
+    return TextToImageResult(images=images, seeds=seeds, truncated=list(truncated), models=models)

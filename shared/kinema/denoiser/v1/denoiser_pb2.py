@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kinema.common.v1 import common_pb2 as kinema_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kinema/denoiser/v1/denoiser.proto\x12\x12kinema.denoiser.v1\x1a\x1dkinema/common/v1/common.proto\"\x8a\x01\n\x0c\x43onditioning\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12&\n\x04mask\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12(\n\x06pooled\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\x9d\x02\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\x30\n\x06uncond\x18\x04 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0f\n\x07sampler\x18\x07 \x01(\t\x12\r\n\x05shift\x18\x08 \x01(\x02\x12\x15\n\rpreview_every\x18\t \x01(\x05\"}\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .kinema.denoiser.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"e\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xb5\x01\n\x0ePredictRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12#\n\x01x\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12#\n\x01t\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x04 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\"i\n\x0fPredictResponse\x12*\n\x08velocity\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\x8e\x02\n\x08\x44\x65noiser\x12Q\n\x06Sample\x12!.kinema.denoiser.v1.SampleRequest\x1a\".kinema.denoiser.v1.SampleResponse0\x01\x12R\n\x07Predict\x12\".kinema.denoiser.v1.PredictRequest\x1a#.kinema.denoiser.v1.PredictResponse\x12[\n\nListModels\x12%.kinema.denoiser.v1.ListModelsRequest\x1a&.kinema.denoiser.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kinema/denoiser/v1/denoiser.proto\x12\x12kinema.denoiser.v1\x1a\x1dkinema/common/v1/common.proto\"\x8a\x01\n\x0c\x43onditioning\x12(\n\x06tokens\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12&\n\x04mask\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12(\n\x06pooled\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\x89\x03\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\x30\n\x06uncond\x18\x04 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x10\n\x08guidance\x18\x06 \x01(\x02\x12\x0f\n\x07sampler\x18\x07 \x01(\t\x12\r\n\x05shift\x18\x08 \x01(\x02\x12\x15\n\rpreview_every\x18\t \x01(\x05\x12.\n\x0cinit_latents\x18\n \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x12\n\nstart_step\x18\x0b \x01(\x05\x12&\n\x04mask\x18\x0c \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"}\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .kinema.denoiser.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"e\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xb5\x01\n\x0ePredictRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12#\n\x01x\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12#\n\x01t\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x04 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\"i\n\x0fPredictResponse\x12*\n\x08velocity\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\x8e\x02\n\x08\x44\x65noiser\x12Q\n\x06Sample\x12!.kinema.denoiser.v1.SampleRequest\x1a\".kinema.denoiser.v1.SampleResponse0\x01\x12R\n\x07Predict\x12\".kinema.denoiser.v1.PredictRequest\x1a#.kinema.denoiser.v1.PredictResponse\x12[\n\nListModels\x12%.kinema.denoiser.v1.ListModelsRequest\x1a&.kinema.denoiser.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONDITIONING']._serialized_start=89
   _globals['_CONDITIONING']._serialized_end=227
   _globals['_SAMPLEREQUEST']._serialized_start=230
-  _globals['_SAMPLEREQUEST']._serialized_end=515
-  _globals['_SAMPLERESPONSE']._serialized_start=517
-  _globals['_SAMPLERESPONSE']._serialized_end=642
-  _globals['_SAMPLERESULT']._serialized_start=644
-  _globals['_SAMPLERESULT']._serialized_end=745
-  _globals['_PREDICTREQUEST']._serialized_start=748
-  _globals['_PREDICTREQUEST']._serialized_end=929
-  _globals['_PREDICTRESPONSE']._serialized_start=931
-  _globals['_PREDICTRESPONSE']._serialized_end=1036
-  _globals['_LISTMODELSREQUEST']._serialized_start=1038
-  _globals['_LISTMODELSREQUEST']._serialized_end=1100
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1102
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1190
-  _globals['_DENOISER']._serialized_start=1193
-  _globals['_DENOISER']._serialized_end=1463
+  _globals['_SAMPLEREQUEST']._serialized_end=623
+  _globals['_SAMPLERESPONSE']._serialized_start=625
+  _globals['_SAMPLERESPONSE']._serialized_end=750
+  _globals['_SAMPLERESULT']._serialized_start=752
+  _globals['_SAMPLERESULT']._serialized_end=853
+  _globals['_PREDICTREQUEST']._serialized_start=856
+  _globals['_PREDICTREQUEST']._serialized_end=1037
+  _globals['_PREDICTRESPONSE']._serialized_start=1039
+  _globals['_PREDICTRESPONSE']._serialized_end=1144
+  _globals['_LISTMODELSREQUEST']._serialized_start=1146
+  _globals['_LISTMODELSREQUEST']._serialized_end=1208
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1210
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1298
+  _globals['_DENOISER']._serialized_start=1301
+  _globals['_DENOISER']._serialized_end=1571
 # @@protoc_insertion_point(module_scope)

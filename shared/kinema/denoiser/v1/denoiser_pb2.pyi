@@ -18,7 +18,7 @@ class Conditioning(_message.Message):
     def __init__(self, tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "noise", "cond", "uncond", "steps", "guidance", "sampler", "shift", "preview_every")
+    __slots__ = ("model", "noise", "cond", "uncond", "steps", "guidance", "sampler", "shift", "preview_every", "init_latents", "start_step", "mask")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     COND_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class SampleRequest(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     SHIFT_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    INIT_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     noise: _common_pb2.Tensor
     cond: Conditioning
@@ -37,7 +40,10 @@ class SampleRequest(_message.Message):
     sampler: str
     shift: float
     preview_every: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[Conditioning, _Mapping]] = ..., uncond: _Optional[_Union[Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., shift: _Optional[float] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    init_latents: _common_pb2.Tensor
+    start_step: int
+    mask: _common_pb2.Tensor
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[Conditioning, _Mapping]] = ..., uncond: _Optional[_Union[Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., shift: _Optional[float] = ..., preview_every: _Optional[int] = ..., init_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., start_step: _Optional[int] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("progress", "result")
