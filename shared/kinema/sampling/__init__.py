@@ -3,6 +3,7 @@
 from kinema.sampling.guidance import cfg_velocity
 from kinema.sampling.samplers import initial_noise, sample_euler, sample_heun
 from kinema.sampling.schedule import get_schedule, logit_normal_t, resolution_shift, shift_sigmas
+from kinema.sampling.temporal import sample_video, temporal_guidance_velocity, video_schedule
 
 __all__ = [
     "cfg_velocity",
@@ -12,5 +13,8 @@ __all__ = [
     "resolution_shift",
     "sample_euler",
     "sample_heun",
+    "sample_video",
     "shift_sigmas",
+    "temporal_guidance_velocity",
+    "video_schedule",
 ]
