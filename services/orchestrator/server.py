@@ -52,6 +52,7 @@ from kinema.orchestration.uploads import Upload, UploadLimits, accepted_media_ty
 from kinema.orchestration.worker import enqueue, job_store, make_job_app
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from kinema.rpc.auth import TENANT_KEY, authenticated_tenant
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
@@ -67,7 +68,6 @@ from kinema.storage.artifacts import (
 )
 
 SERVICE = "kinema.orchestrator.v1.Orchestrator"
-TENANT_KEY = "kinema-tenant"
 MAX_BLOCKING_CALLS = 64  # worker threads for pipeline runs and store calls (as kinema.rpc.models)
 WATCH_POLL_SECONDS = 2.0  # WatchJob reads the job at least this often, should a change notice be lost
 T = TypeVar("T")
@@ -78,7 +78,11 @@ class _Stopped(Exception):
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The caller's tenant: the `kinema-tenant` metadata, else "default"."""
+    """The caller's tenant: its API key's when the server checks keys (kinema.rpc.auth), else the `kinema-tenant`
+    metadata, else "default"."""
+    tenant = authenticated_tenant()
+    if tenant is not None:
+        return tenant
     for key, value in context.invocation_metadata() or ():
         if key == TENANT_KEY:
             try:

@@ -305,6 +305,19 @@ def cmd_stack_status(args: argparse.Namespace) -> None:
         raise NotUp("the stack is still starting, or its `stack up` was cut short (`kinema stack down` clears it)")
 
 
+def cmd_keys_new(args: argparse.Namespace) -> None:
+    from kinema.rpc.auth import key_hash, new_key
+    from kinema.storage.artifacts import check_tenant
+
+    try:
+        tenant = check_tenant(args.tenant)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    key = new_key()
+    print(f"key (give it to the client, as KINEMA_API_KEY; it is shown only now):\n{key}")
+    print(f"line for the server's keys file (KINEMA_API_KEYS_FILE):\n{tenant} {key_hash(key)}")
+
+
 def cmd_stack_down(args: argparse.Namespace) -> None:
     from kinema.stack import AlreadyRunning, down
 
@@ -326,7 +339,7 @@ def _client(args: argparse.Namespace):
         raise CliError(f"`kinema {args.command}` needs a server: pass --server HOST:PORT or set KINEMA_SERVER")
     from kinema.client import KinemaClient
 
-    return KinemaClient(args.server, tenant=args.tenant)
+    return KinemaClient(args.server, tenant=args.tenant, api_key=args.api_key)
 
 
 def _request_fields(args: argparse.Namespace, client=None) -> dict:
@@ -523,20 +536,25 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _add_server_args(p: argparse.ArgumentParser, server: object, tenant: object) -> None:
+def _add_server_args(p: argparse.ArgumentParser, server: object, tenant: object, api_key: object) -> None:
     p.add_argument("--server", type=_server_address, default=server, metavar="HOST:PORT",
                    help="run through the Kinema server at HOST:PORT (default: KINEMA_SERVER; unset: here)")  # fmt: skip
     p.add_argument("--tenant", default=tenant,
                    help="tenant the server acts for (default: KINEMA_TENANT, else the server's default)")  # fmt: skip
+    p.add_argument("--api-key", default=api_key, metavar="KEY",
+                   help="API key for a server that checks keys (default: KINEMA_API_KEY; prefer the variable: "
+                        "arguments show in the process list)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinema", description="Rectified-flow image synthesis on this machine or through a Kinema server."
     )
-    _add_server_args(parser, os.environ.get("KINEMA_SERVER") or None, os.environ.get("KINEMA_TENANT") or None)
+    env = os.environ
+    _add_server_args(parser, env.get("KINEMA_SERVER") or None, env.get("KINEMA_TENANT") or None,
+                     env.get("KINEMA_API_KEY") or None)  # fmt: skip
     remote = argparse.ArgumentParser(add_help=False)  # the same options after a command, not overriding the above
-    _add_server_args(remote, argparse.SUPPRESS, argparse.SUPPRESS)
+    _add_server_args(remote, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", parents=[remote], help="render an image from a text prompt")
@@ -580,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     triton = sub.add_parser("triton", help="serve the model repository with Triton Inference Server")
     add_triton_arguments(triton)
     triton.set_defaults(func=cmd_triton)
+
+    keys = sub.add_parser("keys", help="API keys for a server that checks them (KINEMA_API_KEYS_FILE)")
+    keys_verbs = keys.add_subparsers(dest="verb", required=True)
+    keys_new = keys_verbs.add_parser("new", help="make a key for TENANT: the key for the client, a line for the server")
+    keys_new.add_argument("tenant", help="the tenant the key acts for (a-z, 0-9, '.', '_', '-')")
+    keys_new.set_defaults(func=cmd_keys_new)
 
     from kinema.stack import DEFAULT_PORT, DEFAULT_RUN_DIR  # stdlib and kinema.processes only: cheap
 
@@ -646,7 +670,9 @@ def _exit_code(e: Exception) -> int:
         InvalidInput,
         KinemaError,
         NotFound,
+        PermissionDenied,
         ResourceExhausted,
+        Unauthenticated,
         Unavailable,
     )
 
@@ -654,7 +680,8 @@ def _exit_code(e: Exception) -> int:
         return e.exit_code
     if isinstance(e, Unavailable | DeadlineExceeded):
         return EXIT_UNAVAILABLE
-    if isinstance(e, InvalidInput | NotFound | ResourceExhausted | FileNotFoundError) and not isinstance(e, DataLoss):
+    fixable = InvalidInput | NotFound | ResourceExhausted | Unauthenticated | PermissionDenied | FileNotFoundError
+    if isinstance(e, fixable) and not isinstance(e, DataLoss):
         return EXIT_USAGE
     if isinstance(e, KinemaError) and e.metadata.get("grpc_code") == "ALREADY_EXISTS":
         return EXIT_USAGE

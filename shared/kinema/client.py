@@ -117,7 +117,8 @@ class KinemaClient:
 
     `timeout` bounds each call in seconds. None: unary calls get 60 s, and the streams (`generate`, `watch_job`)
     are bounded only by the server's request timeout (300 s by default), which `watch_job` rides over by watching
-    again. `credentials` makes a TLS channel. Close it, or use it as a context manager.
+    again. `credentials` makes a TLS channel; `api_key` is sent as `authorization: Bearer <key>` to a server that
+    checks keys (kinema.rpc.auth). Close it, or use it as a context manager.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class KinemaClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         download_timeout: float = DOWNLOAD_TIMEOUT_SECONDS,
+        api_key: str | None = None,
     ) -> None:
         self.address, self.tenant, self.timeout, self.download_timeout = address, tenant, timeout, download_timeout
         if credentials is None:
@@ -137,6 +139,8 @@ class KinemaClient:
             self._channel = grpc.secure_channel(address, credentials, options=list(options))
         self._stub = pb_grpc.OrchestratorStub(self._channel)
         self._metadata = ((TENANT_KEY, tenant),) if tenant else ()
+        if api_key:
+            self._metadata += (("authorization", f"Bearer {api_key}"),)
 
     def close(self) -> None:
         self._channel.close()

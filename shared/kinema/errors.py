@@ -39,5 +39,13 @@ class DeadlineExceeded(KinemaError, TimeoutError):
     """The work could not finish within its deadline (DEADLINE_EXCEEDED)."""
 
 
+class Unauthenticated(KinemaError):
+    """The call carries no valid credentials (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(KinemaError):
+    """The caller is known but may not do this (PERMISSION_DENIED)."""
+
+
 class DataLoss(KinemaError):
     """Stored data no longer matches its hash: corruption in a store, not a client error (DATA_LOSS)."""

@@ -217,6 +217,23 @@ def test_generated_secrets_and_existing_secrets():
     assert not [k for k in kinds if k.endswith(("/minio", "/redis"))], "external S3/Redis: no MinIO or Redis"
 
 
+def test_api_keys_reach_the_orchestrator_as_a_mounted_secret_file_when_asked_for():
+    plain = env_of(containers(_workload(render(CI_VALUES[0]), "orchestrator"))[0])
+    assert "KINEMA_API_KEYS_FILE" not in plain
+    docs = render(CI_VALUES[0], sets=("orchestrator.auth.existingSecret=kinema-keys",))
+    pod = _workload(docs, "orchestrator")["spec"]["template"]["spec"]
+    (container,) = containers(_workload(docs, "orchestrator"))
+    path = env_of(container)["KINEMA_API_KEYS_FILE"]["value"]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["secret"]["secretName"] == "kinema-keys"
+    assert [i["path"] for i in volume["secret"]["items"]] == [path.rsplit("/", 1)[1]]
+    assert "kinema-keys" not in by_kind(docs, "Secret"), "the keys Secret is the platform team's, not the chart's"
+    for name, d in by_kind(docs, "Deployment").items():  # only the orchestrator checks keys
+        if component(d) != "orchestrator":
+            assert all("KINEMA_API_KEYS_FILE" not in env_of(c) for c in containers(d)), name
+
+
 def test_triton_runs_as_the_local_stack_starts_it_with_shm_and_optional_gpu():
     from kinema.rpc.process import SERVED_MODELS
 

@@ -1,5 +1,5 @@
 {{/* A Kinema gRPC server (model service or orchestrator): its Deployment and Service, one definition for all.
-     (dict "ctx" $ "component" NAME "values" VALUES "env" ENV-YAML) */}}
+     (dict "ctx" $ "component" NAME "values" VALUES "env" ENV-YAML ["mounts" MOUNTS-YAML "volumes" VOLUMES-YAML]) */}}
 
 {{- define "kinema.grpcDeployment" -}}
 {{- $ctx := .ctx -}}
@@ -71,8 +71,10 @@ spec:
             {{- include "kinema.containerSecurityContext" $ctx | nindent 12 }}
           volumeMounts:
             {{- include "kinema.tmpMount" $ctx | nindent 12 }}
+            {{- with .mounts }}{{ . | trim | nindent 12 }}{{- end }}
       volumes:
         {{- include "kinema.tmpVolume" $ctx | nindent 8 }}
+        {{- with .volumes }}{{ . | trim | nindent 8 }}{{- end }}
 {{- end -}}
 
 {{- define "kinema.grpcService" -}}

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kinema.errors import DeadlineExceeded
+from kinema.rpc.auth import ApiKeys
 from kinema.rpc.logs import RequestContext, configure_logging, current_request, set_request
 from kinema.rpc.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from kinema.rpc.settings import ServiceSettings
@@ -131,8 +132,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     with `context.write`, so the whole call (and its error handling) runs in the call's own task.
     """
 
-    def __init__(self, settings: ServiceSettings, metrics: ServerMetrics):
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: ServiceSettings, metrics: ServerMetrics, keys: ApiKeys | None = None):
+        self.settings, self.metrics, self.keys = settings, metrics, keys
 
     async def intercept_service(
         self,
@@ -162,6 +163,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def _unary_response(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _Rpc(self, service, method, context) as rpc, asyncio.timeout(rpc.budget) as rpc.timeout:
+                if self.keys is not None:
+                    self.keys.authenticate(context.invocation_metadata())
                 result = behavior(request, context)
                 if not inspect.isawaitable(result):
                     raise TypeError(f"{service}/{method} must be an `async def` servicer method")
@@ -172,6 +175,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def _stream_response(self, behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
             async with _Rpc(self, service, method, context) as rpc, asyncio.timeout(rpc.budget) as rpc.timeout:
+                if self.keys is not None:
+                    self.keys.authenticate(context.invocation_metadata())
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     try:
@@ -200,8 +205,10 @@ class KinemaServer:
         self.metrics_port: int | None = None
         self._endpoint: MetricsEndpoint | None = None
         self._stopped = False
+        # A bad keys file stops the server from starting rather than leaving it open.
+        self.keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
         self._server = grpc.aio.server(
-            interceptors=(_Interceptor(settings, self.metrics),),
+            interceptors=(_Interceptor(settings, self.metrics, self.keys),),
             options=(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -30,6 +30,7 @@ class ServiceSettings:
     models_dir: Path = field(default_factory=default_models_dir)
     log_level: str = "INFO"
     request_timeout_seconds: float = 300.0  # server-side bound on a request whose client set no deadline
+    api_keys_file: str = ""  # "": no authentication; else the tenant + key-hash file of kinema.rpc.auth
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -77,6 +78,7 @@ ENV_VARS: dict[str, str] = {
     "models_dir": "KINEMA_MODELS",
     "log_level": "KINEMA_LOG_LEVEL",
     "request_timeout_seconds": "KINEMA_REQUEST_TIMEOUT_SECONDS",
+    "api_keys_file": "KINEMA_API_KEYS_FILE",
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -115,4 +117,5 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "models_dir": (lambda v: isinstance(v, Path), "a path"),
     "log_level": (lambda v: v in LOG_LEVELS, f"one of {LOG_LEVELS}"),
     "request_timeout_seconds": (_finite_at_least(0.0, strict=True), "a finite number of seconds > 0"),
+    "api_keys_file": (lambda v: isinstance(v, str), "a path (empty: no authentication)"),
 }
