@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 AE_STEPS ?= 2593  # the shipped autoencoder's steps (models/vae_encoder/README.md)
 FLOW_STEPS ?= 12081  # the shipped denoiser's steps (models/denoiser/README.md)
+DEPTH_STEPS ?= 518  # the shipped depth network's steps (models/depth/README.md)
 WORKERS ?= $(shell nproc)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -82,6 +83,7 @@ eval: $(STAMP)
 	$(BIN)/kinema eval autoencoder
 	$(BIN)/kinema eval flow-loss
 	$(BIN)/kinema eval t2i --n 500
+	$(BIN)/kinema eval depth
 
 # Retrain every shipped model from scratch (hours on a 2-core CPU; each model card records its run).
 # The two autoencoder phases keep the latent space fixed after the first, so the denoiser may train
@@ -96,6 +98,8 @@ weights: $(STAMP)
 		--device auto --amp --workers $(WORKERS) --checkpoint-every 5000 --snapshot-every 1000000 \
 		--out runs/denoiser --export models
 	$(BIN)/python -m kinema.eval.probe --train --eval --blur 1.0 --noise 0.02
+	$(BIN)/python -m kinema.train.depth --steps $(DEPTH_STEPS) --batch 12 --device auto --workers $(WORKERS) \
+		--checkpoint-every 200 --out runs/depth --export models
 	$(BIN)/python -m kinema.inference.model_config --sync models
 
 clean:

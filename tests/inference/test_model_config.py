@@ -11,8 +11,8 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 SERVED = model_dirs(MODELS)
 
 
-def test_the_repository_serves_the_four_networks():
-    assert [d.name for d in SERVED] == ["denoiser", "text_encoder", "vae_decoder", "vae_encoder"]
+def test_the_repository_serves_the_shipped_networks():
+    assert [d.name for d in SERVED] == ["denoiser", "depth", "text_encoder", "vae_decoder", "vae_encoder"]
 
 
 @pytest.mark.parametrize("model_dir", SERVED, ids=lambda d: d.name)

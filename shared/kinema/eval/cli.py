@@ -58,6 +58,19 @@ def cmd_flow_loss(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_depth(args: argparse.Namespace) -> None:
+    from kinema.eval.report import write_results
+    from kinema.nn.depth import load_depth_net
+    from kinema.repository import default_models_dir
+    from kinema.train.depth import evaluate_motorcycle, evaluate_synthetic
+
+    model, sha = load_depth_net(args.weights or (args.models or default_models_dir()) / "depth/1/depth.safetensors")
+    result = {"depth_sha256": sha, "synthetic_test": evaluate_synthetic(model, args.n),
+              "motorcycle": evaluate_motorcycle(model)}  # fmt: skip
+    for path in write_results(args.out, result, _command()):
+        print(path)
+
+
 def cmd_curve(args: argparse.Namespace) -> None:
     """Score every EMA snapshot of a training run (new ones only) and append to the learning curve."""
     import json
@@ -120,6 +133,12 @@ def add_eval_parser(sub) -> None:
     fl.add_argument("--n", type=int, default=256)
     fl.add_argument("--denoiser", type=Path, default=None)
     fl.set_defaults(func=cmd_flow_loss)
+
+    de = ev.add_parser("depth", help="aligned AbsRel / delta1 on held-out renders, rank correlation on a real photo")
+    common(de, "depth")
+    de.add_argument("--n", type=int, default=256, help="held-out synthetic test renders")
+    de.add_argument("--weights", type=Path, default=None, help="a depth checkpoint instead of the shipped one")
+    de.set_defaults(func=cmd_depth)
 
     cu = ev.add_parser("curve", help="score a run's EMA snapshots into its learning curve")
     cu.add_argument("run", type=Path, help="training run folder (with snapshots/)")

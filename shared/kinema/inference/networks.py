@@ -251,8 +251,31 @@ class DenoiserNetwork(Network):
         return {"VELOCITY": v.numpy()}  # (B, C, h, w)
 
 
+class DepthNetwork(Network):
+    """Images (B, 3, H, W) in [-1, 1], any size -> relative inverse depth (B, 1, H, W), larger = nearer."""
+
+    name = "depth"
+    inputs = (_f32("IMAGE", 3, -1, -1),)
+    outputs = (_f32("DEPTH", 1, -1, -1),)
+
+    def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
+        from kinema.nn.depth import load_depth_net
+
+        file = version_dir / parameters.get("weights", "depth.safetensors")
+        if not file.is_file():
+            raise Unavailable(f"missing weights {file}")
+        self.model, self.sha256 = load_depth_net(file)
+        self.params_json = json.dumps(asdict(self.model.params))
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kinema.nn.depth import estimate
+
+        return {"DEPTH": estimate(self.model, _tensor(inputs["IMAGE"])).numpy()}  # (B, 1, H, W)
+
+
 NETWORKS: dict[str, type[Network]] = {
-    cls.name: cls for cls in (TextEncoderNetwork, VaeEncoderNetwork, VaeDecoderNetwork, DenoiserNetwork)
+    cls.name: cls for cls in (TextEncoderNetwork, VaeEncoderNetwork, VaeDecoderNetwork, DenoiserNetwork, DepthNetwork)
 }
 
 

@@ -1,0 +1,58 @@
+"""Depth service: Estimate / ListModels over the `depth` network (Triton or in-process).
+
+Model `depth` (the default) is the Triton model `depth`; a variant `depth_x` is the Triton model `depth_x`.
+The network itself resizes each image to its working resolution and back, so maps match the input size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kinema.depth.v1 import depth_pb2 as pb
+from kinema.depth.v1 import depth_pb2_grpc as pb_grpc
+from kinema.errors import InvalidInput
+from kinema.rpc import tensors
+from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.server import KinemaServer
+from kinema.rpc.settings import ServiceSettings
+
+SERVICE = "kinema.depth.v1.Depth"
+MAX_SIDE = 1024
+# Every depth model Kinema trains predicts MiDaS-style relative inverse depth; a metric model would say so here.
+KIND = pb.DEPTH_KIND_RELATIVE_INVERSE
+
+
+class DepthServicer(pb_grpc.DepthServicer):
+    def __init__(self, family: ModelFamily) -> None:
+        self.family = family
+
+    async def Estimate(self, request: pb.EstimateRequest, context) -> pb.EstimateResponse:
+        name, version = self.family.resolve(request.model)
+        images = tensors.decode(request.images, "images", np.float32, ndim=4)  # (B, 3, H, W)
+        self.family.check_batch(images.shape[0], "images")
+        if images.shape[1] != 3 or max(images.shape[2:]) > MAX_SIDE or min(images.shape) == 0:
+            raise InvalidInput(
+                f"images: expected (B, 3, H, W) with 0 < H, W <= {MAX_SIDE}, got {tuple(images.shape)}",
+                reason="INVALID_SHAPE", field="images",
+            )  # fmt: skip
+        out = await self.family.call(context, name, version, {"IMAGE": images})
+        return pb.EstimateResponse(
+            depth=tensors.encode(out["DEPTH"]),  # (B, 1, H, W)
+            kind=KIND,
+            model=await self.family.describe(name, version),
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = await self.family.list_models(request.model)
+        return pb.ListModelsResponse(models=models, default_model=self.family.default)
+
+
+def build_server(settings: ServiceSettings) -> KinemaServer:
+    return build_model_server(
+        settings,
+        name="depth",
+        service=SERVICE,
+        add_to_server=pb_grpc.add_DepthServicer_to_server,
+        servicer=DepthServicer,
+        default_model="depth",
+    )
