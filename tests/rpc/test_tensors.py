@@ -81,7 +81,9 @@ def _tensor(dtype: int = DT.DTYPE_FLOAT32, shape: tuple[int, ...] = (2,), data: 
         (_tensor(DT.DTYPE_INT64, data=b"\0" * 16), {"dtype": np.int32}, "INVALID_DTYPE", "must be int32"),
         (_tensor(shape=(2, -1), data=b""), {}, "INVALID_SHAPE", "negative"),
         (_tensor(data=b"\0" * 7), {}, "INVALID_SHAPE", "7 bytes"),
-        (_tensor(shape=(1 << 40, 1 << 40), data=b""), {}, "INVALID_SHAPE", "needs"),
+        (_tensor(shape=(1 << 20, 1 << 20), data=b""), {}, "INVALID_SHAPE", "needs"),
+        # Empty, yet not describable: numpy refuses the shape (found by bench/fuzz.py as an INTERNAL answer).
+        (_tensor(shape=(0, 23, 1 << 62, 0), data=b""), {}, "INVALID_SHAPE", "dimension over"),
         (_tensor(shape=(2, 1)), {"ndim": 3}, "INVALID_SHAPE", "3 dimensions"),
         (_tensor(data=np.array([1.0, np.nan], np.float32).tobytes()), {}, "NON_FINITE", "NaN or Inf"),
         (_tensor(data=np.array([np.inf, 1.0], np.float32).tobytes()), {}, "NON_FINITE", "NaN or Inf"),

@@ -44,6 +44,7 @@ _FROM_NUMPY: dict[str, int] = {
     "bool": DType.DTYPE_BOOL,
 }
 SUPPORTED = tuple(DType.Name(d).removeprefix("DTYPE_").lower() for d in _WIRE)  # for messages
+MAX_DIM = 1 << 31  # largest size of one tensor dimension a request may declare
 
 
 def encode(array: np.ndarray | torch.Tensor) -> common_pb2.Tensor:
@@ -103,6 +104,8 @@ def decode(
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise _invalid(field, "INVALID_SHAPE", f"shape {list(shape)} has a negative dimension")
+    if any(d > MAX_DIM for d in shape):  # numpy cannot even describe such an array, empty or not
+        raise _invalid(field, "INVALID_SHAPE", f"shape {list(shape)} has a dimension over {MAX_DIM}")
     if ndim is not None and len(shape) != ndim:
         raise _invalid(field, "INVALID_SHAPE", f"must have {ndim} dimensions, got shape {list(shape)}")
     expected = math.prod(shape) * wire.itemsize
