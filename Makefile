@@ -101,6 +101,13 @@ weights: $(STAMP)
 	$(BIN)/python -m kinema.train.depth --steps $(DEPTH_STEPS) --batch 12 --device auto --workers $(WORKERS) \
 		--checkpoint-every 200 --out runs/depth --export models
 	$(BIN)/python -m kinema.inference.model_config --sync models
+	# Interpretation networks over the autoencoder latent (CPU, minutes each; bench/results/iin.md, docs/interpret.md).
+	$(BIN)/python -m kinema.train.iin --kind factor --factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 \
+		--edit-n 100 --out runs/iin_factor --export models --results bench/results/iin_factor.json
+	$(BIN)/python -m kinema.train.iin --kind invariance --noise 0.3 --steps 2000 --threads 1 \
+		--out runs/iin_invariance --export models --results bench/results/iin_invariance.json
+	$(BIN)/python -m kinema.train.iin --kind net2net --noise 0.3 --steps 2000 --threads 1 \
+		--out runs/iin_net2net --export models --results bench/results/iin_net2net.json
 
 clean:
 	rm -rf $(VENV) .cache out runs
