@@ -216,3 +216,15 @@ def test_small_presets_run(name, one_thread):
     x, t, ctx, pooled = _inputs(p, b=1, h=p.sample_size, w=p.sample_size, seq=3)
     with torch.no_grad():
         assert MMDiT(p)(x, t, ctx, pooled).shape == x.shape
+
+
+def test_no_grad_after_inference_mode_in_the_same_thread(one_thread):
+    """The reused MLP buffers made under inference_mode (as LocalDenoiser samples) must not reach a later no_grad
+    forward, which may not write inference tensors (the full suite met this: eval sampled, then these tests ran)."""
+    model = _randomized(TINY)
+    inputs = _inputs(TINY, seed=3)
+    with torch.inference_mode():
+        first = model(*inputs).clone()
+    with torch.no_grad():
+        second = model(*inputs)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

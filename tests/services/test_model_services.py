@@ -163,7 +163,9 @@ def test_denoiser_predict_matches_embedded(stubs, local):
     request = denoiser_pb2.PredictRequest(x=tensors.encode(x), t=tensors.encode(t), cond=_cond(stubs, PROMPTS))
     v = tensors.decode(stubs["denoiser"].Predict(request, timeout=30).velocity, "velocity")
     e = text_encoder.encode(PROMPTS)
-    np.testing.assert_allclose(v, denoiser.model(x, t, e.tokens, e.pooled, e.mask).numpy(), atol=1e-5)
+    with torch.inference_mode():  # as the embedded library runs it (LocalDenoiser), not the autograd path
+        embedded = denoiser.model(x, t, e.tokens, e.pooled, e.mask).numpy()
+    np.testing.assert_allclose(v, embedded, atol=1e-5)
 
 
 def test_list_models(stubs):

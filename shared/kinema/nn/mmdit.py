@@ -139,8 +139,8 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
 # Hidden activations per MLP chunk without autograd (16 MB in fp32): 2048 rows of a 2048-wide hidden, so that
 # GEMMs keep enough rows to run near peak; whatever the batch and latent size, the buffers stay bounded.
 _MLP_CHUNK_ELEMENTS = 1 << 22
-# Per thread and (device, dtype): the two hidden-activation buffers `_run_mlp` reuses. Every call uses them
-# only while it runs, so models and calls in one thread can share them.
+# Per thread and (device, dtype, inference mode): the two hidden-activation buffers `_run_mlp` reuses. Every call
+# uses them only while it runs, so models and calls in one thread can share them.
 _MLP_BUFFERS = threading.local()
 
 
@@ -148,7 +148,8 @@ def _mlp_buffers(like: Tensor, numel: int) -> tuple[Tensor, Tensor]:
     """Two flat buffers of at least `numel` elements with like's device and dtype, reused across calls."""
     if not hasattr(_MLP_BUFFERS, "by_kind"):
         _MLP_BUFFERS.by_kind = {}
-    key = (like.device, like.dtype)
+    # Buffers made under inference_mode are inference tensors, which a later no_grad call may not write: keep apart.
+    key = (like.device, like.dtype, torch.is_inference_mode_enabled())
     if key not in _MLP_BUFFERS.by_kind or _MLP_BUFFERS.by_kind[key][0].numel() < numel:
         _MLP_BUFFERS.by_kind[key] = (like.new_empty(numel), like.new_empty(numel))
     return _MLP_BUFFERS.by_kind[key]
