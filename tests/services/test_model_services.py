@@ -160,11 +160,18 @@ def test_denoiser_predict_matches_embedded(stubs, local):
     text_encoder, denoiser, _ = local
     x = initial_noise((2, 4, 16, 16), 1)
     t = torch.tensor([0.3, 0.9])
-    request = denoiser_pb2.PredictRequest(x=tensors.encode(x), t=tensors.encode(t), cond=_cond(stubs, PROMPTS))
+    cond = _cond(stubs, PROMPTS)
+    request = denoiser_pb2.PredictRequest(x=tensors.encode(x), t=tensors.encode(t), cond=cond)
     v = tensors.decode(stubs["denoiser"].Predict(request, timeout=30).velocity, "velocity")
+    # The same inputs: the served text states (padded to the text encoder's max_length; the embedded encoder pads
+    # to the longest prompt, and GEMMs over other row counts round differently), as LocalDenoiser runs the model.
+    tokens = torch.from_numpy(tensors.decode(cond.tokens, "tokens", writable=True))
+    pooled = torch.from_numpy(tensors.decode(cond.pooled, "pooled", writable=True))
+    mask = torch.from_numpy(tensors.decode(cond.mask, "mask", dtype=None, writable=True))
     e = text_encoder.encode(PROMPTS)
-    with torch.inference_mode():  # as the embedded library runs it (LocalDenoiser), not the autograd path
-        embedded = denoiser.model(x, t, e.tokens, e.pooled, e.mask).numpy()
+    torch.testing.assert_close(tokens[:, : e.tokens.shape[1]], e.tokens, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        embedded = denoiser.model(x, t, tokens, pooled, mask).numpy()
     np.testing.assert_allclose(v, embedded, atol=1e-5)
 
 
