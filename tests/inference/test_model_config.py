@@ -12,16 +12,18 @@ SERVED = model_dirs(MODELS)
 
 
 def test_the_repository_serves_the_shipped_networks():
-    assert [d.name for d in SERVED] == ["denoiser", "depth", "text_encoder", "vae_decoder", "vae_encoder"]
+    names = ["denoiser", "denoiser_4step", "depth", "text_encoder", "vae_decoder", "vae_encoder"]
+    assert [d.name for d in SERVED] == names
 
 
 @pytest.mark.parametrize("model_dir", SERVED, ids=lambda d: d.name)
 def test_config_matches_its_network_and_pins_its_weights(model_dir: Path):
     config = read_config(model_dir)
     params = parameters(config)
-    network = load_network(params.get("network", model_dir.name), model_dir / latest_version(model_dir), params)
+    kind = params.get("network", model_dir.name)  # a variant (denoiser_4step) names the network it runs
+    network = load_network(kind, model_dir / latest_version(model_dir), params)
     assert config.backend == "python" and config.max_batch_size > 0 and config.HasField("dynamic_batching")
-    assert [i.name for i in config.input] == [s.name for s in NETWORKS[model_dir.name].inputs]
+    assert [i.name for i in config.input] == [s.name for s in NETWORKS[kind].inputs]
     assert sorted(o.name for o in config.output) == sorted(s.name for s in network.outputs)
     # A stale hash would make Triton refuse the model: run `python -m kinema.inference.model_config --sync models`.
     assert params["weights_sha256"] == network.sha256, "config.pbtxt weights_sha256 is stale"
