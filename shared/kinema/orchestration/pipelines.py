@@ -221,26 +221,31 @@ class TextToImagePipeline:
             result = text_to_image(prepared, c["text_encoder"], c["denoiser"], c["autoencoder"], callback)
         except InvalidInput as e:
             raise _with_field(e) from None
-        models = {cap: sha for cap, sha in result.models.items() if sha}
-        outputs = []
-        for i, (image, prompt, seed, cut) in enumerate(
-            zip(result.images, prepared.prompts, result.seeds, result.truncated, strict=True)
-        ):
-            parameters = {
-                "pipeline": self.name,
-                "prompts": [prompt],
-                "negative_prompt": prepared.negative_prompt,
-                "seed": str(seed),  # proto3 JSON writes 64-bit integers as strings: exact through ParseDict
-                "steps": prepared.steps,
-                "guidance": prepared.guidance,
-                "width": prepared.size,
-                "height": prepared.size,
-                "sampler": prepared.sampler,
-                "shift": prepared.shift,
-                "models": {cap: dict(ref) for cap, ref in bound.models.items()},
-            }
-            outputs.append(PipelineOutput(i, png(image), "image/png", seed, bool(cut), parameters, models))
-        return outputs
+        common = {"negative_prompt": prepared.negative_prompt, "steps": prepared.steps, "guidance": prepared.guidance,
+                  "width": prepared.size, "height": prepared.size, "sampler": prepared.sampler,
+                  "shift": prepared.shift}  # fmt: skip
+        return image_outputs(self.name, result, prepared.prompts, common, bound)
+
+
+def image_outputs(
+    pipeline: str, result: Any, prompts: list[str], common: dict[str, Any], bound: Bound, parents: tuple[str, ...] = ()
+) -> list[PipelineOutput]:
+    """One PNG output per prompt of an image pipeline's result (images, seeds, truncated, models), each with the
+    resolved request of that output alone: `common` (the request's fields) plus its prompt, seed and models."""
+    models = {cap: sha for cap, sha in result.models.items() if sha}
+    outputs = []
+    for i, (image, prompt, seed, cut) in enumerate(
+        zip(result.images, prompts, result.seeds, result.truncated, strict=True)
+    ):
+        parameters = {
+            "pipeline": pipeline,
+            "prompts": [prompt],
+            "seed": str(seed),  # proto3 JSON writes 64-bit integers as strings: exact through ParseDict
+            **common,
+            "models": {cap: dict(ref) for cap, ref in bound.models.items()},
+        }
+        outputs.append(PipelineOutput(i, png(image), "image/png", seed, bool(cut), parameters, models, parents))
+    return outputs
 
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png")
@@ -369,29 +374,10 @@ class _EditPipeline:
             result = self._sample(plan, bound.inputs, bound.clients, callback)
         except InvalidInput as e:
             raise _edit_field(e) from None
-        models = {cap: sha for cap, sha in result.models.items() if sha}
-        outputs = []
-        for i, (image, prompt, seed, cut) in enumerate(
-            zip(result.images, plan.prompts, result.seeds, result.truncated, strict=True)
-        ):
-            parameters = {
-                "pipeline": self.name,
-                "prompts": [prompt],
-                "negative_prompt": plan.negative_prompt,
-                "seed": str(seed),  # proto3 JSON writes 64-bit integers as strings: exact through ParseDict
-                "steps": plan.steps,
-                "guidance": plan.guidance,
-                "strength": plan.strength,
-                "width": width,
-                "height": height,
-                "sampler": plan.sampler,
-                "shift": plan.shift,
-                "inputs": {name: {"sha256": sha} for name, sha in plan.inputs},
-                "models": {cap: dict(ref) for cap, ref in bound.models.items()},
-            }
-            outputs.append(PipelineOutput(i, png(image), "image/png", seed, bool(cut), parameters, models,
-                                          bound.inputs.parents))  # fmt: skip
-        return outputs
+        common = {"negative_prompt": plan.negative_prompt, "steps": plan.steps, "guidance": plan.guidance,
+                  "strength": plan.strength, "width": width, "height": height, "sampler": plan.sampler,
+                  "shift": plan.shift, "inputs": {name: {"sha256": sha} for name, sha in plan.inputs}}  # fmt: skip
+        return image_outputs(self.name, result, plan.prompts, common, bound, bound.inputs.parents)
 
 
 def _image_input(description: str) -> pb.InputInfo:
