@@ -13,12 +13,12 @@ from kinema.autoencoder.v1 import autoencoder_pb2 as pb
 from kinema.autoencoder.v1 import autoencoder_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput
 from kinema.rpc import tensors
-from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.models import MAX_IMAGE_SIDE, ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer
 from kinema.rpc.settings import ServiceSettings
 
 SERVICE = "kinema.autoencoder.v1.Autoencoder"
-MAX_SIDE = 1024
+MAX_SIDE = MAX_IMAGE_SIDE  # latents too
 
 
 class AutoencoderServicer(pb_grpc.AutoencoderServicer):
@@ -27,13 +27,7 @@ class AutoencoderServicer(pb_grpc.AutoencoderServicer):
 
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         name, version = self.family.resolve(request.model)
-        images = tensors.decode(request.images, "images", np.float32, ndim=4)  # (B, 3, H, W)
-        self.family.check_batch(images.shape[0], "images")
-        if images.shape[1] != 3 or max(images.shape[2:]) > MAX_SIDE or min(images.shape) == 0:
-            raise InvalidInput(
-                f"images: expected (B, 3, H, W) with 0 < H, W <= {MAX_SIDE}, got {tuple(images.shape)}",
-                reason="INVALID_SHAPE", field="images",
-            )  # fmt: skip
+        images = self.family.images(request.images)  # (B, 3, H, W)
         out = await self.family.call(context, f"{name}_encoder", version, {"IMAGE": images})
         latents = out["LATENT"]  # (B, C, h, w) posterior mean, normalised
         if request.sample:  # z = mean + std * eps, eps from the request's seed (CPU generator: reproducible)

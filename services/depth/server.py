@@ -6,18 +6,14 @@ The network itself resizes each image to its working resolution and back, so map
 
 from __future__ import annotations
 
-import numpy as np
-
 from kinema.depth.v1 import depth_pb2 as pb
 from kinema.depth.v1 import depth_pb2_grpc as pb_grpc
-from kinema.errors import InvalidInput
 from kinema.rpc import tensors
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer
 from kinema.rpc.settings import ServiceSettings
 
 SERVICE = "kinema.depth.v1.Depth"
-MAX_SIDE = 1024
 # Every depth model Kinema trains predicts MiDaS-style relative inverse depth; a metric model would say so here.
 KIND = pb.DEPTH_KIND_RELATIVE_INVERSE
 
@@ -28,13 +24,7 @@ class DepthServicer(pb_grpc.DepthServicer):
 
     async def Estimate(self, request: pb.EstimateRequest, context) -> pb.EstimateResponse:
         name, version = self.family.resolve(request.model)
-        images = tensors.decode(request.images, "images", np.float32, ndim=4)  # (B, 3, H, W)
-        self.family.check_batch(images.shape[0], "images")
-        if images.shape[1] != 3 or max(images.shape[2:]) > MAX_SIDE or min(images.shape) == 0:
-            raise InvalidInput(
-                f"images: expected (B, 3, H, W) with 0 < H, W <= {MAX_SIDE}, got {tuple(images.shape)}",
-                reason="INVALID_SHAPE", field="images",
-            )  # fmt: skip
+        images = self.family.images(request.images)  # (B, 3, H, W)
         out = await self.family.call(context, name, version, {"IMAGE": images})
         return pb.EstimateResponse(
             depth=tensors.encode(out["DEPTH"]),  # (B, 1, H, W)

@@ -20,6 +20,7 @@ import numpy as np
 from kinema.common.v1 import common_pb2
 from kinema.errors import InvalidInput, NotFound
 from kinema.inference.runner import ModelRunner, ServedModel
+from kinema.rpc import tensors
 from kinema.rpc.server import remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 
@@ -28,6 +29,9 @@ T = TypeVar("T")
 # Threads that wait on Triton (or run a sampling loop that does): asyncio's default pool has only
 # cpu_count + 4 of them, which would cap concurrent Sample streams, and with them dynamic batching.
 MAX_BLOCKING_CALLS = 64
+
+
+MAX_IMAGE_SIDE = 1024  # longest image side a model service takes
 
 
 class ModelFamily:
@@ -67,6 +71,17 @@ class ModelFamily:
                 reason="BATCH_TOO_LARGE",
                 field=field,
             )
+
+    def images(self, t: common_pb2.Tensor, field: str = "images", max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+        """A request's image batch (B, 3, H, W) float32 with 0 < H, W <= max_side, within the batch limit."""
+        images = tensors.decode(t, field, np.float32, ndim=4)  # (B, 3, H, W)
+        self.check_batch(images.shape[0], field)
+        if images.shape[1] != 3 or max(images.shape[2:]) > max_side or min(images.shape) == 0:
+            raise InvalidInput(
+                f"{field}: expected (B, 3, H, W) with 0 < H, W <= {max_side}, got {tuple(images.shape)}",
+                reason="INVALID_SHAPE", field=field,
+            )  # fmt: skip
+        return images
 
     async def call(
         self, context: grpc.aio.ServicerContext, model: str, version: str, inputs: dict[str, np.ndarray]
