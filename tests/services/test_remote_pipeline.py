@@ -167,10 +167,17 @@ def test_bad_input_raises_the_typed_error_with_reason_and_request_id(remote, ser
         ae.decode(torch.zeros(1, 3, 16, 16))  # 3 channels for a 4-channel decoder
     assert "Traceback" not in str(info.value)
 
-    # Every call of this job carried its id into the services' logs.
-    for name in ("text_encoder", "denoiser", "autoencoder"):
+    # Every call of this job carried its id into the services' logs. A server logs a call once its status is sent,
+    # so the client can see the error a moment before the line is written: wait for it, briefly.
+    def logged(name: str) -> bool:
         lines = [json.loads(line) for line in services[name].log.read_text().splitlines() if line.startswith("{")]
-        assert any(r.get("request_id") == "job-7" for r in lines), name
+        return any(r.get("request_id") == "job-7" for r in lines)
+
+    for name in ("text_encoder", "denoiser", "autoencoder"):
+        deadline = time.monotonic() + 5.0
+        while not logged(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert logged(name), name
 
 
 def test_unknown_model_is_not_found(channels) -> None:
