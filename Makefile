@@ -126,7 +126,7 @@ IMAGE_PREFIX ?= kinema
 IMAGE_TAG ?= dev
 DOCKER ?= docker
 images:
-	for s in text_encoder autoencoder denoiser orchestrator; do \
+	for s in text_encoder autoencoder denoiser distill depth interpret orchestrator; do \
 		$(DOCKER) build -f services/$$s/Dockerfile -t $(IMAGE_PREFIX)/$$s:$(IMAGE_TAG) . || exit 1; \
 	done
 	$(DOCKER) build -f services/orchestrator/worker.Dockerfile \

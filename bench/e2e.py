@@ -44,6 +44,7 @@ from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from kinema.pipelines import TextToImageRequest, text_to_image
 from kinema.pipelines.local import load_local
 from kinema.repository import default_models_dir
+from kinema.rpc.process import SERVED_MODELS
 from kinema.stack import StackSettings, down, up
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,9 +56,10 @@ STEPS, GUIDANCE, SIZE = 28, 4.0, 64
 
 
 def stack_repository(root: Path) -> Path:
-    """The shipped text encoder and autoencoder with the mini denoiser, as one model repository."""
-    for name in ("text_encoder", "vae_encoder", "vae_decoder"):
-        shutil.copytree(default_models_dir() / name, root / name)
+    """Every shipped model the stack serves, with the mini denoiser in place of the shipped one."""
+    for name in SERVED_MODELS:
+        if name != "denoiser":
+            shutil.copytree(default_models_dir() / name, root / name)
     repo, _ = mini_repository(root)
     return repo
 

@@ -71,3 +71,16 @@ def job_s3(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("jobs-s3")
     with S3Server(S3ServerSettings(data_dir=root / "data"), log_path=root / "weed.log") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def distill(triton, tmp_path_factory: pytest.TempPathFactory) -> ServiceProcess:
+    """The distill service (services/distill) over the session's Triton, which serves the shipped 4-step student
+    (SERVED_MODELS, as the chart and stack), for one test module."""
+    env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url,
+           "KINEMA_MAX_MESSAGE_BYTES": str(4 << 20)}  # fmt: skip
+    proc = ServiceProcess("distill", tmp_path_factory.mktemp("distill-service"), **env).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

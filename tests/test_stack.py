@@ -4,20 +4,34 @@ again with nothing left running; and the cases that need no stack (nothing runni
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
+from google.protobuf import json_format
 from PIL import Image
 
 from kinema.cli import main
+from kinema.depth.v1 import depth_pb2, depth_pb2_grpc
+from kinema.interpret.v1 import interpret_pb2, interpret_pb2_grpc
 from kinema.jobs.redis_server import RedisServer, RedisSettings
+from kinema.nn.checkpoint import sha256_file
+from kinema.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from kinema.processes import wait_until
+from kinema.repository import default_models_dir
+from kinema.rpc import tensors
 from kinema.stack import Component, StackState, is_running, process_start_time, read_state, state_path, write_state
+
+STUDENT_SHA = sha256_file(default_models_dir() / "denoiser_4step/1/mmdit.safetensors")  # the distill service's model
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -142,8 +156,11 @@ def test_stack_up_serves_generate_and_jobs_then_down_stops_everything(tmp_path, 
         assert state is not None and state.state == "up"
         assert stat.S_IMODE(os.stat(state_path(run_dir)).st_mode) == 0o600  # it holds the S3 secret key
         names = [c.name for c in state.components]
-        assert sorted(names) == sorted(["redis", "s3", "triton", "text_encoder", "autoencoder", "denoiser", "worker",
-                                        "orchestrator"])  # fmt: skip
+        assert sorted(names) == sorted(["redis", "s3", "triton", "text_encoder", "autoencoder", "denoiser", "distill",
+                                        "depth", "interpret", "worker", "orchestrator"])  # fmt: skip
+        assert sorted(state.metrics) == sorted(["text_encoder", "autoencoder", "denoiser", "distill", "depth",
+                                                "interpret", "worker", "orchestrator"])  # fmt: skip
+        assert {"denoiser_4step", "depth", "iin_factor", "iin_net2net", "iin_invariance"} <= set(state.triton["models"])
         assert all((run_dir / "logs" / f"{n}.log").is_file() for n in names)
         address = state.orchestrator
         assert up.stdout.splitlines()[-1] == f"export KINEMA_SERVER={address}"
@@ -159,18 +176,63 @@ def test_stack_up_serves_generate_and_jobs_then_down_stops_everything(tmp_path, 
         assert code == 0 and out.split() == [str(out_png)], err
         assert Image.open(out_png).size == (32, 32)
 
+        # The job names the few-step student: the worker reaches the distill service too (its KINEMA_DISTILL_URL).
         code, out, err = run(capsys, "--server", address, "jobs", "submit", "a blue cone", "--steps", "2",
-                             "--size", "32")  # fmt: skip
+                             "--size", "32", "--denoiser", "denoiser_4step")  # fmt: skip
         assert code == 0, err
         job_png = tmp_path / "job.png"
         code, out, err = run(capsys, "--server", address, "jobs", "watch", out.strip(), "-q", "-o", str(job_png))
         assert code == 0 and out.split() == [str(job_png)], err
-        assert Image.open(job_png).text["prompt"] == "a blue cone"
+        text = Image.open(job_png).text
+        assert text["prompt"] == "a blue cone" and json.loads(text["models"])["denoiser"] == STUDENT_SHA
+        assert json.loads(text["parameters"])["models"]["denoiser"]["name"] == "denoiser_4step"
+        # The worker counts a run when Celery's task signals fire, just after the job's record says completed.
+        finished = 'kinema_worker_jobs_finished_total{outcome="succeeded",pipeline="text_to_image"} 1.0'
+
+        def worker_metrics() -> str:
+            return urllib.request.urlopen(state.metrics["worker"], timeout=10).read().decode()
+
+        assert wait_until(lambda: finished in worker_metrics(), 10.0), worker_metrics()
+
+        # A run that names the few-step student goes through the orchestrator to the distill service (the
+        # orchestrator has KINEMA_DISTILL_URL), which samples it in Triton in its own 4 steps, without guidance.
+        with grpc.insecure_channel(address) as channel:
+            request = orchestrator_pb2.PipelineRequest(pipeline="text_to_image", prompts=["a red cube"], seed=3,
+                                                       width=32, height=32)  # fmt: skip
+            request.models["denoiser"].name = "denoiser_4step"
+            events = list(orchestrator_pb2_grpc.OrchestratorStub(channel).Generate(
+                orchestrator_pb2.GenerateRequest(request=request), timeout=120))  # fmt: skip
+        assert [(e.progress.step, e.progress.total) for e in events if e.HasField("progress")] == [
+            (1, 4), (2, 4), (3, 4), (4, 4)]  # fmt: skip
+        p = events[-1].result.outputs[0].provenance
+        assert (p.models["denoiser"].name, p.models["denoiser"].sha256) == ("denoiser_4step", STUDENT_SHA)
+        params = json_format.MessageToDict(p.parameters)
+        assert (params["steps"], params["guidance"]) == (4, 1)
+
+        # The depth service answers its own clients, through the stack's Triton.
+        with grpc.insecure_channel(state.component("depth").address) as channel:
+            images = np.zeros((1, 3, 32, 48), np.float32)
+            reply = depth_pb2_grpc.DepthStub(channel).Estimate(
+                depth_pb2.EstimateRequest(images=tensors.encode(images)), timeout=60
+            )
+        assert tensors.decode(reply.depth, "depth").shape == (1, 1, 32, 48) and reply.model.name == "depth"
+
+        # So does the interpret service: images through the stack's vae_encoder, then iin_factor, all in Triton.
+        with grpc.insecure_channel(state.component("interpret").address) as channel:
+            images = np.zeros((1, 3, 64, 64), np.float32)
+            analysis = interpret_pb2_grpc.InterpretStub(channel).Analyze(
+                interpret_pb2.AnalyzeRequest(images=tensors.encode(images)), timeout=60
+            )
+        assert [f.factor for f in analysis.factors] == ["colour", "shape", "position", "size"]
+        scores = tensors.decode(analysis.factors[0].scores, "scores")  # (1, 6): the colours
+        assert scores.shape == (1, 6) and np.isclose(scores.sum(), 1.0, atol=1e-5)
+        assert (analysis.model.name, analysis.autoencoder.name) == ("iin_factor", "vae")
 
         status = kinema("stack", "status", "--run-dir", str(run_dir), timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
         rows = [line.split() for line in status.stdout.splitlines() if line.startswith("  ")]
         assert sorted(r[0] for r in rows) == sorted(names) and {r[1] for r in rows} == {"up"}
+        assert "distill" in [r[0] for r in rows]
     finally:
         down = kinema("stack", "down", "--run-dir", str(run_dir), timeout=180)
     assert down.returncode == 0, down.stderr

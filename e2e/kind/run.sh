@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 KIND_LOGS=${KIND_LOGS:-$ROOT/runs/kind-e2e}
 KEEP_CLUSTER=${KEEP_CLUSTER:-0}
 WAIT_TIMEOUT=${WAIT_TIMEOUT:-900s}
-IMAGES=(text_encoder autoencoder denoiser orchestrator worker triton)
+IMAGES=(text_encoder autoencoder denoiser distill depth interpret orchestrator worker triton)
 FORWARDS=()
 
 die() {
@@ -105,11 +105,17 @@ port_forward "svc/$name-orchestrator" 19100:9100
 port_forward "svc/$name-text-encoder" 19101:9100
 port_forward "svc/$name-autoencoder" 19102:9100
 port_forward "svc/$name-denoiser" 19103:9100
+port_forward "svc/$name-depth" 19104:9100
+port_forward "svc/$name-worker" 19105:9100
+port_forward "svc/$name-interpret" 19106:9100
+port_forward "svc/$name-distill" 19107:9100
 port_forward "svc/$name-triton" 18002:8002
 
 export KINEMA_E2E_ADDRESS=127.0.0.1:50050
 metrics="orchestrator=http://127.0.0.1:19100/metrics,text_encoder=http://127.0.0.1:19101/metrics"
 metrics+=",autoencoder=http://127.0.0.1:19102/metrics,denoiser=http://127.0.0.1:19103/metrics"
+metrics+=",depth=http://127.0.0.1:19104/metrics,worker=http://127.0.0.1:19105/metrics"
+metrics+=",interpret=http://127.0.0.1:19106/metrics,distill=http://127.0.0.1:19107/metrics"
 metrics+=",triton=http://127.0.0.1:18002/metrics"
 export KINEMA_E2E_METRICS=$metrics
 echo "e2e/kind: running the e2e suite against $KINEMA_E2E_ADDRESS"

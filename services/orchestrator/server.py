@@ -11,6 +11,10 @@ Generate checks it, recorded in Redis (`kinema.orchestration.jobs`) and run by a
 (`kinema.orchestration.worker`, started with `python -m services.orchestrator.worker`). Without KINEMA_REDIS_URL
 they answer UNIMPLEMENTED.
 
+Admission control (docs/serving.md#admission-control): each Generate holds one of the server's KINEMA_MAX_IN_FLIGHT
+places while it runs, and SubmitJob is refused while KINEMA_MAX_QUEUED_JOBS jobs wait for a worker; both refusals
+are RESOURCE_EXHAUSTED with a retry hint. Every other RPC is cheap and never refused.
+
 A request's `inputs` are artifacts of the caller's tenant, looked up before anything runs
 (`kinema.orchestration.inputs`); `UploadArtifact` stores them (`kinema.orchestration.uploads`): the stream is
 checked message by message, the bytes are checked to be a whole image of an accepted size, and only then stored.
@@ -33,8 +37,8 @@ from typing import TypeVar
 import grpc
 from celery import Celery
 
-from kinema.errors import InvalidInput, KinemaError
-from kinema.jobs.celery_app import cancel, redis_errors_as_unavailable
+from kinema.errors import InvalidInput, KinemaError, ResourceExhausted
+from kinema.jobs.celery_app import cancel, queue_depth, redis_errors_as_unavailable
 from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
 from kinema.orchestration.inputs import NO_INPUTS, StoredInputs, resolve_inputs
 from kinema.orchestration.jobs import (
@@ -70,6 +74,10 @@ from kinema.storage.artifacts import (
 SERVICE = "kinema.orchestrator.v1.Orchestrator"
 MAX_BLOCKING_CALLS = 64  # worker threads for pipeline runs and store calls (as kinema.rpc.models)
 WATCH_POLL_SECONDS = 2.0  # WatchJob reads the job at least this often, should a change notice be lost
+LIMITED = frozenset({"Generate"})  # the RPCs that hold one of the KINEMA_MAX_IN_FLIGHT places (kinema.rpc.admission)
+# How long a client refused for a full job queue is asked to wait: the queue drains at the workers' pace, which
+# the orchestrator does not know; a few seconds is short next to any job.
+QUEUE_FULL_RETRY_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -252,9 +260,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             if inputs.artifacts and check_inputs is not None:
                 check_inputs(prepared, inputs)
             job, created = jobs.create(tenant, resolved, key, fingerprint)
-            if created:
+            if created:  # a resubmit with a used idempotency key returns its job, even with the queue full
                 try:
                     with redis_errors_as_unavailable(app):
+                        self._check_queue(app)
                         enqueue(app, job)
                 except BaseException:
                     with contextlib.suppress(KinemaError):
@@ -269,6 +278,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e),
                                 trailing_metadata=((ERROR_DETAIL_KEY, detail.SerializeToString()),))  # fmt: skip
         return pb.SubmitJobResponse(job=job)
+
+    def _check_queue(self, app: Celery) -> None:
+        """ResourceExhausted (JOB_QUEUE_FULL, with a retry hint) while `max_queued_jobs` jobs wait for a worker."""
+        limit = self.settings.max_queued_jobs
+        if not limit:
+            return
+        waiting = queue_depth(app)
+        if waiting >= limit:
+            var = ENV_VARS["max_queued_jobs"]
+            raise ResourceExhausted(
+                f"the job queue is full: {waiting} jobs wait for a worker, the limit is {limit} ({var}); the job was "
+                f"not submitted. Retry in {QUEUE_FULL_RETRY_SECONDS:g} s or later; operators: add workers or raise "
+                f"{var}",
+                reason="JOB_QUEUE_FULL",
+                metadata={"queued": str(waiting), "limit": str(limit), "setting": var},
+                retry_after=QUEUE_FULL_RETRY_SECONDS,
+            )
 
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
         jobs, _ = await self._job_backend(context)
@@ -340,5 +366,5 @@ def build_server(settings: ServiceSettings | OrchestratorSettings) -> KinemaServ
     store = store_from_uri(settings.artifacts, settings.s3_access_key or None, settings.s3_secret_key or None)
     jobs, job_app = (job_store(settings), make_job_app(settings)) if settings.jobs_enabled else (None, None)
     servicer = OrchestratorServicer(settings, store, RemoteCapabilities(settings.addresses), jobs=jobs, job_app=job_app)
-    binding = Binding(SERVICE, pb_grpc.add_OrchestratorServicer_to_server, servicer)
+    binding = Binding(SERVICE, pb_grpc.add_OrchestratorServicer_to_server, servicer, limited=LIMITED)
     return make_server(settings.service, [binding], "orchestrator")

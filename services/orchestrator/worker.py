@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import sys
 
+from kinema.jobs.metrics import serve_worker_metrics
 from kinema.orchestration.settings import OrchestratorSettings
 from kinema.orchestration.worker import make_job_app
 
 settings = OrchestratorSettings.from_env()
 app = make_job_app(settings)
+metrics = serve_worker_metrics(app, settings.service)  # /metrics on KINEMA_METRICS_PORT once the worker starts
 
 
 def main(argv: list[str]) -> None:

@@ -27,8 +27,9 @@ DEMO_PROMPTS = (
 
 
 # Exit statuses: 0 done; 1 the work ran and failed (a job FAILED or CANCELLED, a download that does not match its
-# hash, an internal server error); 2 a request to fix (usage, INVALID_ARGUMENT, NOT_FOUND); 3 the server or one of
-# its dependencies is unreachable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED): try again later; 130 Ctrl-C.
+# hash, an internal server error); 2 a request to fix (usage, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION); 3 the
+# server or one of its dependencies is unreachable, too slow or busy (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
+# with a retry hint): try again later; 130 Ctrl-C.
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
 # The option of this CLI that sets a request field a server names in an error.
@@ -36,7 +37,7 @@ _OPTION_OF_FIELD = {"prompts": "--n", "seed": "--seed", "steps": "--steps", "gui
                     "width": "--size", "height": "--size", "sampler": "--sampler", "id": "the job ID",
                     "state": "--state", "idempotency_key": "--idempotency-key",
                     "kinema-tenant": "--tenant", "strength": "--strength", "inputs.image": "--init-image",
-                    "inputs.mask": "--mask"}  # fmt: skip
+                    "inputs.mask": "--mask", "models.denoiser": "--denoiser"}  # fmt: skip
 DEFAULT_SIZE = 64
 
 
@@ -100,13 +101,22 @@ def _size(text: str) -> int:
     return value
 
 
-def _load(models: Path | None):
+def _load(models: Path | None, denoiser: str | None = None):
     from kinema.pipelines.local import load_local
 
     try:
-        return load_local(models)
+        return load_local(models, denoiser or "denoiser")
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
+
+
+def _sampling(args: argparse.Namespace, denoiser) -> tuple[int, float]:
+    """(steps, guidance): the options given, else the denoiser's defaults (a distilled student's own steps and no
+    guidance; 28 and 4 otherwise), as the server fills in a request that leaves them unset."""
+    from kinema.pipelines.text_to_image import sampling_defaults
+
+    steps, guidance = sampling_defaults(denoiser)
+    return (args.steps if args.steps is not None else steps), (args.guidance if args.guidance is not None else guidance)
 
 
 def _png_info(prompt: str, params: dict, seed: int, models: dict[str, str]):
@@ -142,12 +152,13 @@ def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], l
     from kinema.errors import InvalidInput
     from kinema.pipelines import TextToImageRequest, text_to_image
 
-    text_encoder, denoiser, autoencoder = loaded or _load(args.models)
+    text_encoder, denoiser, autoencoder = loaded or _load(args.models, args.denoiser)
     size = args.size or DEFAULT_SIZE
+    steps, guidance = _sampling(args, denoiser)
     request = TextToImageRequest(
-        prompts=prompts, seed=args.seed, steps=args.steps, guidance=args.guidance, size=size, sampler=args.sampler
+        prompts=prompts, seed=args.seed, steps=steps, guidance=guidance, size=size, sampler=args.sampler
     )
-    with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
+    with tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         try:
             result = text_to_image(request, text_encoder, denoiser, autoencoder, callback=lambda i, n, x: bar.update(1))
         except InvalidInput as e:
@@ -155,7 +166,9 @@ def _render(prompts: list[str], args: argparse.Namespace, outputs: list[Path], l
     for prompt, cut in zip(prompts, result.truncated, strict=True):
         if cut:
             _LOGGER.warning("prompt is longer than the text encoder's token limit and was truncated: %r", prompt)
-    params = {"steps": args.steps, "guidance": args.guidance, "size": size, "sampler": args.sampler}
+    params = {"steps": steps, "guidance": guidance, "size": size, "sampler": args.sampler}
+    if args.denoiser:
+        params["models"] = {"denoiser": args.denoiser}
     for img, prompt, seed, out in zip(result.images, prompts, result.seeds, outputs, strict=True):
         _save_png(Image.fromarray(img), out, _png_info(prompt, params, seed, result.models))
 
@@ -207,25 +220,28 @@ def _render_edit(pipeline: str, args: argparse.Namespace, outputs: list[Path]) -
     if args.size and (width, height) != (args.size, args.size):
         raise CliError(f"the output keeps the input's size {width}x{height}; leave --size out or set it to that")
     prompts = [args.prompt] * args.n
-    fields = {"prompts": prompts, "image": image, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+    mask, mask_sha = _read_image(args.mask, "--mask", "L") if pipeline == "inpaint" else (None, None)
+    text_encoder, denoiser, autoencoder = _load(args.models, args.denoiser)
+    steps, guidance = _sampling(args, denoiser)
+    fields = {"prompts": prompts, "image": image, "seed": args.seed, "steps": steps, "guidance": guidance,
               "sampler": args.sampler}  # fmt: skip
-    params = {"pipeline": pipeline, "steps": args.steps, "guidance": args.guidance, "width": width, "height": height,
+    params = {"pipeline": pipeline, "steps": steps, "guidance": guidance, "width": width, "height": height,
               "sampler": args.sampler, "init_image": image_sha}  # fmt: skip
     if pipeline == "inpaint":
-        mask, params["mask"] = _read_image(args.mask, "--mask", "L")
+        params["mask"] = mask_sha
         request = InpaintRequest(mask=mask, strength=args.strength or 1.0, **fields)
         run = inpaint
     else:
         request = ImageToImageRequest(strength=args.strength or 0.8, **fields)
         run = image_to_image
     params["strength"] = request.strength
-    text_encoder, denoiser, autoencoder = _load(args.models)
-    total = args.steps - start_step(args.steps, request.strength)
+    total = steps - start_step(steps, request.strength)
     with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, disable=args.quiet) as bar:
         try:
             result = run(request, text_encoder, denoiser, autoencoder, callback=lambda i, n, x: bar.update(1))
         except InvalidInput as e:
-            option = {"image": f"--init-image {args.init_image}", "mask": f"--mask {args.mask}"}.get(e.field)
+            option = {"image": f"--init-image {args.init_image}", "mask": f"--mask {args.mask}",
+                      "denoiser": f"--denoiser {args.denoiser}"}.get(e.field)  # fmt: skip
             raise CliError(f"{option}: {e}" if option else str(e)) from None
     for img, prompt, seed, out in zip(result.images, prompts, result.seeds, outputs, strict=True):
         _save_png(Image.fromarray(img), out, _png_info(prompt, params, seed, result.models))
@@ -345,8 +361,10 @@ def _client(args: argparse.Namespace):
 def _request_fields(args: argparse.Namespace, client=None) -> dict:
     """The request the sampling options stand for: the same values embedded mode runs with, so that one command
     makes the same image embedded and served. With --init-image (and --mask) the files are uploaded first."""
-    fields = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance, "size": args.size or 0,
-              "sampler": args.sampler}  # fmt: skip
+    fields = {"n": args.n, "seed": args.seed, "steps": args.steps or 0, "guidance": args.guidance,
+              "size": args.size or 0, "sampler": args.sampler}  # fmt: skip
+    if args.denoiser:
+        fields["models"] = {"denoiser": args.denoiser}
     pipeline = _edit_pipeline(args)
     if pipeline != "text_to_image":
         fields |= {"pipeline": pipeline, "strength": args.strength or 0.0, "inputs": {}}
@@ -514,8 +532,13 @@ def cmd_jobs_list(args: argparse.Namespace) -> None:
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    p.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default 28)")
-    p.add_argument("--guidance", type=_guidance, default=4.0, help="classifier-free guidance scale (default 4)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampling steps (default 28; with a distilled student: its own, e.g. 4)")  # fmt: skip
+    p.add_argument("--guidance", type=_guidance, default=None,
+                   help="classifier-free guidance scale (default 4; a distilled student takes none)")  # fmt: skip
+    p.add_argument("--denoiser", default=None, metavar="MODEL",
+                   help="denoiser model to sample with (default: the repository's or server's default), e.g. the "
+                        "few-step student denoiser_4step")  # fmt: skip
     size_help = f"image side in pixels, multiple of 8 (default {DEFAULT_SIZE}; with --init-image: its size)"
     p.add_argument("--size", type=_size, default=None, help=size_help)
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
@@ -629,8 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack_down.set_defaults(func=cmd_stack_down)
 
     from kinema.eval.cli import add_eval_parser
+    from kinema.interpret_cli import add_interpret_parser
 
     add_eval_parser(sub)
+    add_interpret_parser(sub)
     return parser
 
 
@@ -653,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(e, MissingWeights):
                 raise
         print(f"kinema: error: {_message(e)}", file=sys.stderr)
+        retry_after = getattr(e, "retry_after", None)
+        if retry_after is not None:  # a busy server (admission control) says when to come back
+            print(f"kinema: the server is busy; try again in {retry_after:g} s", file=sys.stderr)
         return _exit_code(e)
     return 0
 
@@ -667,6 +695,7 @@ def _exit_code(e: Exception) -> int:
     from kinema.errors import (
         DataLoss,
         DeadlineExceeded,
+        FailedPrecondition,
         InvalidInput,
         KinemaError,
         NotFound,
@@ -678,9 +707,10 @@ def _exit_code(e: Exception) -> int:
 
     if isinstance(e, CliError):
         return e.exit_code
-    if isinstance(e, Unavailable | DeadlineExceeded):
+    if isinstance(e, Unavailable | DeadlineExceeded) or getattr(e, "retry_after", None) is not None:
         return EXIT_UNAVAILABLE
-    fixable = InvalidInput | NotFound | ResourceExhausted | Unauthenticated | PermissionDenied | FileNotFoundError
+    fixable = (InvalidInput | NotFound | FailedPrecondition | ResourceExhausted | Unauthenticated | PermissionDenied
+               | FileNotFoundError)  # fmt: skip
     if isinstance(e, fixable) and not isinstance(e, DataLoss):
         return EXIT_USAGE
     if isinstance(e, KinemaError) and e.metadata.get("grpc_code") == "ALREADY_EXISTS":

@@ -8,6 +8,8 @@ Requests and replies are the proto messages of orchestrator.proto (the public co
 domain error its status stands for (`kinema.rpc.status.from_rpc_error`: `InvalidInput`, `NotFound`, `Unavailable`,
 ...), with the server's message, its `ErrorDetail` (reason, field) and `metadata["grpc_code"]`; never a raw
 `grpc.RpcError`. A server that cannot be reached is `Unavailable` with reason SERVER_UNREACHABLE, naming the address.
+A busy server refuses with `ResourceExhausted` (reason SERVER_BUSY for Generate, JOB_QUEUE_FULL for submit_job) whose
+`retry_after` holds its hint in seconds: wait at least that long, plus some jitter, and call again.
 """
 
 from __future__ import annotations

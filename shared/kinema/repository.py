@@ -58,17 +58,39 @@ def autoencoder_fingerprint(encoder_sha256: str, decoder_sha256: str) -> str:
     return hashlib.sha256((encoder_sha256 + decoder_sha256).encode()).hexdigest()
 
 
-def load_denoiser(models: Path, path: Path | None = None) -> tuple[MMDiT, str]:
-    """(MMDiT in eval mode, sha256 of its file); `path` overrides the repository file (snapshots)."""
+def load_denoiser(models: Path, path: Path | None = None, name: str = "denoiser") -> tuple[MMDiT, str]:
+    """(MMDiT in eval mode, sha256 of its file); `path` overrides the repository file (snapshots).
+
+    `name`: another denoiser model of the repository (a variant or a distilled student such as `denoiser_4step`),
+    its newest version's weights as its config names them.
+    """
     from safetensors.torch import load_file
 
     from kinema.nn.checkpoint import params_from_metadata, sha256_file
     from kinema.nn.mmdit import MMDiT, MMDiTParams
 
+    if path is None and name != "denoiser":
+        from kinema.inference.model_config import latest_version
+
+        weights = model_parameters(models, name).get("weights", "mmdit.safetensors")
+        path = models / name / latest_version(models / name) / weights
     file = _require(path or models / DENOISER_FILE)
     model = MMDiT(params_from_metadata(file, MMDiTParams))
     model.load_state_dict(load_file(str(file)))
     return model.eval().requires_grad_(False), sha256_file(file)
+
+
+def model_parameters(models: Path, name: str) -> dict[str, str]:
+    """The `parameters` of a repository model's config.pbtxt (what Triton passes to its model.py); {} for the
+    default denoiser of a repository that holds only its weights (test repositories)."""
+    from kinema.inference.model_config import parameters, read_config
+
+    if not (models / name / "config.pbtxt").is_file():
+        if name == "denoiser":
+            return {}
+        known = sorted(p.parent.name for p in models.glob("*/config.pbtxt"))
+        raise MissingWeights(f"no model {name!r} in the model repository {models}; it holds {known}")
+    return parameters(read_config(models / name))
 
 
 def load_text_encoder_default() -> TextEncoder:

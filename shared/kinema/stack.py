@@ -53,7 +53,7 @@ STATE_VERSION = 1
 BUCKET = "kinema"
 WORKER_APP = "services.orchestrator.worker:app"
 WORKER_NAME = "kinema-stack"
-MODEL_SERVICES = ("text_encoder", "autoencoder", "denoiser")
+MODEL_SERVICES = ("text_encoder", "autoencoder", "denoiser", "distill", "depth", "interpret")
 COMPONENTS = ("redis", "s3", "triton", *MODEL_SERVICES, "worker", "orchestrator")  # the order `up` records them in
 # `down` stops the callers before what they call, each tier at once: the orchestrator and worker finish or fail
 # their calls while the model services still answer; Triton, S3 and Redis go last.
@@ -110,7 +110,7 @@ class StackState:
     redis_url: str = ""
     s3: dict[str, str] = field(default_factory=dict)  # endpoint, bucket, access_key, secret_key, ports
     triton: dict[str, Any] = field(default_factory=dict)  # grpc, http, metrics, models
-    metrics: dict[str, str] = field(default_factory=dict)  # each service's Prometheus endpoint, by service name
+    metrics: dict[str, str] = field(default_factory=dict)  # each service's and the worker's Prometheus endpoint
     components: list[Component] = field(default_factory=list)
     version: int = STATE_VERSION
 
@@ -307,6 +307,7 @@ class _Launch:
     def run(self, port: int) -> None:
         from kinema.jobs.celery_app import CeleryWorker, WorkerSettings
         from kinema.jobs.redis_server import RedisServer, RedisSettings
+        from kinema.orchestration.settings import ENV_VARS as ORCHESTRATOR_VARS
         from kinema.rpc.process import REPO, SERVED_MODELS, ServiceProcess
         from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY
         from kinema.storage.s3server import S3Server, S3ServerSettings
@@ -349,17 +350,24 @@ class _Launch:
         backend = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
         services = {name: ServiceProcess(name, self.logs, log_name=f"{name}.log", detached=True, **backend)
                     for name in MODEL_SERVICES}  # fmt: skip
-        # The environment the orchestrator and its worker share, as tests/orchestrator/conftest.py `jobs_env`.
-        env = {f"KINEMA_{name.upper()}_URL": p.address for name, p in services.items()}
+        # The environment the orchestrator and its worker share, as tests/orchestrator/conftest.py `jobs_env`: the
+        # address of each model service the orchestrator calls, the KINEMA_<NAME>_URL its settings read (distill's
+        # students included; depth and interpret have clients of their own), as the chart does.
+        urls = {f"KINEMA_{name.upper()}_URL": p.address for name, p in services.items()}
+        env = {var: address for var, address in urls.items() if var in ORCHESTRATOR_VARS.values()}
         env |= {"KINEMA_ARTIFACTS": f"s3://{BUCKET}?endpoint={s3.endpoint}", "KINEMA_REDIS_URL": redis.url,
                 ENV_ACCESS_KEY: access_key, ENV_SECRET_KEY: secret_key, "OMP_NUM_THREADS": "1"}  # fmt: skip
-        # The worker needs only Redis to start: it comes up while Triton loads its models.
+        # The worker needs only Redis to start: it comes up while Triton loads its models. Its /metrics
+        # (kinema.jobs.metrics) is on a port of its own, as every service's.
+        worker_metrics = free_ports(HOST, 1)[0]
+        worker_env = env | {"KINEMA_METRICS_PORT": str(worker_metrics)}
         worker_settings = WorkerSettings(app=WORKER_APP, broker_url=redis.url, backend_url=redis.url,
                                          concurrency=s.worker_concurrency, name=WORKER_NAME, pythonpath=(REPO,),
-                                         env=env, startup_timeout=timeout)  # fmt: skip
+                                         env=worker_env, startup_timeout=timeout)  # fmt: skip
         worker = CeleryWorker(worker_settings, log_path=self.log("worker"))
         t_worker = time.monotonic()
         self.start("worker", worker.start)
+        self.state.metrics["worker"] = f"http://{HOST}:{worker_metrics}/metrics"
         self.record("worker", worker, worker.pid, worker.node, "celery")
 
         self.wait("triton", triton.wait_ready, t0)

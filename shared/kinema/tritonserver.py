@@ -45,6 +45,9 @@ class TritonSettings:
     grpc_port: int = 8001
     metrics_port: int = 8002
     models_to_load: tuple[str, ...] | None = None  # None: every subfolder holding a config.pbtxt
+    # Triton's custom model configuration: "gpu" loads each model's configs/gpu.pbtxt (KIND_GPU) where it has one,
+    # its config.pbtxt otherwise; "" = config.pbtxt everywhere.
+    model_config_name: str = ""
     log_verbose: int = 0
     startup_timeout: float = 120.0
     extra_args: tuple[str, ...] = ()
@@ -63,6 +66,8 @@ class TritonSettings:
             raise InvalidInput(f"http, grpc and metrics ports must differ, got {ports}")
         if self.log_verbose < 0:
             raise InvalidInput(f"log_verbose must be >= 0, got {self.log_verbose}")
+        if self.model_config_name and not self.model_config_name.replace("_", "").replace("-", "").isalnum():
+            raise InvalidInput(f"model_config_name must be letters, digits, - and _, got {self.model_config_name!r}")
         if not self.startup_timeout > 0:
             raise InvalidInput(f"startup_timeout must be > 0, got {self.startup_timeout}")
 
@@ -216,6 +221,8 @@ class TritonServer:
             "--strict-readiness=false",
             "--exit-timeout-secs=5",
         ]
+        if s.model_config_name:
+            cmd.append(f"--model-config-name={s.model_config_name}")
         if s.log_verbose:
             cmd.append(f"--log-verbose={s.log_verbose}")
         return [*cmd, *s.extra_args]
@@ -372,6 +379,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="load only this model (repeatable; default: every folder holding a config.pbtxt)",
     )
+    p.add_argument(
+        "--model-config-name",
+        default="",
+        metavar="NAME",
+        help="load each model's configs/NAME.pbtxt where it has one (gpu: KIND_GPU instances; default: config.pbtxt)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> TritonSettings:
@@ -381,6 +394,7 @@ def settings_from_args(args: argparse.Namespace) -> TritonSettings:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         models_to_load=tuple(args.model_names) if args.model_names else None,
+        model_config_name=args.model_config_name,
         **kwargs,
     )
 

@@ -16,6 +16,7 @@ from .conftest import (
     CHART,
     CI_VALUES,
     RELEASE,
+    REPO,
     SERVICE_MONITOR_API,
     by_kind,
     component,
@@ -203,6 +204,106 @@ def test_every_enabled_model_service_reaches_the_orchestrator_as_kinema_name_url
     assert not [d for d in by_kind(docs, "Deployment").values() if component(d) == "denoiser"]
 
 
+# The model services the orchestrator calls: the KINEMA_<NAME>_URL variables its settings read. The chart sets every
+# one of them; KINEMA_DISTILL_URL is optional to the settings (no students without it), so the chart leaves it out
+# exactly when services.distill.enabled=false.
+OPTIONAL_URLS = {"KINEMA_DISTILL_URL"}
+ORCHESTRATED_URLS = {var for var in orchestration_settings.ENV_VARS.values() if var.endswith("_URL")
+                     and var not in ("KINEMA_REDIS_URL", "KINEMA_BROKER_URL")}  # fmt: skip
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "minimal"])
+def test_the_orchestrator_and_worker_get_exactly_the_service_urls_their_settings_read(profile):
+    docs = render(CHART / "ci" / f"{profile}-values.yaml")
+    deployed = {component(d) for d in by_kind(docs, "Deployment").values()}
+    assert {s.replace("_", "-") for s in MODEL_SERVICES} <= deployed  # depth and interpret included
+    for comp in ("orchestrator", "worker") if profile != "minimal" else ("orchestrator",):
+        env = env_of(containers(_workload(docs, comp))[0])
+        urls = {v for v in env if v.startswith("KINEMA_") and v.endswith("_URL")} - {"KINEMA_REDIS_URL"}
+        assert urls == ORCHESTRATED_URLS, f"{comp}: the chart's kinema.orchestratedServices drifted from its settings"
+        assert not {"KINEMA_DEPTH_URL", "KINEMA_INTERPRET_URL"} & set(env)  # they answer their own clients
+
+
+def test_the_orchestrator_and_worker_reach_the_distill_service_for_students():
+    """KINEMA_DISTILL_URL names the distill Service's gRPC port for both callers (a job runs the same pipeline as
+    Generate); with services.distill.enabled=false there is no distill Deployment and the variable is unset, which
+    the settings take as "no students" (the other URLs stay required)."""
+    docs = render(CI_VALUES[0])
+    services = by_kind(docs, "Service")
+    for comp in ("orchestrator", "worker"):
+        env = env_of(containers(_workload(docs, comp))[0])
+        host, port = env["KINEMA_DISTILL_URL"]["value"].rsplit(":", 1)
+        assert component(services[host]) == "distill" and int(port) == GRPC_PORT
+        assert int(port) in {p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc"}
+    without = render(CI_VALUES[0], sets=("services.distill.enabled=false",))
+    assert not [d for d in by_kind(without, "Deployment").values() if component(d) == "distill"]
+    for comp in ("orchestrator", "worker"):
+        env = env_of(containers(_workload(without, comp))[0])
+        urls = {v for v in env if v.startswith("KINEMA_") and v.endswith("_URL")} - {"KINEMA_REDIS_URL"}
+        assert urls == ORCHESTRATED_URLS - OPTIONAL_URLS, comp
+
+
+def test_the_distill_service_calls_triton_for_the_student():
+    docs = render(CI_VALUES[0])
+    settings = ServiceSettings.from_env(_with_secrets(docs, env_of(containers(_workload(docs, "distill"))[0])))
+    assert settings.backend == "triton" and settings.port == GRPC_PORT
+    triton = containers(_workload(docs, "triton"))[0]
+    assert "--load-model=denoiser_4step" in triton["args"]
+    assert "denoiser_4step" in triton["readinessProbe"]["exec"]["command"]
+
+
+def test_the_depth_service_calls_triton_for_the_depth_model():
+    docs = render(CI_VALUES[0])
+    env = _with_secrets(docs, env_of(containers(_workload(docs, "depth"))[0]))
+    settings = ServiceSettings.from_env(env)
+    assert settings.backend == "triton" and settings.port == GRPC_PORT
+    triton = containers(_workload(docs, "triton"))[0]
+    assert "--load-model=depth" in triton["args"] and "depth" in triton["readinessProbe"]["exec"]["command"]
+
+
+def test_the_interpret_service_calls_triton_for_the_iin_models_and_the_autoencoder():
+    """Interpret reaches every model it calls (kinema.inference.interpreter: iin_*, and vae_encoder / vae_decoder
+    for images) through the one Triton its settings name; Triton loads them all and is ready only with them."""
+    docs = render(CI_VALUES[0])
+    settings = ServiceSettings.from_env(_with_secrets(docs, env_of(containers(_workload(docs, "interpret"))[0])))
+    assert settings.backend == "triton" and settings.port == GRPC_PORT
+    triton = containers(_workload(docs, "triton"))[0]
+    for model in ("iin_factor", "iin_net2net", "iin_invariance", "vae_encoder", "vae_decoder"):
+        assert f"--load-model={model}" in triton["args"] and model in triton["readinessProbe"]["exec"]["command"]
+    without = render(CI_VALUES[0], sets=("services.interpret.enabled=false",))
+    assert not [d for d in by_kind(without, "Deployment").values() if component(d) == "interpret"]
+
+
+def test_the_worker_serves_its_job_metrics_behind_a_service():
+    docs = render(CI_VALUES[0])
+    (c,) = containers(_workload(docs, "worker"))
+    settings = ServiceSettings.from_env(_with_secrets(docs, env_of(c)))  # as services/orchestrator/worker.py reads it
+    assert settings.host == "0.0.0.0" and settings.metrics_port
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": settings.metrics_port}
+    assert "KINEMA_PORT" not in env_of(c)  # no gRPC API: the celery ping probes stay
+    (svc,) = [s for s in by_kind(docs, "Service").values() if component(s) == "worker"]
+    assert [(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("metrics", "metrics")]
+    assert not [s for s in by_kind(render(CHART / "ci" / "minimal-values.yaml"), "Service").values()
+                if component(s) == "worker"]  # fmt: skip
+
+
+def test_the_gpu_profile_loads_each_models_gpu_config():
+    from kinema.inference.model_config import GPU_CONFIG, config_path
+
+    cpu = containers(_workload(render(CI_VALUES[0]), "triton"))[0]["args"]
+    assert not [a for a in cpu if a.startswith("--model-config-name")]
+    gpu = containers(_workload(render(CHART / "ci" / "gpu-values.yaml"), "triton"))[0]["args"]
+    assert f"--model-config-name={GPU_CONFIG}" in gpu
+    models = [a.split("=", 1)[1] for a in gpu if a.startswith("--load-model=")]
+    assert models and all(config_path(REPO / "models" / m, GPU_CONFIG).is_file() for m in models), models
+    default = containers(_workload(render(sets=("triton.gpu.enabled=true",)), "triton"))[0]["args"]
+    assert "--model-config-name=gpu" in default
+    plain = render(sets=("triton.gpu.enabled=true", "triton.gpu.modelConfigName="))
+    (g,) = containers(_workload(plain, "triton"))
+    assert not [a for a in g["args"] if a.startswith("--model-config-name")]
+    assert g["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
 def test_generated_secrets_and_existing_secrets():
     docs = render(CI_VALUES[0])
     secrets = by_kind(docs, "Secret")
@@ -279,7 +380,7 @@ def test_service_monitors_only_where_the_crd_exists():
     assert not by_kind(render(CI_VALUES[0]), "ServiceMonitor")
     monitors = by_kind(render(CI_VALUES[0], api_versions=(SERVICE_MONITOR_API,)), "ServiceMonitor")
     services = {component(s): s for s in by_kind(render(CI_VALUES[0]), "Service").values()}
-    assert {component(m) for m in monitors.values()} == {"triton", "orchestrator", *[
+    assert {component(m) for m in monitors.values()} == {"triton", "orchestrator", "worker", *[
         s.replace("_", "-") for s in MODEL_SERVICES]}  # fmt: skip
     for m in monitors.values():
         svc = services[component(m)]
@@ -323,6 +424,7 @@ def test_notes_show_a_grpcurl_call(tmp_path):
         (("triton.modelRepository.source=http",), "triton.modelRepository.source must be one of"),
         (("services.text_encoder.env.PATH=/x",), "Does not match pattern"),
         (("services.Bad-Name.enabled=true",), "Does not match pattern"),
+        (("triton.gpu.modelConfigName=g p u",), "Does not match pattern"),
         (("minio.enabled=false",), "artifacts.endpoint"),
         (("minio.enabled=false", "artifacts.endpoint=s3.example:443"), "artifacts.accessKey"),
         (("redis.enabled=false",), "redis.externalUrl"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kinema.inference.model_config import latest_version, parameters, read_config
 from kinema.jobs.celery_app import CeleryWorker, WorkerSettings
 from kinema.rpc.process import SERVED_MODELS
 from kinema.stack import MODEL_SERVICES, WORKER_APP
@@ -20,7 +21,7 @@ from kinema.tritonserver import TritonServer, TritonSettings, _Install
 
 from .conftest import CI_VALUES, REPO, by_kind, component, containers, render
 
-SERVICES = ("text_encoder", "autoencoder", "denoiser", "orchestrator")
+SERVICES = ("text_encoder", "autoencoder", "denoiser", "distill", "depth", "interpret", "orchestrator")
 DOCKERFILES = [REPO / "services" / s / "Dockerfile" for s in SERVICES]
 DOCKERFILES += [REPO / "services" / "orchestrator" / "worker.Dockerfile", REPO / "services" / "triton" / "Dockerfile"]
 BIN = Path(sys.executable).parent
@@ -110,7 +111,7 @@ def _run_blocked(blocked: list[str], code: str, env: dict[str, str] | None = Non
 
 def test_service_images_hold_every_package_the_entrypoints_import():
     excluded = set(arg(DOCKERFILES[0], "EXCLUDE").split("|"))
-    for path in DOCKERFILES[1:4]:
+    for path in DOCKERFILES[1 : len(SERVICES)]:
         assert set(arg(path, "EXCLUDE").split("|")) == excluded
     blocked = _blocked_modules(excluded)
     assert "transformers" in blocked and "pytriton" in blocked
@@ -128,14 +129,16 @@ def test_triton_image_holds_every_package_the_served_networks_load():
               if line and not line.startswith("#")}  # fmt: skip
     assert included <= pinned
     blocked = _blocked_modules(pinned - included - {"tqdm"})  # tqdm: a dependency of tokenizers' hub client
+    # Each config's parameters as Triton hands them to model.py, read here (tritonclient's config proto is not in the
+    # image): parsed by protobuf, so an escaped params_json (the IIN configs') arrives as the JSON the network checks.
+    params = {name: parameters(read_config(REPO / "models" / name)) for name in SERVED_MODELS}
+    versions = {name: latest_version(REPO / "models" / name) for name in SERVED_MODELS}
     code = f"""
-import re
 from pathlib import Path
 from kinema.inference.networks import load_network
-for name in {list(SERVED_MODELS)!r}:
-    cfg = Path("models", name, "config.pbtxt").read_text()
-    params = dict(re.findall(r'key: "(\\w+)" value {{ string_value: "([^"]*)" }}', cfg))
-    load_network(params.get("network", name), Path("models", name, "1"), params)
+params, versions = {params!r}, {versions!r}
+for name, p in params.items():
+    load_network(p.get("network", name), Path("models", name, versions[name]), p)
 """
     proc = _run_blocked(blocked, code)
     assert proc.returncode == 0, f"a network needs a package the Triton image leaves out:\n{proc.stderr}"

@@ -97,8 +97,10 @@ def test_policies_allow_exactly_the_real_paths(values):
 def test_the_real_paths_are_the_platform_architecture():
     edges = expected_edges(render(CI_VALUES[0]))
     callers = {"orchestrator", "worker"}
-    models = {"text-encoder", "autoencoder", "denoiser"}
+    # What the orchestrator and worker call (distill: the few-step students); depth, interpret: own clients.
+    models = {"text-encoder", "autoencoder", "denoiser", "distill"}
     assert edges == ({(c, m, 50051) for c in callers for m in models} | {(m, "triton", 8001) for m in models}
+                     | {("depth", "triton", 8001), ("interpret", "triton", 8001)}
                      | {(c, "minio", 9000) for c in callers} | {(c, "redis", 6379) for c in callers})  # fmt: skip
 
 
@@ -106,7 +108,8 @@ def test_only_the_api_and_metrics_are_open_to_outside_and_everything_else_is_den
     docs = render(CI_VALUES[0])
     _, outside, _ = allowed_edges(docs)
     assert outside == {("orchestrator", 50051), ("orchestrator", 9100), ("text-encoder", 9100),
-                       ("autoencoder", 9100), ("denoiser", 9100), ("triton", 8002)}  # fmt: skip
+                       ("autoencoder", 9100), ("denoiser", 9100), ("distill", 9100), ("depth", 50051), ("depth", 9100),
+                       ("interpret", 50051), ("interpret", 9100), ("worker", 9100), ("triton", 8002)}  # fmt: skip
     policies = by_kind(docs, "NetworkPolicy")
     deny = policies["kin-kinema-default-deny"]["spec"]
     assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
@@ -126,3 +129,41 @@ def test_external_s3_and_redis_are_reached_on_their_ports_only():
     assert external == {("10.0.0.0/8", 443), ("10.0.0.0/8", 6380)}
     triton = by_kind(docs, "NetworkPolicy")["kin-kinema-triton"]["spec"]["egress"]
     assert [r["ports"][0]["port"] for r in triton] == [443], "Triton reads its model repository from S3"
+
+
+def test_services_with_clients_of_their_own_are_open_to_the_api_peers_only():
+    """depth and interpret are not called by the orchestrator: their APIs are open to networkPolicy.apiFrom, as the
+    orchestrator's is."""
+    policies = by_kind(render(CHART / "ci" / "gpu-values.yaml"), "NetworkPolicy")
+
+    def api_rule(name: str) -> dict:
+        (rule,) = [r for r in policies[f"kin-kinema-{name}"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051]
+        return rule
+
+    for name in ("depth", "interpret"):
+        assert api_rule(name)["from"] == api_rule("orchestrator")["from"]
+        assert api_rule(name)["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
+                                                                                  "ingress-nginx"}}}]  # fmt: skip
+        for caller in ("orchestrator", "worker"):  # and the callers are not let out to it
+            peers = [p for r in policies[f"kin-kinema-{caller}"]["spec"]["egress"] for p in r["to"]]
+            assert not [p for p in peers if p.get("podSelector", {}).get("matchLabels", {}).get(
+                "app.kubernetes.io/component") == name]  # fmt: skip
+
+
+def test_the_distill_service_is_called_by_the_orchestrator_and_worker_only():
+    """distill is orchestrated (KINEMA_DISTILL_URL): its API takes the callers, not networkPolicy.apiFrom; without it
+    (services.distill.enabled=false) no policy names it and the callers are not let out to it."""
+    docs = render(CHART / "ci" / "gpu-values.yaml")
+    policies = by_kind(docs, "NetworkPolicy")
+    (api,) = [r for r in policies["kin-kinema-distill"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051]
+    assert sorted(_peers(api, "from", "kin")) == ["orchestrator", "worker"]
+    edges, _, _ = allowed_edges(docs)
+    assert {e for e in edges if "distill" in e[:2]} == {
+        ("orchestrator", "distill", 50051),
+        ("worker", "distill", 50051),
+        ("distill", "triton", 8001),
+    }
+    without = render(CHART / "ci" / "gpu-values.yaml", sets=("services.distill.enabled=false",))
+    assert "kin-kinema-distill" not in by_kind(without, "NetworkPolicy")
+    edges, _, one_sided = allowed_edges(without)
+    assert not [e for e in edges if "distill" in e[:2]] and not one_sided

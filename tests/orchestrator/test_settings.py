@@ -79,6 +79,8 @@ def test_job_settings_from_env() -> None:
         ({"KINEMA_JOB_TIMEOUT_SECONDS": "inf"}, "KINEMA_JOB_TIMEOUT_SECONDS"),
         ({"KINEMA_JOB_RETENTION_SECONDS": "10"}, "KINEMA_JOB_RETENTION_SECONDS"),
         ({"KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS": "-5"}, "KINEMA_JOB_VISIBILITY_TIMEOUT_SECONDS"),
+        ({"KINEMA_MAX_QUEUED_JOBS": "-1"}, "KINEMA_MAX_QUEUED_JOBS"),
+        ({"KINEMA_MAX_QUEUED_JOBS": "lots"}, "KINEMA_MAX_QUEUED_JOBS"),
     ],
 )
 def test_bad_job_settings_name_the_variable(change, names) -> None:
@@ -121,3 +123,22 @@ def test_text_to_image_fills_in_defaults() -> None:
     with pytest.raises(InvalidInput) as info:
         TextToImagePipeline().prepare(pb.PipelineRequest(pipeline="text_to_image", prompts=["a"], steps=2000), 16)
     assert info.value.field == "steps"
+
+
+def test_max_queued_jobs_defaults_to_a_bound_and_zero_turns_it_off() -> None:
+    assert OrchestratorSettings.from_env(environ=ENV).max_queued_jobs == 1000
+    assert OrchestratorSettings.from_env(environ=ENV | {"KINEMA_MAX_QUEUED_JOBS": "0"}).max_queued_jobs == 0
+
+
+def test_the_distill_service_is_optional() -> None:
+    assert "distill" not in OrchestratorSettings.from_env(environ=ENV).addresses
+    s = OrchestratorSettings.from_env(environ=ENV | {"KINEMA_DISTILL_URL": " ds:50051 "})
+    assert s.addresses["distill"] == "ds:50051" and s.distill_url == "ds:50051"
+
+
+def test_text_to_image_remembers_which_sampling_fields_were_left_to_the_denoiser() -> None:
+    """Unset steps and guidance get the teacher's defaults now and the bound denoiser's at run time (a student's)."""
+    unset = TextToImagePipeline().prepare(pb.PipelineRequest(pipeline="text_to_image", prompts=["a"]), 16)
+    assert unset.defaulted == {"steps", "guidance"} and (unset.steps, unset.guidance) == (28, 4.0)
+    given = pb.PipelineRequest(pipeline="text_to_image", prompts=["a"], steps=4, guidance=1.0)
+    assert TextToImagePipeline().prepare(given, 16).defaulted == frozenset()

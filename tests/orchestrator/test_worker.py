@@ -89,3 +89,44 @@ def test_a_job_that_ends_while_redis_is_down_is_recorded_once_redis_is_back(tmp_
         assert time.monotonic() - started < 15
     finally:
         redis_server.stop()
+
+
+class _Retry(Exception):
+    """What the fake task's `retry` raises, as Celery's raises its Retry."""
+
+
+class _FakeTask:
+    """The parts of a bound Celery task that JobRunner.run touches."""
+
+    def __init__(self, retries: int = 0, max_retries: int = 3) -> None:
+        self.request = type("Request", (), {"retries": retries})()
+        self.max_retries = max_retries
+        self.countdown: float | None = None
+
+    def retry(self, exc: BaseException, countdown: float) -> _Retry:
+        self.countdown = countdown
+        return _Retry(exc)
+
+
+def test_a_busy_model_service_puts_the_job_back_for_at_least_its_hint(tmp_path, monkeypatch) -> None:
+    from kinema.errors import ResourceExhausted
+
+    with RedisServer(RedisSettings()) as redis_server:
+        runner = JobRunner(_settings(redis_url=redis_server.url, job_retry_backoff_seconds=0.1))
+        request = pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"])
+        busy = ResourceExhausted("denoiser is busy", reason="SERVER_BUSY", retry_after=7.0)
+        monkeypatch.setattr(runner, "_make", lambda *a: (_ for _ in ()).throw(busy))
+        job, _ = runner.jobs.create("acme", request)
+        task = _FakeTask()
+        with pytest.raises(_Retry):
+            runner.run(task, "acme", job.id)
+        assert task.countdown >= 7.0  # the hint, not the 0.05-0.1 s backoff
+        assert runner.jobs.get("acme", job.id).state == pb.JOB_STATE_QUEUED
+
+        # A limit the request itself breaks (no hint) is final: FAILED with RESOURCE_EXHAUSTED, no retry.
+        too_big = ResourceExhausted("batch of 99 is over the limit", reason="BATCH_TOO_LARGE")
+        monkeypatch.setattr(runner, "_make", lambda *a: (_ for _ in ()).throw(too_big))
+        other, _ = runner.jobs.create("acme", request)
+        assert runner.run(_FakeTask(), "acme", other.id) == "JOB_STATE_FAILED"
+        failed = runner.jobs.get("acme", other.id)
+        assert failed.error.code == 8 and failed.error.detail.reason == "BATCH_TOO_LARGE"

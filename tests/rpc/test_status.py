@@ -95,3 +95,36 @@ def test_empty_details_and_a_bare_rpc_error() -> None:
     assert type(got) is errors.Unavailable and str(got) == "unavailable"
     bare = from_rpc_error(grpc.RpcError())  # not a Call: nothing but its type
     assert type(bare) is errors.KinemaError and bare.reason == "UNKNOWN"
+
+
+def test_a_retry_hint_travels_as_retry_info_and_retry_after_ms() -> None:
+    from google.rpc import error_details_pb2, status_pb2
+
+    from kinema.rpc.status import RETRY_AFTER_KEY, STATUS_DETAILS_KEY, parse_retry_after
+
+    sent = errors.ResourceExhausted("busy", reason="SERVER_BUSY", metadata={"limit": "4"}, retry_after=1.25)
+    err = _over_the_wire(sent, request_id="r1")
+    trailers = dict(err.trailing_metadata())
+    assert trailers[RETRY_AFTER_KEY] == "1250"
+    status = status_pb2.Status.FromString(trailers[STATUS_DETAILS_KEY])
+    # The rich status repeats the call's code and message, as gRPC's status libraries require.
+    assert (status.code, status.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "busy")
+    retry, info = error_details_pb2.RetryInfo(), error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(retry) and retry.retry_delay.ToTimedelta().total_seconds() == 1.25
+    assert status.details[1].Unpack(info) and (info.reason, info.domain, info.metadata["limit"]) == (
+        "SERVER_BUSY", "kinema", "4")  # fmt: skip
+    got = from_rpc_error(err)
+    assert type(got) is errors.ResourceExhausted and got.retry_after == 1.25 and got.reason == "SERVER_BUSY"
+    # Without the rich details (a proxy dropped them) the plain trailer still says it; garbage says nothing.
+    assert parse_retry_after(((RETRY_AFTER_KEY, "300"),)) == 0.3
+    assert parse_retry_after(((STATUS_DETAILS_KEY, b"\xff\xff"), (RETRY_AFTER_KEY, "20"))) == 0.02
+    assert parse_retry_after(((RETRY_AFTER_KEY, "soon"),)) is None
+
+
+def test_errors_without_a_hint_carry_no_retry_trailers() -> None:
+    from kinema.rpc.status import RETRY_AFTER_KEY, STATUS_DETAILS_KEY
+
+    err = _over_the_wire(errors.ResourceExhausted("batch too large", reason="BATCH_TOO_LARGE"))
+    keys = {key for key, _ in err.trailing_metadata()}
+    assert RETRY_AFTER_KEY not in keys and STATUS_DETAILS_KEY not in keys
+    assert from_rpc_error(err).retry_after is None

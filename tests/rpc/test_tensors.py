@@ -48,6 +48,12 @@ def test_bfloat16_travels_as_bfloat16_and_decodes_exactly_to_float32() -> None:
     np.testing.assert_array_equal(y, x.float().numpy())
 
 
+def test_a_bfloat16_scalar_decodes_too() -> None:
+    # Found by fuzzing the interpret service: a 0-d bfloat16 tensor raised ValueError (INTERNAL) while widening.
+    y = decode(encode(torch.tensor(1.5, dtype=torch.bfloat16)), "x")
+    assert y.shape == () and y.dtype == np.float32 and float(y) == 1.5
+
+
 def test_big_endian_input_goes_out_little_endian() -> None:
     a = np.array([1.0, 2.0], dtype=">f4")
     assert encode(a).data == np.array([1.0, 2.0], dtype="<f4").tobytes()

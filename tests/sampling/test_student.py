@@ -56,3 +56,19 @@ def test_without_a_generator_it_is_euler_and_with_one_it_renoises_to_each_time()
     assert torch.equal(out, seen[-1][2])
     again = sample_student(velocity, x1, schedule, generator=torch.Generator().manual_seed(3))
     assert torch.equal(out, again)  # seeded: bit for bit
+
+
+def test_one_generator_per_row_makes_each_row_independent_of_the_batch():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(3, 2, 4, 4, generator=g)
+    velocity = lambda x, t: torch.tanh(x) + t.view(-1, 1, 1, 1)  # row by row, as a network is
+    schedule = student_schedule(4)
+    rows = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    batch = sample_student(velocity, x1, schedule, generator=rows)
+    alone = sample_student(velocity, x1[1:2], schedule, generator=[torch.Generator().manual_seed(8)])
+    torch.testing.assert_close(alone[0], batch[1], atol=1e-6, rtol=0)  # row 1 alone = row 1 in the batch
+    # one generator of seed s for a single row is the same stream as [Generator(s)]
+    single = sample_student(velocity, x1[1:2], schedule, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(single, alone)
+    with pytest.raises(ValueError, match="one generator per row"):
+        sample_student(velocity, x1, schedule, generator=rows[:2])

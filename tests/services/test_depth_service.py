@@ -1,7 +1,6 @@
 """The depth service over real gRPC, served by the real Triton of tests/conftest.py (its `triton` fixture).
 
-The session's Triton loads only the models the chart and stack serve; this module loads `depth` into it
-through Triton's model-repository API (explicit control mode) and unloads it afterwards.
+The session's Triton loads the models the chart and stack serve (kinema.rpc.process.SERVED_MODELS), depth among them.
 Results must equal the in-process network's for the same images (<= 1e-5).
 """
 
@@ -33,21 +32,8 @@ WEIGHTS = default_models_dir() / "depth/1/depth.safetensors"
 
 
 @pytest.fixture(scope="module")
-def depth_triton(triton):
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    client.load_model("depth")
-    try:
-        yield triton
-    finally:
-        client.unload_model("depth")
-        client.close()
-
-
-@pytest.fixture(scope="module")
-def service(depth_triton, tmp_path_factory):
-    env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": depth_triton.grpc_url,
+def service(triton, tmp_path_factory):
+    env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url,
            "KINEMA_MAX_MESSAGE_BYTES": str(4 << 20)}  # fmt: skip
     proc = ServiceProcess("depth", tmp_path_factory.mktemp("depth-service"), **env).start()
     yield proc

@@ -170,7 +170,9 @@ def test_bad_input_raises_the_typed_error_with_reason_and_request_id(remote, ser
     # Every call of this job carried its id into the services' logs. A server logs a call once its status is sent,
     # so the client can see the error a moment before the line is written: wait for it, briefly.
     def logged(name: str) -> bool:
-        lines = [json.loads(line) for line in services[name].log.read_text().splitlines() if line.startswith("{")]
+        # Only whole lines: the last one may be half-written while the test reads the file.
+        lines = [json.loads(line) for line in services[name].log.read_text().splitlines() if line.startswith("{")
+                 and line.endswith("}")]  # fmt: skip
         return any(r.get("request_id") == "job-7" for r in lines)
 
     for name in ("text_encoder", "denoiser", "autoencoder"):

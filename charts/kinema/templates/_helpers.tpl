@@ -165,15 +165,26 @@ affinity:
 {{- $uri -}}
 {{- end -}}
 
+{{/* The enabled model services the orchestrator and its worker call, as a JSON list: those whose
+     KINEMA_<NAME>_URL kinema/orchestration/settings.py reads (tests/deploy/test_chart.py keeps the two in step;
+     KINEMA_DISTILL_URL is optional there, so services.distill.enabled=false leaves it unset and students out).
+     Any other service (depth, interpret) answers its own clients, from networkPolicy.apiFrom. */}}
+{{- define "kinema.orchestratedServices" -}}
+{{- $out := list -}}
+{{- range $name := list "text_encoder" "autoencoder" "denoiser" "distill" }}
+{{- $svc := get $.Values.services $name }}
+{{- if and $svc $svc.enabled }}{{ $out = append $out $name }}{{ end }}
+{{- end }}
+{{- toJson $out -}}
+{{- end -}}
+
 {{/* The settings the orchestrator and its worker share, as `kinema stack up` gives them (stack.py):
-     each model service's address, the artifact store, its keys and, with jobs, Redis. */}}
+     the address of each model service they call, the artifact store, its keys and, with jobs, Redis. */}}
 {{- define "kinema.orchestrationEnv" -}}
 {{- $ctx := . -}}
-{{- range $name, $svc := .Values.services }}
-{{- if $svc.enabled }}
+{{- range $name := include "kinema.orchestratedServices" . | fromJsonArray }}
 - name: KINEMA_{{ upper $name }}_URL
   value: {{ printf "%s:%s" (include "kinema.componentName" (dict "ctx" $ctx "component" $name)) (include "kinema.grpcPort" $ctx) | quote }}
-{{- end }}
 {{- end }}
 - name: KINEMA_ARTIFACTS
   value: {{ include "kinema.artifactsUri" . | quote }}
@@ -206,6 +217,11 @@ affinity:
   value: "0.0.0.0"
 - name: KINEMA_PORT
   value: {{ include "kinema.grpcPort" . | quote }}
+{{ include "kinema.metricsEnv" . }}
+{{- end -}}
+
+{{/* /metrics of a process on KINEMA_METRICS_PORT: every gRPC server, and the job worker (kinema.jobs.metrics). */}}
+{{- define "kinema.metricsEnv" -}}
 - name: KINEMA_METRICS_PORT
   value: {{ include "kinema.metricsPort" . | quote }}
 {{- end -}}

@@ -4,6 +4,10 @@ Each network declares its input and output tensors (names, dtypes, per-item dims
 batch in one torch call. Triton's `models/<name>/1/model.py` builds one of these from its config
 `parameters`; the in-process runner (`kinema.inference.runner.LocalRunner`) builds the very same
 class from the same config, so served and embedded results agree to float rounding.
+
+A network is built on the CPU in fp32; `Network.to(device, dtype)` moves it (the Triton glue does, for
+a KIND_GPU instance). Inputs arrive as numpy on the CPU and outputs leave as numpy on the CPU, float
+outputs in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from kinema.errors import InvalidInput, Unavailable
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named tensor: numpy dtype (object = UTF-8 strings) and dims per batch item (-1 = any)."""
+    """One named tensor: numpy dtype (object = UTF-8 strings) and dims per batch item (-1 = any).
+
+    An optional input may be left out of a request (Triton config `optional: true`); `Network.check` says which
+    combinations a network takes.
+    """
 
     name: str
     dtype: np.dtype
     dims: tuple[int, ...]
+    optional: bool = False
 
 
 def _f32(name: str, *dims: int) -> TensorSpec:
@@ -41,12 +50,35 @@ class Network:
 
     sha256: str = ""
     params_json: str = "{}"
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # the compute dtype of float tensors
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules `to` moves (override)."""
+        return []
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Network:
+        """Move the network's modules to `device` and cast their floating-point weights to `dtype`."""
+        device = torch.device(device)
+        for m in self.modules():
+            m.to(device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
+    def tensor(self, a: np.ndarray) -> torch.Tensor:
+        """A numpy input as a tensor on this network's device, floats in its compute dtype."""
+        t = _tensor(a)
+        if t.is_floating_point():
+            t = t.to(self.dtype)
+        return t.to(self.device)
 
     def validate(self, inputs: dict[str, np.ndarray]) -> int:
         """Check names, dtypes, ranks, fixed dims and finiteness; returns the batch size."""
         batch = None
         for spec in self.inputs:
             if spec.name not in inputs:
+                if spec.optional:
+                    continue
                 raise InvalidInput(f"{self.name}: missing input {spec.name}")
             a = inputs[spec.name]
             if spec.dtype == np.dtype(object):
@@ -80,7 +112,14 @@ class Network:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A numpy input as a CPU tensor sharing its memory when it is contiguous (`Network.tensor` moves and casts it)."""
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """An output back on the CPU as numpy; floats as float32 (the served dtype) whatever they were computed in."""
+    t = t.detach()
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
 
 
 class TextEncoderNetwork(Network):
@@ -95,9 +134,10 @@ class TextEncoderNetwork(Network):
         path = parameters.get("path") or None
         if path is not None and not Path(path).is_absolute():
             path = str(version_dir / path)
-        # Fixed L across a dynamic batch: every request pads to max_length (padding is masked).
-        p = TextEncoderParams(kind=kind, path=path, max_length=int(parameters.get("max_length", "0")) or None,
-                              pad_to_max_length=True)  # fmt: skip
+        # The encoder runs at the batch's longest prompt, as embedded mode does (padding to max_length first
+        # cost MiniLM 2.5x the compute for a typical prompt); the outputs are then padded to max_length, masked, so
+        # every response of a dynamic batch has the same fixed L whatever it was batched with.
+        p = TextEncoderParams(kind=kind, path=path, max_length=int(parameters.get("max_length", "0")) or None)
         self.encoder = load_text_encoder(p)
         self.max_length = p.max_length
         self.sha256 = self.encoder.fingerprint()
@@ -112,13 +152,17 @@ class TextEncoderNetwork(Network):
 
     inputs = (TensorSpec("PROMPT", np.dtype(object), (1,)),)
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.encoder.model]  # the encoder runs where its model is (TextEncoder.encode)
+
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in inputs["PROMPT"][:, 0]]
         e = self.encoder.encode(prompts)
+        pad = self.max_length - e.tokens.shape[1]
         return {
-            "TOKENS": e.tokens.numpy(),  # (B, L, D)
-            "MASK": e.mask.numpy(),  # (B, L)
-            "POOLED": e.pooled.numpy(),  # (B, P)
+            "TOKENS": _numpy(torch.nn.functional.pad(e.tokens, (0, 0, 0, pad))),  # (B, max_length, D), zeros after L
+            "MASK": _numpy(torch.nn.functional.pad(e.mask, (0, pad))),  # (B, max_length), False after L
+            "POOLED": _numpy(e.pooled),  # (B, P)
             "TRUNCATED": np.array(e.truncated, dtype=bool)[:, None],  # (B, 1)
         }
 
@@ -152,6 +196,9 @@ class VaeEncoderNetwork(Network):
         self.model, self.sha256 = _load_autoencoder_half(file, ("encoder.", "quant_conv."))
         self.params_json = json.dumps(asdict(self.model.params))
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         f = self.model.params.downscale
         h, w = inputs["IMAGE"].shape[2:]
@@ -161,10 +208,10 @@ class VaeEncoderNetwork(Network):
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p = self.model.params
-        post = self.model.posterior(_tensor(inputs["IMAGE"]))
+        post = self.model.posterior(self.tensor(inputs["IMAGE"]))
         mean = (post.mean - p.shift_factor) * p.scaling_factor  # (B, C, h, w), as Autoencoder.encode
         std = torch.exp(0.5 * post.logvar) * p.scaling_factor
-        return {"LATENT": mean.numpy(), "LATENT_STD": std.numpy()}
+        return {"LATENT": _numpy(mean), "LATENT_STD": _numpy(std)}
 
 
 class VaeDecoderNetwork(Network):
@@ -179,6 +226,9 @@ class VaeDecoderNetwork(Network):
         self.model, self.sha256 = _load_autoencoder_half(file, ("decoder.", "post_quant_conv."))
         self.params_json = json.dumps(asdict(self.model.params))
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         c = inputs["LATENT"].shape[1]
         if c != self.model.params.latent_channels:
@@ -186,7 +236,7 @@ class VaeDecoderNetwork(Network):
 
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"IMAGE": self.model.decode(_tensor(inputs["LATENT"])).numpy()}
+        return {"IMAGE": _numpy(self.model.decode(self.tensor(inputs["LATENT"])))}
 
 
 class DenoiserNetwork(Network):
@@ -217,6 +267,9 @@ class DenoiserNetwork(Network):
         self.sha256 = sha256_file(file)
         self.params_json = json.dumps(asdict(self.model.params))
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         p = self.model.params
         x, ctx, mask, pooled = inputs["X"], inputs["CONTEXT"], inputs["CONTEXT_MASK"], inputs["POOLED"]
@@ -242,13 +295,13 @@ class DenoiserNetwork(Network):
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         v = self.model(
-            _tensor(inputs["X"]),
-            _tensor(inputs["T"][:, 0]),
-            _tensor(inputs["CONTEXT"]),
-            _tensor(inputs["POOLED"]),
-            _tensor(inputs["CONTEXT_MASK"]),
+            self.tensor(inputs["X"]),
+            self.tensor(inputs["T"][:, 0]),
+            self.tensor(inputs["CONTEXT"]),
+            self.tensor(inputs["POOLED"]),
+            self.tensor(inputs["CONTEXT_MASK"]),
         )
-        return {"VELOCITY": v.numpy()}  # (B, C, h, w)
+        return {"VELOCITY": _numpy(v)}  # (B, C, h, w)
 
 
 class DepthNetwork(Network):
@@ -267,22 +320,105 @@ class DepthNetwork(Network):
         self.model, self.sha256 = load_depth_net(file)
         self.params_json = json.dumps(asdict(self.model.params))
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
     @torch.inference_mode()
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from kinema.nn.depth import estimate
 
-        return {"DEPTH": estimate(self.model, _tensor(inputs["IMAGE"])).numpy()}  # (B, 1, H, W)
+        return {"DEPTH": _numpy(estimate(self.model, self.tensor(inputs["IMAGE"])))}  # (B, 1, H, W)
+
+
+class IinNetwork(Network):
+    """An invertible interpretation network over autoencoder latents, run in either direction.
+
+    Factorize: LATENT (C, h, w) -> Z (k), OUTSIDE (n: the part of the flattened latent outside the model's
+    principal components) and, for a model whose factors have named values, SCORES (the probabilities over each
+    factor's values, concatenated in factor order). Compose: Z [+ OUTSIDE] -> LATENT, the exact inverse when
+    OUTSIDE is the one Factorize gave (left out: the data mean); VALUES (one int32 per factor with named values,
+    -1 = keep) first sets z_F to that value's prototype. A conditional model (net2net, invariances) takes COND
+    in both directions. IIN: Esser, Rombach & Ommer 2020; net2net: Rombach, Esser & Ommer 2020.
+    """
+
+    name = "iin"
+
+    def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
+        from kinema.nn.checkpoint import sha256_file
+        from kinema.train.iin import load_iin
+
+        file = version_dir / parameters.get("weights", "iin.safetensors")
+        if not file.is_file():
+            raise Unavailable(f"missing weights {file}")
+        self.model, self.sha256 = load_iin(file), sha256_file(file)
+        p = self.model.params
+        self.params_json = json.dumps(asdict(p))
+        self.valued = p.factor_names[: len(p.factor_values)]  # the factors with named values, in order
+        n, k = int(np.prod(p.latent_shape)), p.components
+        optional = {"dtype": np.dtype(np.float32), "optional": True}
+        self.inputs = (
+            TensorSpec("LATENT", dims=tuple(p.latent_shape), **optional),
+            TensorSpec("Z", dims=(k,), **optional),
+            TensorSpec("OUTSIDE", dims=(n,), **optional),
+            *([TensorSpec("VALUES", np.dtype(np.int32), (len(self.valued),), optional=True)] if self.valued else []),
+            *([_f32("COND", p.cond_dim)] if p.cond_dim else []),
+        )
+        scores = [_f32("SCORES", sum(len(v) for v in p.factor_values))] if self.valued else []
+        self.outputs = (_f32("Z", k), _f32("OUTSIDE", n), *scores, _f32("LATENT", *p.latent_shape))
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        if ("LATENT" in inputs) == ("Z" in inputs):
+            raise InvalidInput("iin: give LATENT (factorize) or Z (compose), exactly one of them")
+        if "LATENT" in inputs and ({"OUTSIDE", "VALUES"} & set(inputs)):
+            raise InvalidInput("iin: OUTSIDE and VALUES go with Z (compose), not with LATENT")
+        if "VALUES" in inputs:
+            counts = np.array([len(v) for v in self.model.params.factor_values])
+            values = inputs["VALUES"]
+            if (values < -1).any() or (values >= counts).any():
+                raise InvalidInput(f"iin: VALUES must lie in [-1, V_F) with V_F = {counts.tolist()}")
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        m = self.model
+        cond = self.tensor(inputs["COND"]) if "COND" in inputs else None
+        if "LATENT" in inputs:
+            latents = self.tensor(inputs["LATENT"])  # (B, C, h, w)
+            z, _, outside = m.encode(latents, cond)  # (B, k), (B, n)
+            out = {"Z": _numpy(z), "OUTSIDE": _numpy(outside)}
+            if self.valued:
+                out["SCORES"] = _numpy(torch.cat(list(m.scores(latents).values()), -1))  # (B, sum V_F)
+            return out
+        z = self.tensor(inputs["Z"]).clone()  # (B, k)
+        for f, name in enumerate(self.valued if "VALUES" in inputs else ()):
+            chosen = self.tensor(inputs["VALUES"][:, f].astype(np.int64))  # (B,)
+            _, prototypes = m.prototypes(name)  # (V_F, D_F)
+            block = m.layout.slice(name)
+            z[:, block] = torch.where(chosen[:, None] < 0, z[:, block], prototypes[chosen.clamp(min=0)])
+        outside = self.tensor(inputs["OUTSIDE"]) if "OUTSIDE" in inputs else None
+        return {"LATENT": _numpy(m.decode(z, outside, cond))}  # (B, C, h, w)
 
 
 NETWORKS: dict[str, type[Network]] = {
-    cls.name: cls for cls in (TextEncoderNetwork, VaeEncoderNetwork, VaeDecoderNetwork, DenoiserNetwork, DepthNetwork)
+    cls.name: cls
+    for cls in (TextEncoderNetwork, VaeEncoderNetwork, VaeDecoderNetwork, DenoiserNetwork, DepthNetwork, IinNetwork)
 }
 
 
 def load_network(kind: str, version_dir: Path, parameters: dict[str, str]) -> Network:
+    """The network of a model version; a config that publishes `params_json` must match the weights' params."""
     if kind not in NETWORKS:
         raise ValueError(f"unknown network {kind!r}; known: {sorted(NETWORKS)}")
-    return NETWORKS[kind](version_dir, parameters)
+    network = NETWORKS[kind](version_dir, parameters)
+    published = parameters.get("params_json")
+    if published and json.loads(published) != json.loads(network.params_json):
+        raise ValueError(
+            f"{version_dir.parent.name}: config params_json differs from the params in the weights; "
+            "run `python -m kinema.inference.model_config --sync MODELS` after changing weights"
+        )
+    return network
 
 
 def run_batch(network: Network, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +28,8 @@ class ServedModel:
     version: str
     sha256: str
     params_json: str = ""
+    # The config's `parameters` (what Triton passes to model.py), e.g. a distilled student's `student_steps`.
+    parameters: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 class ModelObserver(Protocol):
@@ -64,6 +66,7 @@ class LocalRunner:
         self.models_dir = Path(models)
         self.observer = observer
         self._loaded: dict[tuple[str, str], Network] = {}
+        self._parameters: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def _network(self, model: str, version: str) -> tuple[Network, str]:
@@ -79,6 +82,7 @@ class LocalRunner:
             if key not in self._loaded:
                 params = parameters(read_config(model_dir))
                 self._loaded[key] = load_network(params.get("network", model), model_dir / version, params)
+                self._parameters[key] = params
             return self._loaded[key], version
 
     def infer(
@@ -93,13 +97,15 @@ class LocalRunner:
 
     def describe(self, model: str, version: str = "") -> ServedModel:
         network, version = self._network(model, version)
-        return ServedModel(model, version, network.sha256, network.params_json)
+        params = self._parameters[(model, version)]
+        return ServedModel(model, version, network.sha256, network.params_json, parameters=params)
 
     def models(self) -> list[str]:
         return sorted(p.parent.name for p in self.models_dir.glob("*/config.pbtxt"))
 
     def close(self) -> None:
         self._loaded.clear()
+        self._parameters.clear()
 
 
 class TritonRunner:
@@ -174,7 +180,8 @@ class TritonRunner:
                 raise NotFound(f"model {model!r} version {version or 'latest'} is not ready in Triton at {self.url}")
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
             served_version = version or max(versions, key=int, default="")
-            self._described[key] = ServedModel(model, served_version, params.get("weights_sha256", ""), "")
+            sha, published = params.get("weights_sha256", ""), params.get("params_json", "")
+            self._described[key] = ServedModel(model, served_version, sha, published, parameters=params)
         return self._described[key]
 
     def models(self) -> list[str]:

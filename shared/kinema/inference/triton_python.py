@@ -3,28 +3,81 @@
 Kept here so each `models/<name>/1/model.py` stays initialize / execute / finalize only. Per-request
 errors go into that request's response (never an exception out of `execute`); their message
 starts with the gRPC status name so the calling service can map it back (`TritonRunner`).
+
+Where an instance runs is Triton's to say: `instance_group { kind: KIND_GPU }` (the `configs/gpu.pbtxt`
+of each model, selected with `tritonserver --model-config-name=gpu`) puts it on `cuda:<device id>`,
+KIND_CPU on the CPU. The compute dtype is fp32 unless the config's `dtype` parameter says otherwise
+(float16 / bfloat16, GPU only: on a CPU without AVX-512/AMX they run about 100x slower, RECIPES.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from kinema.errors import InvalidInput
+import torch
+
+from kinema.errors import InvalidInput, Unavailable
 from kinema.inference.networks import Network, load_network, run_batch
 
 _LOGGER = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one model instance computes: a torch device and the dtype of its float tensors."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+
+def placement(args: dict, params: dict[str, str], cuda_available: bool | None = None) -> Placement:
+    """The device Triton gave this instance (`model_instance_kind`, `model_instance_device_id`) and the config's dtype.
+
+    KIND_GPU -> `cuda:<device id>`; KIND_CPU (and KIND_MODEL, where the model decides) -> the CPU. Raises
+    `Unavailable` for a GPU instance where torch has no CUDA (or not that device), `InvalidInput` for a dtype
+    this device cannot serve. `cuda_available` defaults to `torch.cuda.is_available()`.
+    """
+    name = args.get("model_name", "model")
+    kind = str(args.get("model_instance_kind", "CPU")).upper()
+    dtype_name = params.get("dtype", "") or "float32"
+    if dtype_name not in DTYPES:
+        raise InvalidInput(f"{name}: parameter dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    dtype = DTYPES[dtype_name]
+    if kind in ("CPU", "MODEL"):
+        if dtype != torch.float32:
+            raise InvalidInput(
+                f"{name}: dtype {dtype_name} needs a KIND_GPU instance; on the CPU Kinema serves float32 only"
+            )
+        return Placement(torch.device("cpu"), dtype)
+    if kind != "GPU":
+        raise InvalidInput(f"{name}: unsupported instance kind {kind!r} (KIND_CPU or KIND_GPU)")
+    device_id = int(args.get("model_instance_device_id", "0") or 0)
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise Unavailable(
+            f"{name}: the instance is KIND_GPU (device {device_id}) but torch {torch.__version__} here has no CUDA "
+            f"(torch.version.cuda={torch.version.cuda}); install a CUDA build of torch in the Triton image "
+            "(services/triton/Dockerfile, TORCH_INDEX_URL) or serve the CPU configs (no --model-config-name=gpu)"
+        )
+    count = torch.cuda.device_count()
+    if device_id >= count:
+        raise Unavailable(f"{name}: Triton gave GPU {device_id}, but torch sees {count} CUDA device(s)")
+    return Placement(torch.device("cuda", device_id), dtype)
+
 
 def build(network_kind: str, args: dict) -> Network:
-    """Build the network from Triton's `initialize` args, verifying the configured weights hash."""
+    """Build the network from Triton's `initialize` args on its instance's device, verifying the weights hash."""
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    where = placement({"model_name": config.get("name", network_kind)} | args, params)
     threads = int(params.get("torch_threads", "0"))
     if threads > 0:  # this stub process is the model instance: its thread count is ours to set
-        import torch
-
         torch.set_num_threads(threads)
     version_dir = Path(args["model_repository"]) / args["model_version"]
     network = load_network(params.get("network", network_kind), version_dir, params)
@@ -34,6 +87,10 @@ def build(network_kind: str, args: dict) -> Network:
             f"{config['name']}: weights hash {network.sha256} != config weights_sha256 {want}; "
             "run `python -m kinema.inference.model_config --sync MODELS` after changing weights"
         )
+    if where.device.type != "cpu" or where.dtype != torch.float32:
+        network.to(where.device, where.dtype)
+    dtype = str(where.dtype).removeprefix("torch.")
+    _LOGGER.info("%s on %s (%s)", config.get("name", network_kind), where.device, dtype)
     return network
 
 

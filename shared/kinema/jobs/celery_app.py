@@ -163,6 +163,20 @@ def cancel(app: Celery, task_id: str, *, terminate: bool = False) -> None:
     app.control.revoke(task_id, terminate=terminate)
 
 
+def queue_depth(app: Celery, queue: str | None = None) -> int:
+    """Messages waiting in `queue` (default: the app's default queue) for a worker to take them; a job a worker
+    holds (running, or waiting for its retry) is not counted. Broker errors propagate (`redis_errors_as_unavailable`).
+    """
+    from kombu.exceptions import ChannelError
+
+    name = queue or app.conf.task_default_queue
+    with app.pool.acquire(block=True) as connection:
+        try:
+            return connection.default_channel.queue_declare(queue=name, passive=True).message_count
+        except ChannelError:  # Redis has no key for an empty queue
+            return 0
+
+
 @contextlib.contextmanager
 def redis_errors_as_unavailable(app: Celery) -> Iterator[None]:
     """Raise `Unavailable`, naming Redis and why, when a submit or a state query inside cannot reach it.

@@ -1,11 +1,19 @@
 """The model services as capabilities: long-lived channels, per-model clients (cached, so model facts are asked
-once) and the services' ListModels, for the orchestrator to bind a pipeline run to."""
+once) and the services' ListModels, for the orchestrator to bind a pipeline run to.
+
+The distill service is optional (KINEMA_DISTILL_URL). Where it is set, its students stand in for the denoiser: a
+run that names a denoiser model the distill service lists gets a `RemoteStudent` as its denoiser (and the pipeline
+samples with the few-step sampler), and ListModels lists the students among the denoiser's models.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,19 +22,25 @@ import grpc
 from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from kinema.errors import NotFound
+from kinema.distill.v1 import distill_pb2, distill_pb2_grpc
+from kinema.errors import KinemaError, NotFound, Unavailable
 from kinema.orchestration.inputs import NO_INPUTS, StoredInputs
 from kinema.pipelines.remote import RemoteAutoencoder, RemoteDenoiser, RemoteTextEncoder, open_channel
+from kinema.pipelines.remote_distill import RemoteStudent
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
 from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
+_LOGGER = logging.getLogger(__name__)
+
 CAPABILITIES = ("autoencoder", "denoiser", "text_encoder")  # sorted, as ListModels answers them
+STUDENTS = "distill"  # the optional service whose few-step students stand in for the denoiser
 
 _LIST_MODELS: dict[str, tuple[Any, Any]] = {
     "text_encoder": (text_encoder_pb2_grpc.TextEncoderStub, text_encoder_pb2.ListModelsRequest),
     "denoiser": (denoiser_pb2_grpc.DenoiserStub, denoiser_pb2.ListModelsRequest),
     "autoencoder": (autoencoder_pb2_grpc.AutoencoderStub, autoencoder_pb2.ListModelsRequest),
+    STUDENTS: (distill_pb2_grpc.DistillStub, distill_pb2.ListModelsRequest),
 }
 
 
@@ -52,16 +66,53 @@ class RemoteCapabilities:
     """Channels to the model services, opened once; clients per (capability, model, version), cached."""
 
     def __init__(self, addresses: Mapping[str, str]) -> None:
+        """`addresses`: host:port of each capability's service, and optionally of the distill service (STUDENTS)."""
         self.channels = {cap: open_channel(addresses[cap]) for cap in CAPABILITIES}
+        if addresses.get(STUDENTS):
+            self.channels[STUDENTS] = open_channel(addresses[STUDENTS])
         self._clients: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
+        # A run's ListModels calls go out at once (one per capability): bind costs one round trip, not three.
+        self._lists = ThreadPoolExecutor(32, thread_name_prefix="capabilities-list")
 
     def close(self) -> None:
+        self._lists.shutdown(wait=False, cancel_futures=True)
         for channel in self.channels.values():
             channel.close()
 
     def catalog(self, capability: str, timeout: float, ref: common_pb2.ModelRef | None = None) -> Catalog:
-        """The service's ListModels (filtered by `ref`); a failed call raises its domain error (e.g. Unavailable)."""
+        """The service's ListModels (filtered by `ref`); a failed call raises its domain error (e.g. Unavailable).
+
+        Unfiltered, the denoiser's catalog also lists the distill service's students (the distill service's entry
+        wins for a model both list: it names the student's teacher and schedule); a distill service that does not
+        answer leaves them out rather than failing the listing.
+        """
+        catalog = self._list(capability, timeout, ref)
+        if capability != "denoiser" or ref is not None or STUDENTS not in self.channels:
+            return catalog
+        try:
+            students = self._list(STUDENTS, timeout)
+        except KinemaError:
+            _LOGGER.warning("the distill service did not answer ListModels: students left out", exc_info=True)
+            return catalog
+        merged = {(m.name, m.version): m for m in catalog.models}
+        merged.update({(m.name, m.version): m for m in students.models})
+        return Catalog(list(merged.values()), catalog.default_model)
+
+    def _student(self, ref: common_pb2.ModelRef, timeout: float) -> Catalog | None:
+        """The distill service's catalog when `ref` names one of its students; None when it does not (or there is
+        no distill service, or `ref` names no model: the denoiser's default is no student)."""
+        if not ref.name or STUDENTS not in self.channels:
+            return None
+        try:
+            catalog = self._list(STUDENTS, timeout, ref)
+        except Unavailable as e:
+            raise Unavailable(f"the distill service did not answer, so whether denoiser model {ref.name!r} is a "
+                              f"few-step student is unknown: {e}", reason=e.reason) from None  # fmt: skip
+        return catalog if any(m.name == ref.name for m in catalog.models) else None
+
+    def _list(self, capability: str, timeout: float, ref: common_pb2.ModelRef | None = None) -> Catalog:
+        """One service's ListModels, as it answers."""
         stub_type, request_type = _LIST_MODELS[capability]
         stub = stub_type(self.channels[capability])
         rid = current_request_id()
@@ -82,6 +133,9 @@ class RemoteCapabilities:
                     client = RemoteTextEncoder(channel, ref.name, ref.version)
                 elif capability == "autoencoder":
                     client = RemoteAutoencoder(channel, ref.name, ref.version)
+                elif capability == STUDENTS:  # a student works in the autoencoder's latent space, as its teacher
+                    assert ae is not None
+                    client = RemoteStudent(channel, ref.name, ref.version, latent_channels=lambda: ae.latent_channels)
                 else:  # the denoiser works in the autoencoder's latent space
                     assert ae is not None
                     client = RemoteDenoiser(channel, ref.name, ref.version, latent_channels=lambda: ae.latent_channels)
@@ -93,20 +147,33 @@ class RemoteCapabilities:
     ) -> Bound:
         """Clients for `capabilities`, each bounded by `timeout` seconds per call, and the models they resolve to.
 
-        A model left out resolves to the service's default; a version left out to the newest it lists. The
-        request id travels from the calling thread's request (`kinema.rpc.logs`).
+        A model left out resolves to the service's default; a version left out to the newest it lists. A denoiser
+        model the distill service lists binds a `RemoteStudent` on it. The request id travels from the calling
+        thread's request (`kinema.rpc.logs`).
         """
         empty = common_pb2.ModelRef()
         refs = {cap: overrides.get(cap, empty) for cap in capabilities}
         ae = self._client("autoencoder", refs["autoencoder"]) if "autoencoder" in refs else None
         clients: dict[str, Any] = {}
         models: dict[str, dict[str, str]] = {}
-        for cap in capabilities:
+
+        def resolve(cap: str) -> tuple[Any, Catalog]:
+            student = self._student(refs[cap], timeout) if cap == "denoiser" else None
+            if student is not None:
+                return self._client(STUDENTS, refs[cap], ae), student
             client = ae if cap == "autoencoder" else self._client(cap, refs[cap], ae)
+            return client, self._list(cap, timeout, refs[cap])
+
+        ctx = contextvars.copy_context()  # the request id reaches each call from the pool's threads
+        pending = [(cap, self._lists.submit(ctx.copy().run, resolve, cap)) for cap in capabilities]
+        resolved = {cap: future.exception() or future.result() for cap, future in pending}  # waits for all
+        for cap in capabilities:
+            if isinstance(resolved[cap], BaseException):
+                raise resolved[cap]  # the first failing capability's error, in the pipeline's order
+            client, catalog = resolved[cap]
             scoped = copy.copy(client)  # shares channel and cached model facts; own deadline
             scoped.timeout = timeout
             clients[cap] = scoped
-            catalog = self.catalog(cap, timeout, refs[cap])
             name = refs[cap].name or catalog.default_model
             if (refs[cap].name or refs[cap].version) and not catalog.models:  # the service filtered by the override
                 raise NotFound(

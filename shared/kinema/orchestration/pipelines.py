@@ -23,7 +23,7 @@ from kinema.orchestration.inputs import StoredInputs
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.pipelines.image_to_image import ImageToImageRequest, check_strength, image_to_image
 from kinema.pipelines.inpaint import InpaintRequest, inpaint
-from kinema.pipelines.text_to_image import TextToImageRequest, check_sampling, text_to_image
+from kinema.pipelines.text_to_image import TextToImageRequest, check_sampling, sampling_defaults, text_to_image
 from kinema.sampling.samplers import Callback
 
 SEED_LIMIT = 2**63
@@ -158,8 +158,17 @@ def prompts_and_seed(request: pb.PipelineRequest, max_batch: int) -> int:
     return request.seed
 
 
+@dataclass(frozen=True)
+class PreparedTextToImage(TextToImageRequest):
+    """A checked text_to_image request; `defaulted` names the sampling fields the client left unset, filled in with
+    the teacher's defaults until `run` knows the denoiser (a few-step student has its own: `sampling_defaults`)."""
+
+    defaulted: frozenset[str] = frozenset()
+
+
 class TextToImagePipeline:
-    """`kinema.pipelines.text_to_image` behind the orchestrator."""
+    """`kinema.pipelines.text_to_image` behind the orchestrator; a student denoiser samples with its few-step
+    sampler (models.denoiser naming a model of the distill service, `kinema.orchestration.capabilities`)."""
 
     name = "text_to_image"
     capabilities = ("autoencoder", "denoiser", "text_encoder")
@@ -180,8 +189,14 @@ class TextToImagePipeline:
                 _param("prompts", "the prompts, one output each; 1 to the server's batch limit", required=True),
                 _param("negative_prompt", "the prompt guidance steers away from", d.negative_prompt),
                 _param("seed", "seed of the first output, in [0, 2^63); unset: drawn by the server"),
-                _param("steps", "sampling steps, 1..1000", d.steps),
-                _param("guidance", "classifier-free guidance scale >= 0 (1: none)", d.guidance),
+                _param(
+                    "steps", "sampling steps, 1..1000; unset with a few-step student denoiser: its own (1..8)", d.steps
+                ),
+                _param(
+                    "guidance",
+                    "classifier-free guidance scale >= 0 (1: none); a student takes none (unset or 1)",
+                    d.guidance,
+                ),
                 _param("width", "image side in pixels, a multiple of the model's pixel patch up to 256", d.size),
                 _param("height", "must equal width (square images only)", d.size),
                 _param("sampler", "ODE sampler: 'euler' or 'heun'", d.sampler),
@@ -191,15 +206,17 @@ class TextToImagePipeline:
             output_media_type="image/png",
         )
 
-    def prepare(self, request: pb.PipelineRequest, max_batch: int) -> TextToImageRequest:
+    def prepare(self, request: pb.PipelineRequest, max_batch: int) -> PreparedTextToImage:
         reject_unread(request, self.name, self._reads, self.capabilities)
         seed = prompts_and_seed(request, max_batch)
         width, height = request.width or self.defaults.size, request.height or self.defaults.size
         if width != height:
             raise InvalidInput(f"{self.name} makes square images: width {width} != height {height}",
                                reason="NOT_SQUARE", field="width")  # fmt: skip
-        prepared = replace(
-            self.defaults,
+        defaulted = {"steps"} if not request.steps else set()
+        defaulted |= {"guidance"} if not request.HasField("guidance") else set()
+        prepared = PreparedTextToImage(
+            defaulted=frozenset(defaulted),
             prompts=list(request.prompts),
             negative_prompt=request.negative_prompt,
             seed=seed,
@@ -215,8 +232,12 @@ class TextToImagePipeline:
             raise _with_field(e) from None
         return prepared
 
-    def run(self, prepared: TextToImageRequest, bound: Bound, callback: Callback | None) -> list[PipelineOutput]:
+    def run(self, prepared: PreparedTextToImage, bound: Bound, callback: Callback | None) -> list[PipelineOutput]:
         c = bound.clients
+        if prepared.defaulted:  # the bound denoiser's own defaults: a student's steps and no guidance
+            steps, guidance = sampling_defaults(c["denoiser"])
+            fill = {"steps": steps, "guidance": guidance}
+            prepared = replace(prepared, **{name: fill[name] for name in prepared.defaulted})
         try:
             result = text_to_image(prepared, c["text_encoder"], c["denoiser"], c["autoencoder"], callback)
         except InvalidInput as e:
@@ -250,7 +271,7 @@ def image_outputs(
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png")
 # A library edit error's field -> the PipelineRequest field it is about.
-_EDIT_FIELDS = {"image": "inputs.image", "mask": "inputs.mask"}
+_EDIT_FIELDS = {"image": "inputs.image", "mask": "inputs.mask", "denoiser": "models.denoiser"}
 
 
 def _edit_field(e: InvalidInput) -> InvalidInput:
@@ -452,4 +473,4 @@ REGISTRY.register(ImageToImagePipeline())
 REGISTRY.register(InpaintPipeline())
 
 __all__ = ["REGISTRY", "EditPlan", "ImageToImagePipeline", "InpaintPipeline", "Pipeline", "PipelineOutput",
-           "Registry", "TextToImagePipeline", "prompts_and_seed", "reject_unread"]  # fmt: skip
+           "PreparedTextToImage", "Registry", "TextToImagePipeline", "prompts_and_seed", "reject_unread"]  # fmt: skip

@@ -20,6 +20,7 @@ ENV_VARS: dict[str, str] = {
     "text_encoder_url": "KINEMA_TEXT_ENCODER_URL",
     "denoiser_url": "KINEMA_DENOISER_URL",
     "autoencoder_url": "KINEMA_AUTOENCODER_URL",
+    "distill_url": "KINEMA_DISTILL_URL",
     "artifacts": "KINEMA_ARTIFACTS",
     "url_ttl_seconds": "KINEMA_URL_TTL_SECONDS",
     "list_models_timeout_seconds": "KINEMA_LIST_MODELS_TIMEOUT_SECONDS",
@@ -34,6 +35,7 @@ ENV_VARS: dict[str, str] = {
     "upload_max_bytes": "KINEMA_UPLOAD_MAX_BYTES",
     "upload_max_image_side": "KINEMA_UPLOAD_MAX_IMAGE_SIDE",
     "job_record_retry_seconds": "KINEMA_JOB_RECORD_RETRY_SECONDS",
+    "max_queued_jobs": "KINEMA_MAX_QUEUED_JOBS",
 }
 
 
@@ -61,6 +63,7 @@ _CHECKS: dict[str, tuple[Callable[[str], Any], Callable[[object], bool], str]] =
     "upload_max_bytes": (int, _int_in(1, 1 << 40), "an integer number of bytes in 1..2**40"),
     "upload_max_image_side": (int, _int_in(1, 65535), "an integer number of pixels in 1..65535"),
     "job_record_retry_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
+    "max_queued_jobs": (int, _int_in(0, 1 << 30), "an integer >= 0 (0: no limit)"),
 }
 
 
@@ -73,6 +76,8 @@ class OrchestratorSettings:
     denoiser_url: str
     autoencoder_url: str
     artifacts: str  # file:///path or s3://bucket?endpoint=host:port (kinema.storage.artifacts.store_from_uri)
+    # host:port of the distill service (optional): a run whose denoiser is a student it lists samples there.
+    distill_url: str = ""
     url_ttl_seconds: int = 3600  # lifetime of the presigned URLs in Generate results and job outputs
     list_models_timeout_seconds: float = 5.0  # ListModels waits this long for each service
     s3_access_key: str = field(default="", repr=False)
@@ -93,6 +98,9 @@ class OrchestratorSettings:
     upload_max_image_side: int = DEFAULT_MAX_SIDE
     # A worker that cannot write a job's end (COMPLETED, FAILED, CANCELLED) to Redis tries again this long.
     job_record_retry_seconds: float = 300.0
+    # SubmitJob is refused (RESOURCE_EXHAUSTED, reason JOB_QUEUE_FULL, with a retry hint) while this many jobs wait in
+    # the Celery queue for a worker; 0: no limit. Concurrent submits may pass it by a few (the check is a read).
+    max_queued_jobs: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
@@ -116,9 +124,12 @@ class OrchestratorSettings:
 
     @property
     def addresses(self) -> dict[str, str]:
-        """Capability -> host:port of the service serving it."""
-        return {"text_encoder": self.text_encoder_url, "denoiser": self.denoiser_url,
-                "autoencoder": self.autoencoder_url}  # fmt: skip
+        """Capability -> host:port of the service serving it; "distill" only where a distill service is set."""
+        addresses = {"text_encoder": self.text_encoder_url, "denoiser": self.denoiser_url,
+                     "autoencoder": self.autoencoder_url}  # fmt: skip
+        if self.distill_url:
+            addresses["distill"] = self.distill_url
+        return addresses
 
     @property
     def media_limits(self) -> MediaLimits:

@@ -9,9 +9,10 @@ with the same request store the same artifact. Along the way:
 - cancellation: CancelJob sets the Celery cancel flag and revokes (`kinema.jobs.celery_app.cancel`); the sampling
   callback checks the flag each step and raises, which cancels the denoiser's `Sample` call (its loop stops within
   a step); nothing is stored after a cancel;
-- retries: `Unavailable` (a model service or the artifact store down) puts the job back to QUEUED and retries it
-  after a jittered exponential wait, at most `job_max_retries` times; any other error ends it FAILED with the
-  status a Generate call would have ended with (an unexpected one says only "internal error" and the job id);
+- retries: `Unavailable` (a model service or the artifact store down), or a model service refusing the call for load
+  (`ResourceExhausted` with a retry hint, kinema.rpc.admission), puts the job back to QUEUED and retries it after a
+  jittered exponential wait (at least the hint), at most `job_max_retries` times; any other error ends it FAILED with
+  the status a Generate call would have ended with (an unexpected one says only "internal error" and the job id);
 - the end of a job (COMPLETED with its stored outputs, FAILED, CANCELLED) is written to the record again and again,
   with backoff, while Redis is unreachable, for at most `job_record_retry_seconds`: a job that finishes during a
   Redis outage ends in its state once Redis is back, instead of reading RUNNING until the broker redelivers it.
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 from celery import Celery
 from celery.signals import task_revoked
 
-from kinema.errors import KinemaError, Unavailable
+from kinema.errors import KinemaError, ResourceExhausted, Unavailable
 from kinema.jobs.celery_app import KinemaTask, make_celery
 from kinema.orchestration.capabilities import RemoteCapabilities
 from kinema.orchestration.inputs import NO_INPUTS, resolve_inputs
@@ -128,11 +129,14 @@ class JobRunner:
                 self._record("cancel", lambda: self.jobs.cancelled(tenant, job_id))
                 _LOGGER.info("job cancelled", extra={"tenant": tenant, "attempt": attempt})
                 return pb.JobState.Name(pb.JOB_STATE_CANCELLED)
-            except Unavailable as e:
+            except (Unavailable, ResourceExhausted) as e:
+                if isinstance(e, ResourceExhausted) and e.retry_after is None:  # a limit the request itself breaks
+                    return self._fail(tenant, job_id, attempt, e)
                 if task.request.retries < task.max_retries and attempt < self.jobs.max_attempts:
                     again = self.jobs.requeue(tenant, job_id, attempt)
                     if again is not None and again.state == pb.JOB_STATE_QUEUED:
                         wait = retry_wait(task.request.retries, self.settings.job_retry_backoff_seconds)
+                        wait = max(wait, e.retry_after or 0.0)  # a busy service's hint
                         _LOGGER.warning("job will be retried", extra={"error": str(e), "wait_seconds": round(wait, 3)})
                         raise task.retry(exc=e, countdown=wait) from None
                     return pb.JobState.Name(again.state if again is not None else pb.JOB_STATE_UNSPECIFIED)

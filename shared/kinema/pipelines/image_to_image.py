@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kinema.errors import InvalidInput
-from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, TextEncoder
+from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, TextEncoder, is_student
 from kinema.pipelines.text_to_image import TextToImageResult, check_sampling, check_side, finish
 from kinema.sampling.edit import start_step
 from kinema.sampling.samplers import Callback, initial_noise
@@ -73,6 +73,10 @@ def edit(
     mask: Tensor | None = None,
 ) -> TextToImageResult:
     """image_to_image, or inpaint with `mask` (1, 1, h, w) in latent space (1 = generate); request validated."""
+    if is_student(denoiser):
+        raise InvalidInput("image_to_image and inpaint start part-way along the teacher's schedule: they need a full "
+                           "denoiser, not a few-step distilled student", reason="NOT_FOR_STUDENT",
+                           field="denoiser")  # fmt: skip
     cond = text_encoder.encode(request.prompts)
     uncond = text_encoder.encode([request.negative_prompt])
     b = len(request.prompts)

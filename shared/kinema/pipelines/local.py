@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from kinema.errors import InvalidInput
 from kinema.nn.autoencoder import Autoencoder
 from kinema.nn.mmdit import MMDiT
 from kinema.nn.text import TextEmbedding
 from kinema.pipelines.protocols import SampleSpec
+from kinema.pipelines.student import StudentFacts, resolve_timesteps
 from kinema.sampling.edit import sample_masked, start_latents
 from kinema.sampling.guidance import cfg_velocity
 from kinema.sampling.samplers import Callback, sample_euler, sample_heun
 from kinema.sampling.schedule import get_schedule
+from kinema.sampling.student import sample_student
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 
@@ -92,6 +96,53 @@ class LocalDenoiser:
                              callback=callback)  # fmt: skip
 
 
+class LocalStudent:
+    """The few-step loop of a distilled student (`kinema.sampling.student.sample_student`, fresh noise between steps,
+    no guidance) in this process around a velocity network.
+
+    Embedded mode passes the student's MMDiT; the distill service passes a network that calls Triton once per step,
+    so the loop exists once.
+    """
+
+    def __init__(self, model: MMDiT | VelocityNetwork, sha256: str, facts: StudentFacts,
+                 latent_channels: int | None = None) -> None:  # fmt: skip
+        self.model = model
+        self.facts = facts
+        self.default_steps = facts.steps
+        self.latent_channels = latent_channels or model.params.in_channels
+        self._sha256 = sha256
+
+    def fingerprint(self) -> str:
+        return self._sha256
+
+    @torch.inference_mode()
+    def sample_few(
+        self,
+        noise: Tensor,
+        cond: TextEmbedding,
+        callback: Callback | None,
+        *,
+        steps: int = 0,
+        timesteps: Sequence[float] = (),
+        seed: int = 0,
+        seeds: Sequence[int] = (),
+    ) -> Tensor:
+        schedule = [*resolve_timesteps(self.facts.steps, steps, timesteps), 0.0]
+        b = noise.shape[0]
+        if seeds and (len(seeds) != b or seed):
+            raise InvalidInput(f"seeds: give one per row ({b}) and leave seed 0, got {len(seeds)} and seed {seed}",
+                               reason="INVALID_SHAPE", field="seeds")  # fmt: skip
+        if cond.tokens.shape[0] != b:
+            raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {b}", reason="INVALID_SHAPE",
+                               field="cond")  # fmt: skip
+        generator = [torch.Generator().manual_seed(s) for s in seeds] if seeds else torch.Generator().manual_seed(seed)
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return self.model(x, t, cond.tokens, cond.pooled, cond.mask)
+
+        return sample_student(velocity, noise, schedule, callback=callback, generator=generator)
+
+
 class LocalAutoencoder:
     def __init__(self, model: Autoencoder, sha256: str) -> None:
         self.model = model
@@ -111,11 +162,23 @@ class LocalAutoencoder:
         return self.model.decode(latents)
 
 
-def load_local(models: Path | None = None):
-    """(text encoder, denoiser, autoencoder) from a model repository, ready for `text_to_image`."""
-    from kinema.repository import default_models_dir, load_autoencoder, load_denoiser, load_text_encoder_default
+def load_local(models: Path | None = None, denoiser: str = "denoiser"):
+    """(text encoder, denoiser, autoencoder) from a model repository, ready for `text_to_image`.
+
+    `denoiser` names the repository's denoiser model; a distilled student (its config has `student_steps`) comes
+    as a `LocalStudent`, which `text_to_image` samples with the few-step sampler.
+    """
+    from kinema.repository import (
+        default_models_dir,
+        load_autoencoder,
+        load_denoiser,
+        load_text_encoder_default,
+        model_parameters,
+    )
 
     models = models or default_models_dir()
-    denoiser = LocalDenoiser(*load_denoiser(models))
+    facts = StudentFacts.from_parameters(model_parameters(models, denoiser))
+    model, sha = load_denoiser(models, name=denoiser)
+    sampler = LocalStudent(model, sha, facts) if facts else LocalDenoiser(model, sha)
     autoencoder = LocalAutoencoder(*load_autoencoder(models))
-    return load_text_encoder_default(), denoiser, autoencoder
+    return load_text_encoder_default(), sampler, autoencoder

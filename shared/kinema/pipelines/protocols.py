@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -56,6 +57,41 @@ class Denoiser(Protocol):
     ) -> Tensor: ...
 
     def fingerprint(self) -> str: ...
+
+
+class Student(Protocol):
+    """A few-step student distilled from a denoiser (LADD): noise (B, C, h, w) + text -> clean latents in 1-8
+    steps without classifier-free guidance (kinema.distill.v1.Distill.Sample).
+
+    `steps` 0: the steps it was distilled for (`default_steps`); `timesteps`: explicit start times instead
+    (`kinema.pipelines.student.resolve_timesteps` checks both). The fresh noise between steps comes from one
+    generator seeded `seed`, or with `seeds` (B values) from one per row, so that a row does not depend on the
+    rest of the batch. The callback gets (i, n, x) once per finished step. A pipeline tells a student from a
+    `Denoiser` with `is_student`.
+    """
+
+    latent_channels: int
+    default_steps: int
+
+    def sample_few(
+        self,
+        noise: Tensor,
+        cond: TextEmbedding,
+        callback: Callback | None,
+        *,
+        steps: int = 0,
+        timesteps: Sequence[float] = (),
+        seed: int = 0,
+        seeds: Sequence[int] = (),
+    ) -> Tensor: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def is_student(denoiser: Any) -> bool:
+    """Whether a pipeline's denoiser is a few-step `Student` (looked up on its class: no property runs, so a
+    remote client makes no call to answer)."""
+    return callable(getattr(type(denoiser), "sample_few", None))
 
 
 class Autoencoder(Protocol):

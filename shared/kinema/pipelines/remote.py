@@ -179,15 +179,7 @@ class RemoteDenoiser(_Client):
             return self._latent_channels
         if "latent_channels" not in self._facts:
             info = self._listed(self._stub.ListModels, denoiser_pb2.ListModelsRequest(model=self._ref))
-            channels = json.loads(info.params_json or "{}").get("in_channels")
-            if channels is None and self._latent_channels is not None:
-                channels = self._latent_channels()
-            if channels is None:
-                raise KinemaError(
-                    f"denoiser {info.name!r} does not publish its latent channels; pass latent_channels",
-                    reason="LATENT_CHANNELS_UNKNOWN",
-                )
-            self._facts["latent_channels"] = int(channels)
+            self._facts["latent_channels"] = latent_channels_of(info, self._latent_channels)
         return self._facts["latent_channels"]
 
     def fingerprint(self) -> str:
@@ -253,6 +245,19 @@ class RemoteDenoiser(_Client):
             raise KinemaError("the denoiser's Sample stream ended without a result", reason="NO_RESULT")
         self._seen(result.model)
         return _tensor(result.latents, "result.latents")  # (B, C, h, w)
+
+
+def latent_channels_of(info: common_pb2.ModelInfo, fallback: Callable[[], int] | None) -> int:
+    """A denoiser's (or student's) latent channels: its published `in_channels`, else what `fallback` says."""
+    channels = json.loads(info.params_json or "{}").get("in_channels")
+    if channels is None and fallback is not None:
+        channels = fallback()
+    if channels is None:
+        raise KinemaError(
+            f"denoiser {info.name!r} does not publish its latent channels; pass latent_channels",
+            reason="LATENT_CHANNELS_UNKNOWN",
+        )
+    return int(channels)
 
 
 def _events(call: Any) -> Any:

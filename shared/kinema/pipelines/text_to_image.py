@@ -1,4 +1,8 @@
-"""Text-to-image: encode the prompt, sample latents with the denoiser, decode (SD3 inference)."""
+"""Text-to-image: encode the prompt, sample latents with the denoiser, decode (SD3 inference).
+
+The denoiser may be a few-step student (LADD): the same pipeline then samples with the student's few-step sampler,
+without classifier-free guidance (`kinema.pipelines.protocols.Student`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 from torch import Tensor
 
 from kinema.errors import InvalidInput
-from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, TextEncoder
+from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, Student, TextEncoder, is_student
+from kinema.pipelines.student import renoise_seeds, resolve_timesteps
 from kinema.sampling.samplers import Callback, initial_noise
 
 MAX_SIZE = 256
@@ -63,6 +68,28 @@ def check_sampling(r: Any) -> None:
         raise InvalidInput(f"seed must be in [0, 2**63), got {r.seed}", reason="OUT_OF_RANGE", field="seed")
 
 
+def sampling_defaults(denoiser: Denoiser | Student) -> tuple[int, float]:
+    """(steps, guidance) for a request that leaves them unset: a student's distilled steps without guidance, else
+    the teacher's 28 guided steps (the request's defaults). Callers that know which fields were set use this."""
+    if is_student(denoiser):
+        return denoiser.default_steps, 1.0
+    return TextToImageRequest.steps, TextToImageRequest.guidance
+
+
+def check_student(r: Any, student: Student) -> None:
+    """A request a few-step student can run: its steps, no guidance, no negative prompt, the default sampler."""
+    resolve_timesteps(student.default_steps, r.steps)
+    for name, value, ok in (("guidance", r.guidance, 1.0), ("sampler", r.sampler, "euler"), ("shift", r.shift, 1.0),
+                            ("negative_prompt", r.negative_prompt, "")):  # fmt: skip
+        if value != ok:
+            raise InvalidInput(
+                f"the denoiser is a few-step distilled student: it samples without classifier-free guidance on its own "
+                f"schedule, so {name} must be unset or {ok!r}, got {value!r}",
+                reason="NOT_FOR_STUDENT",
+                field=name,
+            )
+
+
 @dataclass(frozen=True)
 class TextToImageResult:
     images: np.ndarray  # (B, H, W, 3) uint8
@@ -74,20 +101,28 @@ class TextToImageResult:
 def text_to_image(
     request: TextToImageRequest,
     text_encoder: TextEncoder,
-    denoiser: Denoiser,
+    denoiser: Denoiser | Student,
     autoencoder: Autoencoder,
     callback: Callback | None = None,
 ) -> TextToImageResult:
     """Image i uses seed + i: the same request reproduces bit for bit on CPU, and an image does not
-    depend on how many were asked for (beyond float rounding that differs between batch sizes)."""
+    depend on how many were asked for (beyond float rounding that differs between batch sizes). A student
+    re-noises image i between steps from its own stream (`renoise_seeds`), so that holds for it too."""
     request.validate(patch=autoencoder.downscale * 2)
+    student = is_student(denoiser)
+    if student:
+        check_student(request, denoiser)
     cond = text_encoder.encode(request.prompts)
-    uncond = text_encoder.encode([request.negative_prompt])
     h = request.size // autoencoder.downscale
     seeds = [request.seed + i for i in range(len(request.prompts))]
     noise = torch.cat([initial_noise((1, denoiser.latent_channels, h, h), s) for s in seeds])  # (B, C, h, w)
-    spec = SampleSpec(steps=request.steps, guidance=request.guidance, sampler=request.sampler, shift=request.shift)
-    latents = denoiser.sample(noise, cond, uncond, spec, callback)
+    if student:
+        latents = denoiser.sample_few(noise, cond, callback, steps=request.steps, seeds=renoise_seeds(seeds))
+    else:
+        uncond = text_encoder.encode([request.negative_prompt])
+        spec = SampleSpec(steps=request.steps, guidance=request.guidance, sampler=request.sampler,
+                          shift=request.shift)  # fmt: skip
+        latents = denoiser.sample(noise, cond, uncond, spec, callback)
     return finish(latents, seeds, cond.truncated, text_encoder, denoiser, autoencoder)
 
 
@@ -96,7 +131,7 @@ def finish(
     seeds: list[int],
     truncated: list[bool],
     text_encoder: TextEncoder,
-    denoiser: Denoiser,
+    denoiser: Denoiser | Student,
     autoencoder: Autoencoder,
 ) -> TextToImageResult:
     """Decode sampled latents (B, C, h, w) to uint8 images and name the models that ran (every image pipeline)."""

@@ -41,6 +41,21 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "kinema_rpc_in_flight_requests", "RPCs being handled now.", ["service", "method"], registry=self.registry
         )
+        # Admission control (kinema.rpc.admission): the places expensive calls hold, and the calls refused for load.
+        self.admission_in_flight = Gauge(
+            "kinema_admission_in_flight", "Expensive RPCs holding one of the KINEMA_MAX_IN_FLIGHT places now.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.admission_limit = Gauge(
+            "kinema_admission_limit", "KINEMA_MAX_IN_FLIGHT of this process (0: no limit).", registry=self.registry
+        )
+        self.rejected = Counter(
+            "kinema_rpc_rejected",
+            "RPCs refused for load (RESOURCE_EXHAUSTED with a retry hint), by reason: SERVER_BUSY (all "
+            "KINEMA_MAX_IN_FLIGHT places taken), JOB_QUEUE_FULL (KINEMA_MAX_QUEUED_JOBS), or a busy service it calls.",
+            ["service", "method", "reason"],
+            registry=self.registry,
+        )
         self.model_seconds = Histogram(
             "kinema_model_seconds",
             "Wall time of one network evaluation.",

@@ -2,7 +2,8 @@
 
 A service owns one model family; a request's `ModelRef` names one of its models (empty: the default)
 and an optional version (empty: the newest loaded). Family members follow the repository's naming:
-the default name itself or `<default>_<variant>` (e.g. `denoiser`, `denoiser_sd3`).
+the default name itself or `<family>_<variant>`, the family being the default name unless a service says
+otherwise (e.g. `denoiser`, `denoiser_sd3`; `iin_factor`, `iin_net2net` in the family `iin`).
 """
 
 from __future__ import annotations
@@ -32,15 +33,21 @@ MAX_BLOCKING_CALLS = 64
 
 
 MAX_IMAGE_SIDE = 1024  # longest image side a model service takes
+CHEAP_METHOD = "ListModels"  # the one RPC of a model service that runs no network: never refused for load
 
 
 class ModelFamily:
     """A runner, the family's default model name and the settings bounding each request."""
 
-    def __init__(self, runner: ModelRunner, settings: ServiceSettings, default: str) -> None:
+    def __init__(self, runner: ModelRunner, settings: ServiceSettings, default: str, family: str = "",
+                 info: Callable[[ServedModel], common_pb2.ModelInfo] | None = None) -> None:  # fmt: skip
+        """`info`: a served model's ModelInfo (default `model_info`); it raises NotFound for a model of the family's
+        names that is not of its kind (a distill service's teacher), which ListModels then leaves out."""
         self.runner = runner
         self.settings = settings
         self.default = default
+        self.family = family or default
+        self.info = info or model_info
         self._pool = ThreadPoolExecutor(MAX_BLOCKING_CALLS, thread_name_prefix=f"{default}-call")
 
     async def run_blocking(self, fn: Callable[..., T], *args) -> T:
@@ -51,9 +58,9 @@ class ModelFamily:
     def resolve(self, ref: common_pb2.ModelRef) -> tuple[str, str]:
         """(model name, version) for a request's ModelRef; NOT_FOUND outside the family."""
         name = ref.name or self.default
-        if name != self.default and not name.startswith(self.default + "_"):
+        if not self.member(name):
             raise NotFound(
-                f"model {name!r} is not a {self.default} model; ListModels shows what this service serves",
+                f"model {name!r} is not a {self.family} model; ListModels shows what this service serves",
                 reason="MODEL_NOT_FOUND",
                 field="model.name",
             )
@@ -63,6 +70,9 @@ class ModelFamily:
                 field="model.version",
             )  # fmt: skip
         return name, ref.version
+
+    def member(self, name: str) -> bool:
+        return name == self.default or name.startswith(self.family + "_")
 
     def check_batch(self, n: int, field: str) -> None:
         if n > self.settings.max_batch:
@@ -92,7 +102,7 @@ class ModelFamily:
 
     async def describe(self, model: str, version: str) -> common_pb2.ModelInfo:
         served = await self.run_blocking(self.runner.describe, model, version)
-        return model_info(served)
+        return self.info(served)
 
     async def list_models(
         self, ref: common_pb2.ModelRef | None = None, members: Iterable[str] | None = None
@@ -103,7 +113,7 @@ class ModelFamily:
         """
         if members is None:
             names = await self.run_blocking(self.runner.models)
-            members = [n for n in names if n == self.default or n.startswith(self.default + "_")]
+            members = [n for n in names if self.member(n)]
         infos = []
         for name in members:
             if ref is not None and ref.name and ref.name != name and not name.startswith(ref.name + "_"):
@@ -131,13 +141,24 @@ def build_model_server(
     add_to_server: Callable,
     servicer: Callable[[ModelFamily], object],
     default_model: str,
+    family: str = "",
+    info: Callable[[ServedModel], common_pb2.ModelInfo] | None = None,
 ):
-    """The `build_server` of every model service: metrics, the runner the settings choose, one binding."""
+    """The `build_server` of every model service: metrics, the runner the settings choose, one binding.
+
+    `family`: the name prefix of the service's models when it is not `default_model` itself; `info`: see
+    ModelFamily. Every RPC of the service but ListModels calls the network, so each holds one of the
+    `max_in_flight` places (kinema.rpc.admission).
+    """
+    from google.protobuf import descriptor_pool
+
     from kinema.inference.runner import make_runner
     from kinema.rpc.metrics import ServerMetrics
     from kinema.rpc.server import Binding, make_server
 
     metrics = ServerMetrics()
     runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
-    binding = Binding(service, add_to_server, servicer(ModelFamily(runner, settings, default_model)))
+    methods = {m.name for m in descriptor_pool.Default().FindServiceByName(service).methods}
+    binding = Binding(service, add_to_server, servicer(ModelFamily(runner, settings, default_model, family, info)),
+                      limited=frozenset(methods - {CHEAP_METHOD}))  # fmt: skip
     return make_server(settings, [binding], name, metrics)

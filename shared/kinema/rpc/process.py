@@ -16,8 +16,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[3]
-# The Triton models the text_encoder, autoencoder and denoiser services call.
-SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser")
+# The Triton models the text_encoder, autoencoder, denoiser, distill, depth and interpret services call (distill: the
+# 4-step student; interpret also calls the autoencoder's vae_encoder / vae_decoder, for images).
+SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser_4step", "depth", "iin_factor",
+                 "iin_net2net", "iin_invariance")  # fmt: skip
 
 
 def free_port() -> int:

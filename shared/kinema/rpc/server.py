@@ -1,5 +1,6 @@
-"""The async gRPC server every Kinema service runs: one interceptor for request ids, logs, metrics and error
-mapping around every handler kind, plus standard health, reflection and `/metrics`.
+"""The async gRPC server every Kinema service runs: one interceptor for request ids, logs, metrics, admission
+control (`kinema.rpc.admission`) and error mapping around every handler kind, plus standard health, reflection and
+`/metrics`.
 
 A service's `__main__` is `serve(build_server)` where `build_server(settings)` returns `make_server(...)`.
 """
@@ -7,6 +8,7 @@ A service's `__main__` is `serve(build_server)` where `build_server(settings)` r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -14,7 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kinema.errors import DeadlineExceeded
+from kinema.rpc.admission import Admission
 from kinema.rpc.auth import ApiKeys
 from kinema.rpc.logs import RequestContext, configure_logging, current_request, set_request
 from kinema.rpc.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
@@ -38,11 +41,16 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 @dataclass
 class Binding:
-    """One gRPC service to host: its full name, the generated `add_<X>Servicer_to_server` and the servicer."""
+    """One gRPC service to host: its full name, the generated `add_<X>Servicer_to_server` and the servicer.
+
+    `limited`: the methods that are expensive (a pipeline run, a network call); each call of one holds one of the
+    server's `max_in_flight` places (kinema.rpc.admission). The others (listings, lookups) are never refused.
+    """
 
     service: str  # e.g. "kinema.text_encoder.v1.TextEncoder"
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
+    limited: frozenset[str] = field(default_factory=frozenset)  # method names, e.g. {"Generate"}
 
 
 def remaining_seconds(context: grpc.aio.ServicerContext, settings: ServiceSettings) -> float:
@@ -102,6 +110,9 @@ class _Rpc:
                     reason="SERVER_TIMEOUT",
                 )
             status = to_status(exc, self.request.request_id)
+            if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and getattr(exc, "retry_after", None) is not None:
+                reason = getattr(exc, "reason", "") or status.code.name  # refused for load, here or downstream
+                self.interceptor.metrics.rejected.labels(self.service, self.method, reason).inc()
             self._finish(status.code, exc)
             await self.context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
         else:
@@ -132,8 +143,21 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     with `context.write`, so the whole call (and its error handling) runs in the call's own task.
     """
 
-    def __init__(self, settings: ServiceSettings, metrics: ServerMetrics, keys: ApiKeys | None = None):
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        metrics: ServerMetrics,
+        keys: ApiKeys | None = None,
+        admission: Admission | None = None,
+        limited: frozenset[tuple[str, str]] = frozenset(),
+    ):
         self.settings, self.metrics, self.keys = settings, metrics, keys
+        self.admission, self.limited = admission, limited  # limited: (service, method) pairs that take a place
+
+    def _place(self, service: str, method: str) -> contextlib.AbstractContextManager:
+        if self.admission is None or (service, method) not in self.limited:
+            return contextlib.nullcontext()
+        return self.admission.place(method)
 
     async def intercept_service(
         self,
@@ -165,10 +189,11 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             async with _Rpc(self, service, method, context) as rpc, asyncio.timeout(rpc.budget) as rpc.timeout:
                 if self.keys is not None:
                     self.keys.authenticate(context.invocation_metadata())
-                result = behavior(request, context)
-                if not inspect.isawaitable(result):
-                    raise TypeError(f"{service}/{method} must be an `async def` servicer method")
-                return await result
+                with self._place(service, method):
+                    result = behavior(request, context)
+                    if not inspect.isawaitable(result):
+                        raise TypeError(f"{service}/{method} must be an `async def` servicer method")
+                    return await result
 
         return handle
 
@@ -177,17 +202,18 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             async with _Rpc(self, service, method, context) as rpc, asyncio.timeout(rpc.budget) as rpc.timeout:
                 if self.keys is not None:
                     self.keys.authenticate(context.invocation_metadata())
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    try:
-                        async for response in result:
-                            await context.write(response)
-                    finally:
-                        await result.aclose()
-                elif inspect.isawaitable(result):  # writer style: the servicer calls context.write itself
-                    await result
-                else:
-                    raise TypeError(f"{service}/{method} must be an `async def` servicer method or async generator")
+                with self._place(service, method):  # held until the stream ends
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        try:
+                            async for response in result:
+                                await context.write(response)
+                        finally:
+                            await result.aclose()
+                    elif inspect.isawaitable(result):  # writer style: the servicer calls context.write itself
+                        await result
+                    else:
+                        raise TypeError(f"{service}/{method} must be an `async def` servicer method or async generator")
 
         return handle
 
@@ -207,8 +233,10 @@ class KinemaServer:
         self._stopped = False
         # A bad keys file stops the server from starting rather than leaving it open.
         self.keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+        self.admission = Admission(settings.max_in_flight, self.metrics, name)
+        self.limited = frozenset((b.service, m) for b in bindings for m in b.limited)  # (service, method) pairs
         self._server = grpc.aio.server(
-            interceptors=(_Interceptor(settings, self.metrics, self.keys),),
+            interceptors=(_Interceptor(settings, self.metrics, self.keys, self.admission, self.limited),),
             options=(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

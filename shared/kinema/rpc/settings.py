@@ -31,6 +31,10 @@ class ServiceSettings:
     log_level: str = "INFO"
     request_timeout_seconds: float = 300.0  # server-side bound on a request whose client set no deadline
     api_keys_file: str = ""  # "": no authentication; else the tenant + key-hash file of kinema.rpc.auth
+    # Expensive calls (Generate, a model service's network calls) running at once; more are refused with
+    # RESOURCE_EXHAUSTED and a retry hint (kinema.rpc.admission). Half the 64 worker threads a service has, so cheap
+    # calls (GetJob, ListModels) always find a thread. 0: no limit.
+    max_in_flight: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -79,6 +83,7 @@ ENV_VARS: dict[str, str] = {
     "log_level": "KINEMA_LOG_LEVEL",
     "request_timeout_seconds": "KINEMA_REQUEST_TIMEOUT_SECONDS",
     "api_keys_file": "KINEMA_API_KEYS_FILE",
+    "max_in_flight": "KINEMA_MAX_IN_FLIGHT",
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -90,6 +95,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "models_dir": Path,
     "log_level": str.upper,
     "request_timeout_seconds": float,
+    "max_in_flight": int,
 }
 
 
@@ -118,4 +124,5 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_level": (lambda v: v in LOG_LEVELS, f"one of {LOG_LEVELS}"),
     "request_timeout_seconds": (_finite_at_least(0.0, strict=True), "a finite number of seconds > 0"),
     "api_keys_file": (lambda v: isinstance(v, str), "a path (empty: no authentication)"),
+    "max_in_flight": (_int_in(0, 1 << 20), "an integer >= 0 (0: no limit)"),
 }

@@ -118,7 +118,8 @@ def decode(
     array = np.frombuffer(t.data, dtype=wire).reshape(shape)  # read-only view of the message bytes
     if t.dtype == DType.DTYPE_BFLOAT16:
         # bfloat16 is the top half of a float32: widening is exact and needs no torch.
-        array = (array.astype(np.uint32) << 16).view(np.float32)
+        # (reshaped, as a 0-d array cannot be viewed as another dtype)
+        array = (array.astype(np.uint32).reshape(-1) << 16).view(np.float32).reshape(shape)
     elif not wire.isnative:
         array = array.astype(wire.newbyteorder("="))
     if finite and array.dtype.kind == "f" and not np.isfinite(array).all():

@@ -44,15 +44,18 @@ def sample_student(
     schedule: Sequence[float],
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Multistep student sampling: at each time t predict x0_hat = x - t v(x, t), then go to the next time.
 
     Without `generator` the next point is the Euler step x + (t_next - t) v, i.e. x0_hat re-noised with the
     noise the student implied, and the result is deterministic (and the same as `sample_euler`). With a CPU
     `generator`, x0_hat is re-noised with fresh noise, x = (1 - t_next) x0_hat + t_next eps, as ADD's and
-    consistency models' multistep sampling does (ADD sec. 3.2; Song et al. 2023, alg. 1).
+    consistency models' multistep sampling does (ADD sec. 3.2; Song et al. 2023, alg. 1). A sequence of B
+    generators gives row b its own stream, so a row's result does not depend on the rest of the batch.
     """
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != x.shape[0]:
+        raise ValueError(f"one generator per row: {len(generator)} generators for a batch of {x.shape[0]}")
     n = len(schedule) - 1
     for i, (t, t_next) in enumerate(itertools.pairwise(schedule)):
         v = velocity_fn(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))  # t as (B,)
@@ -60,8 +63,16 @@ def sample_student(
             x = x + (t_next - t) * v
         else:
             x0 = x - t * v
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            eps = _fresh_noise(x, generator)  # (B, C, h, w)
             x = (1 - t_next) * x0 + t_next * eps
         if callback is not None:
             callback(i, n, x)
     return x
+
+
+def _fresh_noise(x: Tensor, generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the CPU from one generator or one per row."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    rows = [torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in generator]  # B x (1, C, h, w)
+    return torch.cat(rows).to(x.device)

@@ -26,7 +26,7 @@ from kinema.common.v1 import common_pb2 as kinema_dot_common_dot_v1_dot_common__
 from kinema.denoiser.v1 import denoiser_pb2 as kinema_dot_denoiser_dot_v1_dot_denoiser__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkinema/distill/v1/distill.proto\x12\x11kinema.distill.v1\x1a\x1dkinema/common/v1/common.proto\x1a!kinema/denoiser/v1/denoiser.proto\"\xc3\x01\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x11\n\ttimesteps\x18\x05 \x03(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"|\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kinema.distill.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"x\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x11\n\ttimesteps\x18\x03 \x03(\x02\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xb5\x01\n\x07\x44istill\x12O\n\x06Sample\x12 .kinema.distill.v1.SampleRequest\x1a!.kinema.distill.v1.SampleResponse0\x01\x12Y\n\nListModels\x12$.kinema.distill.v1.ListModelsRequest\x1a%.kinema.distill.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkinema/distill/v1/distill.proto\x12\x11kinema.distill.v1\x1a\x1dkinema/common/v1/common.proto\x1a!kinema/denoiser/v1/denoiser.proto\"\xd2\x01\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x11\n\ttimesteps\x18\x05 \x03(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05seeds\x18\x07 \x03(\x04\"|\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kinema.distill.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"x\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x11\n\ttimesteps\x18\x03 \x03(\x02\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xb5\x01\n\x07\x44istill\x12O\n\x06Sample\x12 .kinema.distill.v1.SampleRequest\x1a!.kinema.distill.v1.SampleResponse0\x01\x12Y\n\nListModels\x12$.kinema.distill.v1.ListModelsRequest\x1a%.kinema.distill.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinema.distill.v1.distill_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEREQUEST']._serialized_start=121
-  _globals['_SAMPLEREQUEST']._serialized_end=316
-  _globals['_SAMPLERESPONSE']._serialized_start=318
-  _globals['_SAMPLERESPONSE']._serialized_end=442
-  _globals['_SAMPLERESULT']._serialized_start=444
-  _globals['_SAMPLERESULT']._serialized_end=564
-  _globals['_LISTMODELSREQUEST']._serialized_start=566
-  _globals['_LISTMODELSREQUEST']._serialized_end=628
-  _globals['_LISTMODELSRESPONSE']._serialized_start=630
-  _globals['_LISTMODELSRESPONSE']._serialized_end=718
-  _globals['_DISTILL']._serialized_start=721
-  _globals['_DISTILL']._serialized_end=902
+  _globals['_SAMPLEREQUEST']._serialized_end=331
+  _globals['_SAMPLERESPONSE']._serialized_start=333
+  _globals['_SAMPLERESPONSE']._serialized_end=457
+  _globals['_SAMPLERESULT']._serialized_start=459
+  _globals['_SAMPLERESULT']._serialized_end=579
+  _globals['_LISTMODELSREQUEST']._serialized_start=581
+  _globals['_LISTMODELSREQUEST']._serialized_end=643
+  _globals['_LISTMODELSRESPONSE']._serialized_start=645
+  _globals['_LISTMODELSRESPONSE']._serialized_end=733
+  _globals['_DISTILL']._serialized_start=736
+  _globals['_DISTILL']._serialized_end=917
 # @@protoc_insertion_point(module_scope)

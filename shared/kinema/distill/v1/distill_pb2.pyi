@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "noise", "cond", "steps", "timesteps", "seed")
+    __slots__ = ("model", "noise", "cond", "steps", "timesteps", "seed", "seeds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     COND_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     noise: _common_pb2.Tensor
     cond: _denoiser_pb2.Conditioning
     steps: int
     timesteps: _containers.RepeatedScalarFieldContainer[float]
     seed: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[_denoiser_pb2.Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., timesteps: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[_denoiser_pb2.Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., timesteps: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("progress", "result")

@@ -25,31 +25,49 @@ _sym_db = _symbol_database.Default()
 from kinema.common.v1 import common_pb2 as kinema_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kinema/interpret/v1/interpret.proto\x12\x13kinema.interpret.v1\x1a\x1dkinema/common/v1/common.proto\"h\n\x10\x46\x61\x63torizeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xac\x01\n\x11\x46\x61\x63torizeResponse\x12)\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x14\n\x0c\x66\x61\x63tor_names\x18\x02 \x03(\t\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\x92\x01\n\x0e\x43omposeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07\x66\x61\x63tors\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"h\n\x0f\x43omposeResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xe1\x01\n\x0fTraverseRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06\x66\x61\x63tor\x18\x03 \x01(\t\x12/\n\x04mode\x18\x04 \x01(\x0e\x32!.kinema.interpret.v1.TraverseMode\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"i\n\x10TraverseResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*]\n\x0cTraverseMode\x12\x1d\n\x19TRAVERSE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11TRAVERSE_MODE_SET\x10\x01\x12\x17\n\x13TRAVERSE_MODE_SHIFT\x10\x02\x32\xf5\x02\n\tInterpret\x12Z\n\tFactorize\x12%.kinema.interpret.v1.FactorizeRequest\x1a&.kinema.interpret.v1.FactorizeResponse\x12T\n\x07\x43ompose\x12#.kinema.interpret.v1.ComposeRequest\x1a$.kinema.interpret.v1.ComposeResponse\x12W\n\x08Traverse\x12$.kinema.interpret.v1.TraverseRequest\x1a%.kinema.interpret.v1.TraverseResponse\x12]\n\nListModels\x12&.kinema.interpret.v1.ListModelsRequest\x1a\'.kinema.interpret.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kinema/interpret/v1/interpret.proto\x12\x13kinema.interpret.v1\x1a\x1dkinema/common/v1/common.proto\"h\n\x10\x46\x61\x63torizeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xd7\x01\n\x11\x46\x61\x63torizeResponse\x12)\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x14\n\x0c\x66\x61\x63tor_names\x18\x02 \x03(\t\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12)\n\x07outside\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xbd\x01\n\x0e\x43omposeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07\x66\x61\x63tors\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12)\n\x07outside\x18\x04 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"h\n\x0f\x43omposeResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xe1\x01\n\x0fTraverseRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06\x66\x61\x63tor\x18\x03 \x01(\t\x12/\n\x04mode\x18\x04 \x01(\x0e\x32!.kinema.interpret.v1.TraverseMode\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"i\n\x10TraverseResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"e\n\x0e\x41nalyzeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"f\n\x0c\x46\x61\x63torScores\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12(\n\x06scores\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04\x62\x65st\x18\x04 \x03(\t\"\xa3\x01\n\x0f\x41nalyzeResponse\x12\x32\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32!.kinema.interpret.v1.FactorScores\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xcf\x01\n\x0b\x45\x64itRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12<\n\x06values\x18\x03 \x03(\x0b\x32,.kinema.interpret.v1.EditRequest.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\x0c\x45\x64itResponse\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xaf\x01\n\x10TranslateRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06source\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperature\"\xc6\x01\n\x11TranslateResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*]\n\x0cTraverseMode\x12\x1d\n\x19TRAVERSE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11TRAVERSE_MODE_SET\x10\x01\x12\x17\n\x13TRAVERSE_MODE_SHIFT\x10\x02\x32\xf4\x04\n\tInterpret\x12Z\n\tFactorize\x12%.kinema.interpret.v1.FactorizeRequest\x1a&.kinema.interpret.v1.FactorizeResponse\x12T\n\x07\x43ompose\x12#.kinema.interpret.v1.ComposeRequest\x1a$.kinema.interpret.v1.ComposeResponse\x12W\n\x08Traverse\x12$.kinema.interpret.v1.TraverseRequest\x1a%.kinema.interpret.v1.TraverseResponse\x12T\n\x07\x41nalyze\x12#.kinema.interpret.v1.AnalyzeRequest\x1a$.kinema.interpret.v1.AnalyzeResponse\x12K\n\x04\x45\x64it\x12 .kinema.interpret.v1.EditRequest\x1a!.kinema.interpret.v1.EditResponse\x12Z\n\tTranslate\x12%.kinema.interpret.v1.TranslateRequest\x1a&.kinema.interpret.v1.TranslateResponse\x12]\n\nListModels\x12&.kinema.interpret.v1.ListModelsRequest\x1a\'.kinema.interpret.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinema.interpret.v1.interpret_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAVERSEMODE']._serialized_start=1116
-  _globals['_TRAVERSEMODE']._serialized_end=1209
+  _globals['_EDITREQUEST_VALUESENTRY']._loaded_options = None
+  _globals['_EDITREQUEST_VALUESENTRY']._serialized_options = b'8\001'
+  _globals['_TRAVERSEMODE']._serialized_start=2317
+  _globals['_TRAVERSEMODE']._serialized_end=2410
   _globals['_FACTORIZEREQUEST']._serialized_start=91
   _globals['_FACTORIZEREQUEST']._serialized_end=195
   _globals['_FACTORIZERESPONSE']._serialized_start=198
-  _globals['_FACTORIZERESPONSE']._serialized_end=370
-  _globals['_COMPOSEREQUEST']._serialized_start=373
-  _globals['_COMPOSEREQUEST']._serialized_end=519
-  _globals['_COMPOSERESPONSE']._serialized_start=521
-  _globals['_COMPOSERESPONSE']._serialized_end=625
-  _globals['_TRAVERSEREQUEST']._serialized_start=628
-  _globals['_TRAVERSEREQUEST']._serialized_end=853
-  _globals['_TRAVERSERESPONSE']._serialized_start=855
-  _globals['_TRAVERSERESPONSE']._serialized_end=960
-  _globals['_LISTMODELSREQUEST']._serialized_start=962
-  _globals['_LISTMODELSREQUEST']._serialized_end=1024
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1026
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1114
-  _globals['_INTERPRET']._serialized_start=1212
-  _globals['_INTERPRET']._serialized_end=1585
+  _globals['_FACTORIZERESPONSE']._serialized_end=413
+  _globals['_COMPOSEREQUEST']._serialized_start=416
+  _globals['_COMPOSEREQUEST']._serialized_end=605
+  _globals['_COMPOSERESPONSE']._serialized_start=607
+  _globals['_COMPOSERESPONSE']._serialized_end=711
+  _globals['_TRAVERSEREQUEST']._serialized_start=714
+  _globals['_TRAVERSEREQUEST']._serialized_end=939
+  _globals['_TRAVERSERESPONSE']._serialized_start=941
+  _globals['_TRAVERSERESPONSE']._serialized_end=1046
+  _globals['_ANALYZEREQUEST']._serialized_start=1048
+  _globals['_ANALYZEREQUEST']._serialized_end=1149
+  _globals['_FACTORSCORES']._serialized_start=1151
+  _globals['_FACTORSCORES']._serialized_end=1253
+  _globals['_ANALYZERESPONSE']._serialized_start=1256
+  _globals['_ANALYZERESPONSE']._serialized_end=1419
+  _globals['_EDITREQUEST']._serialized_start=1422
+  _globals['_EDITREQUEST']._serialized_end=1629
+  _globals['_EDITREQUEST_VALUESENTRY']._serialized_start=1584
+  _globals['_EDITREQUEST_VALUESENTRY']._serialized_end=1629
+  _globals['_EDITRESPONSE']._serialized_start=1632
+  _globals['_EDITRESPONSE']._serialized_end=1782
+  _globals['_TRANSLATEREQUEST']._serialized_start=1785
+  _globals['_TRANSLATEREQUEST']._serialized_end=1960
+  _globals['_TRANSLATERESPONSE']._serialized_start=1963
+  _globals['_TRANSLATERESPONSE']._serialized_end=2161
+  _globals['_LISTMODELSREQUEST']._serialized_start=2163
+  _globals['_LISTMODELSREQUEST']._serialized_end=2225
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2227
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2315
+  _globals['_INTERPRET']._serialized_start=2413
+  _globals['_INTERPRET']._serialized_end=3041
 # @@protoc_insertion_point(module_scope)

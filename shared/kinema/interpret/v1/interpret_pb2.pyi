@@ -26,26 +26,30 @@ class FactorizeRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class FactorizeResponse(_message.Message):
-    __slots__ = ("factors", "factor_names", "residual", "model")
+    __slots__ = ("factors", "factor_names", "residual", "model", "outside")
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     FACTOR_NAMES_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_FIELD_NUMBER: _ClassVar[int]
     factors: _common_pb2.Tensor
     factor_names: _containers.RepeatedScalarFieldContainer[str]
     residual: _common_pb2.Tensor
     model: _common_pb2.ModelInfo
-    def __init__(self, factors: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., factor_names: _Optional[_Iterable[str]] = ..., residual: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    outside: _common_pb2.Tensor
+    def __init__(self, factors: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., factor_names: _Optional[_Iterable[str]] = ..., residual: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., outside: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ComposeRequest(_message.Message):
-    __slots__ = ("model", "factors", "residual")
+    __slots__ = ("model", "factors", "residual", "outside")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTORS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     factors: _common_pb2.Tensor
     residual: _common_pb2.Tensor
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., factors: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., residual: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    outside: _common_pb2.Tensor
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., factors: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., residual: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., outside: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ComposeResponse(_message.Message):
     __slots__ = ("latents", "model")
@@ -78,6 +82,89 @@ class TraverseResponse(_message.Message):
     latents: _common_pb2.Tensor
     model: _common_pb2.ModelInfo
     def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class AnalyzeRequest(_message.Message):
+    __slots__ = ("model", "images")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    images: _common_pb2.Tensor
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., images: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class FactorScores(_message.Message):
+    __slots__ = ("factor", "values", "scores", "best")
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    factor: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    scores: _common_pb2.Tensor
+    best: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, factor: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., best: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AnalyzeResponse(_message.Message):
+    __slots__ = ("factors", "model", "autoencoder")
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    factors: _containers.RepeatedCompositeFieldContainer[FactorScores]
+    model: _common_pb2.ModelInfo
+    autoencoder: _common_pb2.ModelInfo
+    def __init__(self, factors: _Optional[_Iterable[_Union[FactorScores, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., autoencoder: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class EditRequest(_message.Message):
+    __slots__ = ("model", "images", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    images: _common_pb2.Tensor
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., images: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class EditResponse(_message.Message):
+    __slots__ = ("images", "model", "autoencoder")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    images: _common_pb2.Tensor
+    model: _common_pb2.ModelInfo
+    autoencoder: _common_pb2.ModelInfo
+    def __init__(self, images: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., autoencoder: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class TranslateRequest(_message.Message):
+    __slots__ = ("model", "source", "seed", "temperature", "decode")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    source: _common_pb2.Tensor
+    seed: int
+    temperature: float
+    decode: bool
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., source: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., decode: _Optional[bool] = ...) -> None: ...
+
+class TranslateResponse(_message.Message):
+    __slots__ = ("latents", "images", "model", "autoencoder")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    AUTOENCODER_FIELD_NUMBER: _ClassVar[int]
+    latents: _common_pb2.Tensor
+    images: _common_pb2.Tensor
+    model: _common_pb2.ModelInfo
+    autoencoder: _common_pb2.ModelInfo
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., images: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., autoencoder: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("model",)

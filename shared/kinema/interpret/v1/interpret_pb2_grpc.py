@@ -50,6 +50,21 @@ class InterpretStub:
                 request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseRequest.SerializeToString,
                 response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseResponse.FromString,
                 _registered_method=True)
+        self.Analyze = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/Analyze',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeResponse.FromString,
+                _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/Edit',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditResponse.FromString,
+                _registered_method=True)
+        self.Translate = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/Translate',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/kinema.interpret.v1.Interpret/ListModels',
                 request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsRequest.SerializeToString,
@@ -70,7 +85,7 @@ class InterpretServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Compose(self, request, context):
-        """(factors, residual) -> latents, the exact inverse of Factorize (up to float rounding).
+        """(factors, residual, outside) -> latents, the exact inverse of Factorize (up to float rounding).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,7 +93,35 @@ class InterpretServicer:
 
     def Traverse(self, request, context):
         """Sets or shifts one named factor and returns the edited latents, in one call (Factorize,
-        edit, Compose on the service side). Errors also: NOT_FOUND for an unknown factor name.
+        edit, Compose on the service side). Errors also: INVALID_ARGUMENT for an unknown factor name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Analyze(self, request, context):
+        """images -> for each factor with named values (e.g. colour: red, yellow, ...), the probability
+        of each value and the most likely one. Errors: INVALID_ARGUMENT for images of another size than
+        the model's or a malformed tensor, NOT_FOUND for an unknown model, FAILED_PRECONDITION for a
+        model without named factor values (a conditional model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Edit(self, request, context):
+        """images -> the same images with named factors set to named values: z_F becomes the value's
+        prototype (its mean over the training data), everything else is kept. Errors as Analyze, and
+        INVALID_ARGUMENT for an unknown factor or value (the message lists the allowed ones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Translate(self, request, context):
+        """Source representations -> target latents (and images) drawn by a conditional model (net2net),
+        e.g. MiniLM sentence embeddings -> autoencoder latents: text to image without diffusion.
+        Errors: FAILED_PRECONDITION for a model that is not conditional.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +151,21 @@ def add_InterpretServicer_to_server(servicer, server):
                     servicer.Traverse,
                     request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseRequest.FromString,
                     response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseResponse.SerializeToString,
+            ),
+            'Analyze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Analyze,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditResponse.SerializeToString,
+            ),
+            'Translate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Translate,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -197,6 +255,87 @@ class Interpret:
             '/kinema.interpret.v1.Interpret/Traverse',
             kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseRequest.SerializeToString,
             kinema_dot_interpret_dot_v1_dot_interpret__pb2.TraverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Analyze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/Analyze',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.AnalyzeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/Edit',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.EditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Translate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/Translate',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.TranslateResponse.FromString,
             options,
             channel_credentials,
             insecure,

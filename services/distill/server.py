@@ -1,0 +1,142 @@
+"""Distill service: few-step sampling with LADD students of the denoiser (Sample, ListModels), Triton or in-process.
+
+A student is a denoiser-family model whose config carries `student_steps` and names its teacher
+(`kinema.pipelines.student.StudentFacts`); `denoiser_4step` is the default, and the teacher itself is not one of
+this service's models. `Sample` runs the library's few-step loop (`kinema.pipelines.local.LocalStudent`, the loop
+embedded mode runs) in a worker thread, one network evaluation per step through the model runner (Triton by
+default: the student is served as a denoiser network, so the denoiser service's `RunnerNetwork` calls it).
+Progress streams back as steps finish; a client cancel or an expired deadline stops the loop at the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import numpy as np
+import torch
+
+from kinema.common.v1 import common_pb2
+from kinema.distill.v1 import distill_pb2 as pb
+from kinema.distill.v1 import distill_pb2_grpc as pb_grpc
+from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.inference.runner import ServedModel
+from kinema.pipelines.local import LocalStudent
+from kinema.pipelines.student import StudentFacts, resolve_timesteps
+from kinema.rpc import tensors
+from kinema.rpc.models import ModelFamily, build_model_server
+from kinema.rpc.server import KinemaServer, remaining_seconds
+from kinema.rpc.settings import ServiceSettings
+from kinema.rpc.streaming import stream_steps
+
+# The student consumes the teacher's Conditioning message and is served as the teacher's network: the denoiser
+# service's decoding of one and its runner-backed network are reused as they are (distill.proto: student on teacher).
+from services.denoiser.server import RunnerNetwork, _conditioning
+
+SERVICE = "kinema.distill.v1.Distill"
+DEFAULT_MODEL = "denoiser_4step"
+FAMILY = "denoiser"  # students are named as denoiser variants; only those with student_steps are this service's
+
+
+def student_facts(served: ServedModel) -> StudentFacts:
+    """The student facts of a served model; NOT_FOUND for a denoiser model that is not a student."""
+    try:
+        facts = StudentFacts.from_parameters(served.parameters)
+    except ValueError as e:
+        raise Unavailable(f"model {served.name!r} has a malformed config: {e}") from None
+    if facts is None:
+        raise NotFound(
+            f"model {served.name!r} is not a distilled student (its config has no student_steps); ListModels shows "
+            "the students this service serves",
+            reason="MODEL_NOT_FOUND",
+            field="model.name",
+        )
+    return facts
+
+
+def student_info(served: ServedModel) -> common_pb2.ModelInfo:
+    """ModelInfo of a student: the network's params (where the backend knows them), its teacher and schedule."""
+    params = json.loads(served.params_json or "{}") | student_facts(served).params()
+    return common_pb2.ModelInfo(name=served.name, version=served.version, sha256=served.sha256,
+                                params_json=json.dumps(params, sort_keys=True))  # fmt: skip
+
+
+def _noise(request: pb.SampleRequest, family: ModelFamily) -> torch.Tensor:
+    noise = tensors.decode(request.noise, "noise", np.float32, ndim=4, writable=True)  # (B, C, h, w)
+    family.check_batch(noise.shape[0], "noise")
+    if min(noise.shape) == 0:
+        raise InvalidInput(f"noise: expected (B, C, h, w) with every side > 0, got {noise.shape}",
+                           reason="INVALID_SHAPE", field="noise")  # fmt: skip
+    return torch.from_numpy(noise)
+
+
+def _seeds(request: pb.SampleRequest, batch: int) -> list[int]:
+    seeds = list(request.seeds)
+    if seeds and len(seeds) != batch:
+        raise InvalidInput(f"seeds: one per row, {batch}, got {len(seeds)}", reason="INVALID_SHAPE", field="seeds")
+    if seeds and request.seed:
+        raise InvalidInput("seed must be 0 when seeds are given (one per row)", reason="CONFLICT", field="seed")
+    return seeds
+
+
+class DistillServicer(pb_grpc.DistillServicer):
+    def __init__(self, family: ModelFamily) -> None:
+        self.family = family
+
+    def _resolve(self, ref: common_pb2.ModelRef) -> tuple[str, str]:
+        if ref.name == FAMILY:  # the family's own name is the teacher's, which ModelFamily would call "no denoiser"
+            raise NotFound(f"model {ref.name!r} is the teacher, not a distilled student; ListModels shows the "
+                           "students this service serves", reason="MODEL_NOT_FOUND", field="model.name")  # fmt: skip
+        return self.family.resolve(ref)
+
+    async def Sample(self, request: pb.SampleRequest, context):
+        name, version = self._resolve(request.model)
+        noise = _noise(request, self.family)
+        cond = _conditioning(request.cond, "cond")
+        if cond.tokens.shape[0] != noise.shape[0]:
+            raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {noise.shape[0]}",
+                               reason="INVALID_SHAPE", field="cond")  # fmt: skip
+        seeds = _seeds(request, noise.shape[0])
+        served = await self.family.run_blocking(self.family.runner.describe, name, version)  # NOT_FOUND/UNAVAILABLE
+        facts, info = student_facts(served), student_info(served)
+        timesteps = resolve_timesteps(facts.steps, request.steps, request.timesteps)
+        deadline = time.monotonic() + remaining_seconds(context, self.family.settings)
+        network = RunnerNetwork(self.family.runner, name, version, deadline)
+        student = LocalStudent(network, info.sha256, facts, latent_channels=noise.shape[1])
+        started = time.monotonic()
+
+        def sample(callback) -> torch.Tensor:
+            return student.sample_few(noise, cond, callback, timesteps=timesteps, seed=request.seed, seeds=seeds)
+
+        def progress(i: int, n: int, x: torch.Tensor) -> pb.SampleResponse:
+            event = pb.SampleResponse()
+            event.progress.step, event.progress.total = i + 1, n
+            event.progress.elapsed_seconds = time.monotonic() - started
+            return event
+
+        def finish(latents: torch.Tensor) -> pb.SampleResponse:
+            result = pb.SampleResult(latents=tensors.encode(latents), model=info, timesteps=timesteps)  # (B, C, h, w)
+            return pb.SampleResponse(result=result)
+
+        # Closed with this stream (client cancel, deadline): the loop stops at its next step, not at garbage collection.
+        async with contextlib.aclosing(stream_steps(self.family.run_blocking, sample, progress, finish)) as events:
+            async for event in events:
+                yield event
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = await self.family.list_models(request.model)  # the teacher and other non-students left out
+        return pb.ListModelsResponse(models=models, default_model=self.family.default)
+
+
+def build_server(settings: ServiceSettings) -> KinemaServer:
+    return build_model_server(
+        settings,
+        name="distill",
+        service=SERVICE,
+        add_to_server=pb_grpc.add_DistillServicer_to_server,
+        servicer=DistillServicer,
+        default_model=DEFAULT_MODEL,
+        family=FAMILY,
+        info=student_info,
+    )

@@ -1,0 +1,94 @@
+"""The python-backend glue's device logic, on the CPU: where Triton's instance kind puts a network, what a GPU
+instance without CUDA says, and networks computing in another dtype still answering float32 numpy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from kinema.errors import InvalidInput, Unavailable
+from kinema.inference import triton_python
+from kinema.inference.model_config import read_config
+from kinema.inference.networks import load_network
+from kinema.inference.triton_python import Placement, placement
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+CPU = torch.device("cpu")
+
+
+def triton_args(model: str, kind: str, device_id: str = "0", config_name: str = "") -> dict:
+    """What Triton's python backend hands `initialize` (model_config as JSON, the instance's kind and device)."""
+    config = json_format.MessageToDict(read_config(MODELS / model, config_name), preserving_proto_field_name=True)
+    return {"model_config": json.dumps(config), "model_name": model, "model_instance_kind": kind,
+            "model_instance_device_id": device_id, "model_repository": str(MODELS / model),
+            "model_version": "1"}  # fmt: skip
+
+
+def test_cpu_instances_run_on_the_cpu_in_fp32():
+    assert placement({"model_instance_kind": "CPU", "model_instance_device_id": "0"}, {}) == Placement(CPU)
+    assert placement({"model_instance_kind": "MODEL"}, {"dtype": "float32"}) == Placement(CPU, torch.float32)
+    assert placement({}, {}) == Placement(CPU)  # a backend that names no kind
+
+
+def test_gpu_instances_run_on_their_device_in_the_configured_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = {"model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    assert placement(args, {}, cuda_available=True) == Placement(torch.device("cuda", 1), torch.float32)
+    assert placement(args, {"dtype": "bfloat16"}, cuda_available=True).dtype == torch.bfloat16
+    with pytest.raises(Unavailable, match="Triton gave GPU 2, but torch sees 2 CUDA device"):
+        placement(args | {"model_instance_device_id": "2"}, {}, cuda_available=True)
+
+
+def test_a_gpu_instance_without_cuda_fails_with_what_to_do():
+    args = {"model_name": "denoiser", "model_instance_kind": "GPU", "model_instance_device_id": "0"}
+    with pytest.raises(Unavailable) as e:
+        placement(args, {}, cuda_available=False)
+    message = str(e.value)
+    assert message.startswith("denoiser: the instance is KIND_GPU (device 0) but torch")
+    assert "has no CUDA" in message and "--model-config-name=gpu" in message and "TORCH_INDEX_URL" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "params", "message"),
+    [
+        ({"model_instance_kind": "CPU"}, {"dtype": "float16"}, "dtype float16 needs a KIND_GPU instance"),
+        ({"model_instance_kind": "CPU"}, {"dtype": "fp8"}, "dtype must be one of float32, float16, bfloat16"),
+        ({"model_instance_kind": "TPU"}, {}, "unsupported instance kind 'TPU'"),
+    ],
+)
+def test_what_an_instance_cannot_serve_is_refused(args, params, message):
+    with pytest.raises(InvalidInput, match=message):
+        placement(args, params, cuda_available=False)
+
+
+def test_build_keeps_a_cpu_instance_as_it_was_and_refuses_a_gpu_one_without_cuda(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        network = triton_python.build("depth", triton_args("depth", "CPU"))
+        assert network.device == CPU and network.dtype == torch.float32
+        assert all(p.device == CPU and p.dtype == torch.float32 for p in network.model.parameters())
+        assert torch.get_num_threads() == 1  # config.pbtxt's torch_threads, as before
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Unavailable, match="depth: the instance is KIND_GPU"):
+        triton_python.build("depth", triton_args("depth", "GPU", config_name="gpu"))
+
+
+def test_a_network_in_another_dtype_takes_and_gives_float32_numpy(tiny_models):
+    """bf16 on this CPU is slow but exact enough to show the casts: inputs to the compute dtype, outputs to float32."""
+    network = load_network("vae_decoder", tiny_models / "vae_decoder" / "1", {})
+    latents = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    want = network({"LATENT": latents})["IMAGE"]
+    network.to(CPU, torch.bfloat16)
+    assert next(network.model.parameters()).dtype == torch.bfloat16
+    got = network({"LATENT": latents})["IMAGE"]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() < 0.1 * max(1.0, np.abs(want).max())
+    network.to(CPU, torch.float32)
+    np.testing.assert_allclose(network({"LATENT": latents})["IMAGE"], want, atol=1e-2)
