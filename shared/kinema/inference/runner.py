@@ -108,6 +108,16 @@ class LocalRunner:
         self._parameters.clear()
 
 
+# gRPC's reconnect backoff grows towards 120 s by default: after Triton (or a service) restarts, a channel kept
+# answering "unreachable" for 26 s past the server's return (bench/faults.py), longer than a job's retry budget.
+# Capped at 2 s, a channel notices a returned server within about 2 s.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
 class TritonRunner:
     """KServe v2 over gRPC to a Triton server; errors come back as Kinema's typed errors."""
 
@@ -119,7 +129,16 @@ class TritonRunner:
         self.url = url
         self.observer = observer
         self.timeout = timeout
-        self._client = grpcclient.InferenceServerClient(url)
+        keepalive = grpcclient.KeepAliveOptions()  # tritonclient's own defaults, which channel_args replaces
+        self._client = grpcclient.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            *RECONNECT_OPTIONS,
+        ])  # fmt: skip
         self._grpcclient = grpcclient
         self._described: dict[tuple[str, str], ServedModel] = {}
 

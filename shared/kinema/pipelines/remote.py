@@ -27,6 +27,7 @@ from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from kinema.errors import KinemaError, NotFound
+from kinema.inference.runner import RECONNECT_OPTIONS
 from kinema.nn.text import TextEmbedding
 from kinema.pipelines.protocols import SampleSpec
 from kinema.repository import autoencoder_fingerprint
@@ -42,6 +43,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the services' default limit (ServiceSett
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *RECONNECT_OPTIONS,  # a restarted service is noticed within ~2 s, not gRPC's default of up to 120 s
 )
 REQUEST_ID_KEY = "x-request-id"  # read by kinema.rpc.server (REQUEST_ID_KEY), which clients need not import
 PROBE_SIDE = 64  # pixels of the autoencoder's probe image: a multiple of every power-of-two downscale up to 64
