@@ -18,12 +18,11 @@ import torch
 
 from kinema.denoiser.v1 import denoiser_pb2 as pb
 from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
-from kinema.errors import DeadlineExceeded, InvalidInput
-from kinema.inference.runner import ModelRunner
-from kinema.nn.text import TextEmbedding
+from kinema.errors import InvalidInput
 from kinema.pipelines.local import SAMPLERS, LocalDenoiser
 from kinema.pipelines.protocols import SampleSpec
 from kinema.rpc import tensors
+from kinema.rpc.denoising import RunnerNetwork, conditioning
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
@@ -36,40 +35,6 @@ MAX_STEPS = 1000
 
 class _Stopped(Exception):
     """Raised inside the sampling thread when the client went away."""
-
-
-class RunnerNetwork:
-    """A velocity network whose every evaluation is one runner call (Triton's `denoiser` model)."""
-
-    def __init__(self, runner: ModelRunner, model: str, version: str, deadline: float) -> None:
-        self.runner, self.model, self.version, self.deadline = runner, model, version, deadline
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 context_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("the request's deadline passed during sampling")
-        inputs = {
-            "X": x.numpy(),  # (B, C, h, w)
-            "T": t[:, None].numpy(),  # (B, 1)
-            "CONTEXT": context.numpy(),  # (B, L, D)
-            "CONTEXT_MASK": context_mask.numpy(),  # (B, L)
-            "POOLED": pooled.numpy(),  # (B, P)
-        }
-        return torch.from_numpy(self.runner.infer(self.model, inputs, self.version, left)["VELOCITY"])
-
-
-def _conditioning(c: pb.Conditioning, field: str) -> TextEmbedding:
-    tokens = tensors.decode(c.tokens, f"{field}.tokens", np.float32, ndim=3)  # (B, L, D)
-    mask = tensors.decode(c.mask, f"{field}.mask", np.bool_, ndim=2)  # (B, L)
-    pooled = tensors.decode(c.pooled, f"{field}.pooled", np.float32, ndim=2)  # (B, P)
-    b, length = tokens.shape[:2]
-    if mask.shape != (b, length) or pooled.shape[0] != b or b == 0:
-        raise InvalidInput(
-            f"{field}: tokens {tokens.shape}, mask {mask.shape} and pooled {pooled.shape} must agree on (B, L), B > 0",
-            reason="INVALID_SHAPE", field=field,
-        )  # fmt: skip
-    return TextEmbedding(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(pooled), [False] * b)
 
 
 def _spec(request: pb.SampleRequest) -> SampleSpec:
@@ -130,14 +95,14 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         spec = _spec(request)
         noise = torch.from_numpy(tensors.decode(request.noise, "noise", np.float32, ndim=4, writable=True))
         self.family.check_batch(noise.shape[0], "noise")
-        cond = _conditioning(request.cond, "cond")
+        cond = conditioning(request.cond, "cond")
         if cond.tokens.shape[0] != noise.shape[0]:
             raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {noise.shape[0]}",
                                reason="INVALID_SHAPE", field="cond")  # fmt: skip
         if spec.guidance != 1.0:
             if not request.HasField("uncond"):
                 raise InvalidInput("uncond is required when guidance != 1", reason="MISSING", field="uncond")
-            uncond = _conditioning(request.uncond, "uncond")
+            uncond = conditioning(request.uncond, "uncond")
             if uncond.tokens.shape[0] not in (1, noise.shape[0]):
                 raise InvalidInput("uncond must have 1 or B rows", reason="INVALID_SHAPE", field="uncond")
         else:
@@ -190,7 +155,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         x = tensors.decode(request.x, "x", np.float32, ndim=4)  # (B, C, h, w)
         t = tensors.decode(request.t, "t", np.float32, ndim=1)  # (B,)
         self.family.check_batch(x.shape[0], "x")
-        cond = _conditioning(request.cond, "cond")
+        cond = conditioning(request.cond, "cond")
         if t.shape[0] != x.shape[0] or cond.tokens.shape[0] != x.shape[0]:
             raise InvalidInput("x, t and cond must have the same batch size", reason="INVALID_SHAPE", field="t")
         inputs = {"X": x, "T": t[:, None], "CONTEXT": cond.tokens.numpy(), "CONTEXT_MASK": cond.mask.numpy(),

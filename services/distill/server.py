@@ -4,7 +4,8 @@ A student is a denoiser-family model whose config carries `student_steps` and na
 (`kinema.pipelines.student.StudentFacts`); `denoiser_4step` is the default, and the teacher itself is not one of
 this service's models. `Sample` runs the library's few-step loop (`kinema.pipelines.local.LocalStudent`, the loop
 embedded mode runs) in a worker thread, one network evaluation per step through the model runner (Triton by
-default: the student is served as a denoiser network, so the denoiser service's `RunnerNetwork` calls it).
+default: the student is served as a denoiser network, so `kinema.rpc.denoising.RunnerNetwork` calls it, as the
+denoiser service does).
 Progress streams back as steps finish; a client cancel or an expired deadline stops the loop at the next step.
 """
 
@@ -25,6 +26,7 @@ from kinema.inference.runner import ServedModel
 from kinema.pipelines.local import LocalStudent
 from kinema.pipelines.student import StudentFacts, resolve_timesteps
 from kinema.rpc import tensors
+from kinema.rpc.denoising import RunnerNetwork, conditioning
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
@@ -32,7 +34,6 @@ from kinema.rpc.streaming import stream_steps
 
 # The student consumes the teacher's Conditioning message and is served as the teacher's network: the denoiser
 # service's decoding of one and its runner-backed network are reused as they are (distill.proto: student on teacher).
-from services.denoiser.server import RunnerNetwork, _conditioning
 
 SERVICE = "kinema.distill.v1.Distill"
 DEFAULT_MODEL = "denoiser_4step"
@@ -93,7 +94,7 @@ class DistillServicer(pb_grpc.DistillServicer):
     async def Sample(self, request: pb.SampleRequest, context):
         name, version = self._resolve(request.model)
         noise = _noise(request, self.family)
-        cond = _conditioning(request.cond, "cond")
+        cond = conditioning(request.cond, "cond")
         if cond.tokens.shape[0] != noise.shape[0]:
             raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {noise.shape[0]}",
                                reason="INVALID_SHAPE", field="cond")  # fmt: skip
