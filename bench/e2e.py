@@ -4,7 +4,7 @@
 
 Starts the local stack (`kinema.stack.up`: redis, S3, Triton, the model services, a Celery worker, the orchestrator)
 over a model repository whose denoiser is the 'mini' MMDiT (6 x 256, random weights, seed 0: the issue's size) beside
-the shipped text encoder and autoencoder, then:
+every other model the stack serves (the shipped ones), then:
 
 1. text -> image, one 64 px image, 28 steps with CFG: `Orchestrator.Generate` (gRPC stream until the stored result)
    against `kinema.pipelines.text_to_image` in this process over the same repository plus the PNG encoding, timed

@@ -135,7 +135,7 @@ class TextEncoderNetwork(Network):
         if path is not None and not Path(path).is_absolute():
             path = str(version_dir / path)
         # The encoder runs at the batch's longest prompt, as embedded mode does (padding to max_length first
-        # cost MiniLM 2.5x the compute for a typical prompt); the outputs are then padded to max_length, masked, so
+        # fed MiniLM 32 tokens for a typical 13-token prompt); the outputs are then padded to max_length, masked, so
         # every response of a dynamic batch has the same fixed L whatever it was batched with.
         p = TextEncoderParams(kind=kind, path=path, max_length=int(parameters.get("max_length", "0")) or None)
         self.encoder = load_text_encoder(p)
