@@ -8,9 +8,8 @@ at the next step.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import math
-import threading
 import time
 
 import numpy as np
@@ -26,15 +25,12 @@ from kinema.rpc.denoising import RunnerNetwork, conditioning
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
+from kinema.rpc.streaming import StepCallback, stream_steps
 from kinema.sampling.edit import start_latents
 from kinema.sampling.schedule import get_schedule
 
 SERVICE = "kinema.denoiser.v1.Denoiser"
 MAX_STEPS = 1000
-
-
-class _Stopped(Exception):
-    """Raised inside the sampling thread when the client went away."""
 
 
 def _spec(request: pb.SampleRequest) -> SampleSpec:
@@ -114,41 +110,30 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         denoiser = LocalDenoiser(network, info.sha256, latent_channels=noise.shape[1])
         schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
         started = time.monotonic()
         previous = [start_latents(noise, schedule[0], init_latents)]
 
-        def callback(i: int, n: int, x: torch.Tensor) -> None:
-            if stop.is_set():
-                raise _Stopped
-            progress = pb.SampleResponse()
-            progress.progress.step, progress.progress.total = i + 1, n
-            progress.progress.elapsed_seconds = time.monotonic() - started
+        def progress(i: int, n: int, x: torch.Tensor) -> pb.SampleResponse:
+            event = pb.SampleResponse()
+            event.progress.step, event.progress.total = i + 1, n
+            event.progress.elapsed_seconds = time.monotonic() - started
             if request.preview_every and (i + 1) % request.preview_every == 0:
                 t, t_next = schedule[i], schedule[i + 1]
                 v = (x - previous[0]) / (t_next - t)  # the step's effective velocity (guided, blended)
-                progress.progress.preview.CopyFrom(tensors.encode(previous[0] - t * v))
+                event.progress.preview.CopyFrom(tensors.encode(previous[0] - t * v))
             previous[0] = x
-            loop.call_soon_threadsafe(events.put_nowait, progress)
+            return event
 
-        def run() -> torch.Tensor:
-            try:
-                return denoiser.sample(noise, cond, uncond, spec, callback, init_latents=init_latents, mask=mask)
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, None)
+        def sample(callback: StepCallback) -> torch.Tensor:
+            return denoiser.sample(noise, cond, uncond, spec, callback, init_latents=init_latents, mask=mask)
 
-        task = asyncio.ensure_future(self.family.run_blocking(run))
-        try:
-            while (event := await events.get()) is not None:
+        def finish(latents: torch.Tensor) -> pb.SampleResponse:
+            return pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents), model=info))
+
+        # Closed with this stream (client cancel, deadline): the loop stops at its next step, not at garbage collection.
+        async with contextlib.aclosing(stream_steps(self.family.run_blocking, sample, progress, finish)) as events:
+            async for event in events:
                 yield event
-            latents = await task
-            yield pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents), model=info))
-        finally:
-            stop.set()  # client cancel or error: the loop stops at its next step
-            # The loop then ends in _Stopped, which nobody awaits: retrieve it so it is not logged as an error.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
         name, version = self.family.resolve(request.model)
