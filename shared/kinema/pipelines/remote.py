@@ -218,33 +218,25 @@ class RemoteDenoiser(_Client):
         if mask is not None:
             request.mask.CopyFrom(tensors.encode(mask))  # (B or 1, 1, h, w)
         schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :] if stream else []
-        # (B, C, h, w) x_t rebuilt from previews, in float64, from where the service starts
-        x = start_latents(noise, schedule[0], init_latents).double() if stream else noise
-        result = None
+        # (B, C, h, w) x_t rebuilt from previews, in float64, from where the service starts; advanced by each preview
+        state = {"x": start_latents(noise, schedule[0], init_latents).double() if stream else noise}
+
+        def on_progress(progress: common_pb2.Progress) -> None:
+            i = progress.step - 1
+            step_x = None
+            if stream and progress.HasField("preview"):
+                # The service sends x0 = x_i - t_i v_i (denoiser.proto preview_every); so v_i = (x_i - x0) / t_i
+                # and x_{i+1} = x_i + (t_{i+1} - t_i) v_i. t_i > 0 before the last step, and errors shrink by
+                # t_{i+1} / t_i each step.
+                t, t_next = schedule[i], schedule[i + 1]
+                x0 = _tensor(progress.preview, "progress.preview").double()
+                state["x"] = x_i = state["x"] + (t_next - t) * (state["x"] - x0) / t
+                step_x = x_i.float()
+            if callback is not None:
+                callback(i, progress.total, step_x)
+
         call = self._stub.Sample(request, timeout=self.timeout, metadata=self._metadata())
-        try:
-            for event in _events(call):
-                if event.HasField("result"):
-                    result = event.result
-                    continue
-                progress = event.progress
-                i = progress.step - 1
-                step_x = None
-                if stream and progress.HasField("preview"):
-                    # The service sends x0 = x_i - t_i v_i (denoiser.proto preview_every); so v_i = (x_i - x0) / t_i
-                    # and x_{i+1} = x_i + (t_{i+1} - t_i) v_i. t_i > 0 before the last step, and errors shrink by
-                    # t_{i+1} / t_i each step.
-                    t, t_next = schedule[i], schedule[i + 1]
-                    x0 = _tensor(progress.preview, "progress.preview").double()
-                    x = x + (t_next - t) * (x - x0) / t
-                    step_x = x.float()
-                if callback is not None:
-                    callback(i, progress.total, step_x)
-        except BaseException:
-            call.cancel()  # a no-op once the call ended; otherwise the service stops its loop at the next step
-            raise
-        if result is None:
-            raise KinemaError("the denoiser's Sample stream ended without a result", reason="NO_RESULT")
+        result = stream_result(call, on_progress, "denoiser")
         self._seen(result.model)
         return _tensor(result.latents, "result.latents")  # (B, C, h, w)
 
@@ -268,6 +260,25 @@ def _events(call: Any) -> Any:
         yield from call
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None
+
+
+def stream_result(call: Any, on_progress: Callable[[common_pb2.Progress], None], service: str) -> Any:
+    """The result event of a streamed `Sample` call (denoiser or distill), `on_progress` called for each progress
+    event before it. A failed call raises its domain error; anything `on_progress` raises (a cancelled job) cancels
+    the call, which stops the service's loop within one step, and propagates."""
+    result = None
+    try:
+        for event in _events(call):
+            if event.HasField("result"):
+                result = event.result
+            else:
+                on_progress(event.progress)
+    except BaseException:
+        call.cancel()  # a no-op once the call ended; otherwise the service stops its loop at the next step
+        raise
+    if result is None:
+        raise KinemaError(f"the {service}'s Sample stream ended without a result", reason="NO_RESULT")
+    return result
 
 
 class RemoteAutoencoder(_Client):

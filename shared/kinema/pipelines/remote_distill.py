@@ -18,7 +18,7 @@ from kinema.common.v1 import common_pb2
 from kinema.distill.v1 import distill_pb2, distill_pb2_grpc
 from kinema.errors import KinemaError
 from kinema.nn.text import TextEmbedding
-from kinema.pipelines.remote import _Client, _conditioning, _events, _tensor, latent_channels_of
+from kinema.pipelines.remote import _Client, _conditioning, _tensor, latent_channels_of, stream_result
 from kinema.rpc import tensors
 from kinema.sampling.samplers import Callback
 
@@ -93,18 +93,12 @@ class RemoteStudent(_Client):
             seed=seed,
             seeds=list(seeds),
         )
-        result = None
+
+        def on_progress(progress: common_pb2.Progress) -> None:
+            if callback is not None:
+                callback(progress.step - 1, progress.total, None)
+
         call = self._stub.Sample(request, timeout=self.timeout, metadata=self._metadata())
-        try:
-            for event in _events(call):
-                if event.HasField("result"):
-                    result = event.result
-                elif callback is not None:
-                    callback(event.progress.step - 1, event.progress.total, None)
-        except BaseException:
-            call.cancel()  # a no-op once the call ended; otherwise the service stops its loop at the next step
-            raise
-        if result is None:
-            raise KinemaError("the distill service's Sample stream ended without a result", reason="NO_RESULT")
+        result = stream_result(call, on_progress, "distill service")
         self._seen(result.model)
         return _tensor(result.latents, "result.latents")  # (B, C, h, w)
