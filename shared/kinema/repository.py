@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the loaders import torch lazily, so finding the repository stays cheap (launchers, settings)
     from kinema.nn.autoencoder import Autoencoder
+    from kinema.nn.depth import DepthNet
     from kinema.nn.mmdit import MMDiT
     from kinema.nn.text import TextEncoder
+    from kinema.nn.video import VideoMMDiT
 
 AUTOENCODER_FILES = ("vae_encoder/1/encoder.safetensors", "vae_decoder/1/decoder.safetensors")
 DENOISER_FILE = "denoiser/1/mmdit.safetensors"
@@ -78,6 +80,30 @@ def load_denoiser(models: Path, path: Path | None = None, name: str = "denoiser"
     model = MMDiT(params_from_metadata(file, MMDiTParams))
     model.load_state_dict(load_file(str(file)))
     return model.eval().requires_grad_(False), sha256_file(file)
+
+
+def load_video_denoiser(models: Path, name: str = "video_denoiser") -> tuple[VideoMMDiT, str]:
+    """(VideoMMDiT in eval mode, sha256 of its file): the repository model `name`'s newest weights."""
+    from kinema.inference.model_config import latest_version
+    from kinema.nn.checkpoint import sha256_file
+    from kinema.nn.video import load_video_denoiser as load
+
+    if not (models / name).is_dir():
+        raise MissingWeights(f"no model {name!r} in the model repository {models}; run `make weights` to train it")
+    weights = model_parameters(models, name).get("weights", "video_mmdit.safetensors")
+    file = _require(models / name / latest_version(models / name) / weights)
+    return load(file), sha256_file(file)
+
+
+def load_depth(models: Path, name: str = "depth") -> tuple[DepthNet, str]:
+    """(DepthNet in eval mode, sha256 of its file): the repository model `name`'s newest weights."""
+    from kinema.inference.model_config import latest_version
+    from kinema.nn.depth import load_depth_net
+
+    if not (models / name).is_dir():
+        raise MissingWeights(f"no model {name!r} in the model repository {models}; run `make weights` to train it")
+    weights = model_parameters(models, name).get("weights", "depth.safetensors")
+    return load_depth_net(_require(models / name / latest_version(models / name) / weights))
 
 
 def model_parameters(models: Path, name: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from kinema.errors import InvalidInput
 from kinema.nn.autoencoder import Autoencoder
 from kinema.nn.mmdit import MMDiT
 from kinema.nn.text import TextEmbedding
-from kinema.pipelines.protocols import SampleSpec
+from kinema.pipelines.protocols import SampleSpec, VideoSpec
 from kinema.pipelines.student import StudentFacts, resolve_timesteps
 from kinema.sampling.edit import sample_masked, start_latents
 from kinema.sampling.guidance import cfg_velocity
@@ -160,6 +160,104 @@ class LocalAutoencoder:
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         return self.model.decode(latents)
+
+
+class VideoNetwork(Protocol):
+    """A video velocity network (`kinema.nn.video.VideoMMDiT` in process, or a Triton client with its interface):
+    the call `VideoMMDiT.forward` makes and `reference`, which maps a reference latent to content."""
+
+    params: Any
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Tensor | None = None, *,
+                 structure: Tensor | None = None, structure_level: Tensor | None = None,
+                 temporal: bool = True) -> Tensor: ...  # fmt: skip
+
+    def reference(self, latent: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class LocalVideoDenoiser:
+    """The video sampling loop (`kinema.sampling.temporal`: classifier-free and temporal guidance, structure at a
+    fidelity level, window blending) in this process around a video network; embedded mode passes the VideoMMDiT."""
+
+    def __init__(self, model: VideoNetwork, sha256: str) -> None:
+        self.model = model
+        self.latent_channels = model.params.in_channels
+        self.max_frames = model.params.max_frames
+        self._sha256 = sha256
+
+    def fingerprint(self) -> str:
+        return self._sha256
+
+    @torch.inference_mode()
+    def sample_clip(
+        self,
+        noise: Tensor,
+        content: TextEmbedding | Tensor,
+        uncond: TextEmbedding,
+        structure: Tensor,
+        spec: VideoSpec,
+        callback: Callback | None,
+        *,
+        init_latents: Tensor | None = None,
+        known: Tensor | None = None,
+        known_weight: Tensor | None = None,
+    ) -> Tensor:
+        from kinema.nn.video import branch_predictor, degrade_structure
+        from kinema.sampling.temporal import sample_video
+
+        b, f = noise.shape[:2]
+        if f > self.max_frames:
+            raise InvalidInput(f"{f} frames exceed the video denoiser's {self.max_frames} per window",
+                               reason="OUT_OF_RANGE", field="window")  # fmt: skip
+        if isinstance(content, TextEmbedding):
+            cond = (content.tokens, content.mask, content.pooled)
+        else:  # a reference frame's latent (B, C, h, w)
+            cond = self.model.reference(content)
+        null = (uncond.tokens, uncond.mask, uncond.pooled)
+        level = torch.full((b,), float(spec.structure_level))
+        degraded = degrade_structure(structure, level)  # (B, F, 1, h, w)
+        predict = branch_predictor(self.model, cond, null, degraded, level)
+        schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
+        mask = None if known is None else known_weight.view(1, f, 1, 1, 1).to(noise)
+        return sample_video(predict, noise, schedule, guidance=spec.guidance, temporal_guidance=spec.temporal_guidance,
+                            init_latents=init_latents, known=known, known_mask=mask,
+                            callback=callback)  # fmt: skip
+
+
+class LocalDepth:
+    """Monocular depth in this process (`kinema.nn.depth.estimate`)."""
+
+    def __init__(self, model: Any, sha256: str) -> None:
+        self.model = model
+        self._sha256 = sha256
+
+    def fingerprint(self) -> str:
+        return self._sha256
+
+    @torch.inference_mode()
+    def estimate(self, images: Tensor) -> Tensor:
+        from kinema.nn.depth import estimate
+
+        return estimate(self.model, images)
+
+
+def load_local_video(models: Path | None = None):
+    """(text encoder, depth estimator, video denoiser, autoencoder) from a model repository, for `edit_video`."""
+    from kinema.repository import (
+        default_models_dir,
+        load_autoencoder,
+        load_depth,
+        load_text_encoder_default,
+        load_video_denoiser,
+    )
+
+    models = models or default_models_dir()
+    return (
+        load_text_encoder_default(),
+        LocalDepth(*load_depth(models)),
+        LocalVideoDenoiser(*load_video_denoiser(models)),
+        LocalAutoencoder(*load_autoencoder(models)),
+    )
 
 
 def load_local(models: Path | None = None, denoiser: str = "denoiser"):

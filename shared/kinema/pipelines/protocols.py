@@ -103,3 +103,62 @@ class Autoencoder(Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...
 
     def fingerprint(self) -> str: ...
+
+
+class DepthEstimator(Protocol):
+    """Monocular depth: images (B, 3, H, W) in [-1, 1] -> relative inverse depth (B, 1, H, W), larger = nearer,
+    defined up to a positive scale and shift per image (MiDaS; kinema.depth.v1.Depth.Estimate)."""
+
+    def estimate(self, images: Tensor) -> Tensor: ...
+
+    def fingerprint(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """What the video denoiser needs to sample one window of a clip (Gen-1, `kinema.sampling.temporal`).
+
+    guidance: classifier-free guidance omega over the content; temporal_guidance: omega_t, from the frame-wise
+    prediction (0) to the video prediction (1) and beyond; structure_level: t_s in [0, 1], how far the depth
+    structure is degraded before the network sees it (0 follows the input's structure closely, 1 loosely).
+    `start_step` > 0 starts part-way along the `steps` schedule from the init latents (SDEdit).
+    """
+
+    steps: int
+    guidance: float
+    temporal_guidance: float
+    structure_level: float
+    shift: float = 1.0
+    start_step: int = 0
+
+
+class VideoDenoiser(Protocol):
+    """Owns the video sampling loop: noise (1, F, C, h, w) + content + per-frame structure -> clean latents.
+
+    `content` is a text embedding, or a reference frame's latent (1, C, h, w) (content from an image, keyframe
+    propagation); `uncond` is the empty prompt's embedding for classifier-free guidance. `structure` (1, F, 1, h, w)
+    in [-1, 1] is the clip's normalised disparity at the latent size (`kinema.nn.video.structure_input`), not yet
+    degraded: the denoiser degrades it to `spec.structure_level`. With `known` (1, F, C, h, w) and `known_weight`
+    (F,) in [0, 1] (1 = generate, 0 = keep), every step blends frames towards the known latents noised to the step's
+    time (`kinema.sampling.edit.sample_masked`): how a window continues the one before it. `init_latents` are what
+    a run with `spec.start_step` > 0 starts from. At most `max_frames` frames per call.
+    """
+
+    latent_channels: int
+    max_frames: int
+
+    def sample_clip(
+        self,
+        noise: Tensor,
+        content: TextEmbedding | Tensor,
+        uncond: TextEmbedding,
+        structure: Tensor,
+        spec: VideoSpec,
+        callback: Callback | None,
+        *,
+        init_latents: Tensor | None = None,
+        known: Tensor | None = None,
+        known_weight: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def fingerprint(self) -> str: ...
