@@ -653,9 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kinema.eval.cli import add_eval_parser
     from kinema.interpret_cli import add_interpret_parser
+    from kinema.video_cli import add_edit_video_parser
 
     add_eval_parser(sub)
     add_interpret_parser(sub)
+    add_edit_video_parser(sub)
     return parser
 
 
