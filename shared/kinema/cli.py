@@ -267,6 +267,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     ]
     _render(list(DEMO_PROMPTS), args, outputs)
     print(f"\nrendered {len(outputs)} images into {args.out.resolve()}/ (prompt and settings are in each PNG)")
+    if not args.no_video:
+        from kinema.video_cli import demo_videos
+
+        videos = demo_videos(args.out, args.quiet)
+        print(f"edited {len(videos)} videos into {args.out.resolve()}/ (provenance is in each MP4's metadata)")
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -613,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="render the demo prompts into a folder")
     demo.add_argument("--out", type=Path, default=Path("out"))
+    demo.add_argument("--no-video", action="store_true", help="images only: skip the two video edits")
     _add_sampling_args(demo)
     demo.set_defaults(func=cmd_demo)
 

