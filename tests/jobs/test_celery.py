@@ -1,5 +1,6 @@
 """Celery over a real redis-server, with real worker processes running tests/jobs/celery_tasks.py."""
 
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 
 from kinema.errors import InvalidInput, Unavailable
+from kinema.jobs.broker import BrokerConnection
 from kinema.jobs.celery_app import (
     PROGRESS,
     CeleryWorker,
@@ -22,7 +24,7 @@ from kinema.jobs.celery_app import (
     redis_errors_as_unavailable,
 )
 from kinema.jobs.redis_server import RedisServer, RedisSettings
-from kinema.processes import group_alive, group_members
+from kinema.processes import free_ports, group_alive, group_members, kill_group
 
 TASKS = Path(__file__).resolve().parent  # celery_tasks.py imports from here in the worker
 
@@ -87,8 +89,10 @@ def test_make_celery_speaks_json_only_and_acks_late():
     assert c.task_serializer == c.result_serializer == "json"
     assert c.task_acks_late and c.task_reject_on_worker_lost and c.worker_prefetch_multiplier == 1
     assert c.task_track_started and c.result_extended and c.broker_connection_retry_on_startup
+    assert c.broker_connection_max_retries is None  # a worker waits for Redis as long as it takes
     assert c.broker_transport_options["visibility_timeout"] == 120
     assert c.worker_pool == "threads"
+    assert isinstance(app.connection_for_write(), BrokerConnection)  # survives a lost connection (kinema.jobs.broker)
     assert make_celery(result_expires=60).conf.result_expires == 60
 
 
@@ -244,6 +248,38 @@ def test_queued_jobs_and_results_survive_a_redis_restart(tmp_path):
                 assert client.AsyncResult(queued).get(timeout=10) == 9
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", pytest.param("prefork", marks=pytest.mark.slow)])
+def test_worker_outlives_redis_killed_under_a_running_job(pool, tmp_path):
+    # Concurrency 2: with a slot free the consumer sits in BRPOP when Redis dies, the state in which celery 5.7 /
+    # kombu 5.7 used to exit ("Unrecoverable error: AttributeError(... 'hostname')", kinema.jobs.broker).
+    settings = RedisSettings(port=free_ports("127.0.0.1", 1)[0], data_dir=tmp_path / "data")  # both on one port
+    first = RedisServer(settings, log_path=tmp_path / "redis.log")
+    again = RedisServer(settings, log_path=tmp_path / "redis-again.log")
+    try:
+        with first, CeleryWorker(worker_settings(first, pool=pool, concurrency=2), log_path=tmp_path / "w.log") as w:
+            client = make_celery(first.url, first.url)
+            runs = redis.Redis.from_url(first.url)
+            try:
+                running = client.send_task("kinema_test.sleep_blind", (4, "runs"))  # reads no Redis while it sleeps
+                wait_for(lambda: running.state == PROGRESS, 10, "PROGRESS")
+                kill_group(first.pid, signal.SIGKILL)
+                wait_for(lambda: first.poll() is not None, 5, "redis-server's death")
+                time.sleep(1.0)  # the worker notices, fails to reconnect, waits to try again
+                again.start()
+                again.wait_ready()
+                assert client.send_task("kinema_test.add", (2, 3)).get(timeout=15) == 5
+                assert running.get(timeout=15) == 4  # the job ran on through the outage
+                assert w.poll() is None
+                assert int(runs.get("runs")) == 1  # it was not handed back and run a second time
+                # Its ack (which may come after its result) reached Redis: the broker does not hand it out again.
+                wait_for(lambda: runs.hlen("unacked") == 0, 5, "the job's ack")
+            finally:
+                client.close()
+    finally:
+        again.stop()
+    assert "Unrecoverable error" not in w.log_path.read_text()
 
 
 @pytest.mark.slow

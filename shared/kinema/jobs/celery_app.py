@@ -20,6 +20,9 @@ The choices, and why:
   broadcast does not.
 - Bounded retries for transient failures: `KinemaTask` retries `kinema.errors.Unavailable` (a dependency
   is down) a few times with jittered exponential backoff, then fails with the last error.
+- A worker outlives Redis restarts: it reconnects for as long as Redis is away (every 2-30 s), running jobs carry
+  on and are acknowledged once Redis is back. The broker connection is `kinema.jobs.broker`'s, which keeps Celery
+  5.7 / kombu 5.7 from exiting when the connection drops while a job runs.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 
 from kinema.errors import InvalidInput, Unavailable
+from kinema.jobs import broker
 from kinema.processes import kill_group, read_tail, stop_group
 
 _LOGGER = logging.getLogger(__name__)
@@ -114,7 +118,9 @@ def make_celery(
     """
     if not visibility_timeout > 0:
         raise InvalidInput(f"visibility_timeout must be > 0, got {visibility_timeout}")
-    app = Celery(main, broker=broker_url, backend=backend_url, include=list(include), task_cls=KinemaTask)
+    app = Celery(
+        main, broker=broker_url, backend=backend_url, include=list(include), task_cls=KinemaTask, amqp=broker.NAME
+    )
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -130,6 +136,9 @@ def make_celery(
         result_expires=result_expires,
         worker_pool=DEFAULT_POOL,
         broker_connection_retry_on_startup=True,
+        # A worker waits for Redis however long it is away (Celery's default gives up after 100 tries, ~45 min, and
+        # exits); on Kubernetes the liveness probe decides when a worker that cannot reach Redis is restarted.
+        broker_connection_max_retries=None,
         # On a Redis blip running jobs carry on: their acks are Redis writes that work again after it.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
