@@ -15,7 +15,7 @@ SERVED = model_dirs(MODELS)
 
 def test_the_repository_serves_the_shipped_networks():
     names = ["denoiser", "denoiser_4step", "depth", "iin_factor", "iin_invariance", "iin_net2net", "text_encoder",
-             "vae_decoder", "vae_encoder"]  # fmt: skip
+             "vae_decoder", "vae_encoder", "video_denoiser"]  # fmt: skip
     assert [d.name for d in SERVED] == names
 
 

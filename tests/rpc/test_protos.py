@@ -23,7 +23,7 @@ SERVICES = {
     "distill": "Distill",
     "interpret": "Interpret",
 }
-STREAMING = {("denoiser", "Sample"), ("distill", "Sample")}
+STREAMING = {("denoiser", "Sample"), ("denoiser", "SampleVideo"), ("distill", "Sample")}
 # The public front door composes pipelines over several models, so it has its own rules (below).
 ORCHESTRATOR = {"orchestrator": "Orchestrator"}
 ALL_SERVICES = SERVICES | ORCHESTRATOR

@@ -18,7 +18,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.data import World
 from kinema.depth.v1 import depth_pb2, depth_pb2_grpc
+from kinema.errors import NotFound
 from kinema.nn.depth import estimate, load_depth_net
+from kinema.pipelines.local import LocalDepth
+from kinema.pipelines.remote import RemoteDepth, open_channel
 from kinema.repository import default_models_dir
 from kinema.rpc import tensors
 from kinema.rpc.process import ServiceProcess
@@ -178,3 +181,20 @@ def test_local_backend_serves_the_same_results(stub, tmp_path):
         assert got.model.sha256 == want.model.sha256 and got.model.params_json
     finally:
         local.stop()
+
+
+def test_remote_depth_equals_local_depth(service, local):
+    """RemoteDepth (the DepthEstimator the video pipeline gets in the distributed shape) = LocalDepth, also when it
+    splits a batch over several calls (at most `batch` images each)."""
+    embedded = LocalDepth(*local)
+    images = to_tensor(World().images("test", 30, 5)[0])  # (5, 3, 64, 64)
+    with open_channel(service.address) as channel:
+        for batch in (16, 2):
+            remote = RemoteDepth(channel, batch=batch)
+            got = remote.estimate(images)
+            assert got.shape == (5, 1, 64, 64)
+            torch.testing.assert_close(got, embedded.estimate(images), rtol=0, atol=1e-5)
+            assert remote.fingerprint() == embedded.fingerprint()
+        assert RemoteDepth(channel).fingerprint() == embedded.fingerprint()  # from ListModels, before any estimate
+        with pytest.raises(NotFound):
+            RemoteDepth(channel, model="midas").estimate(images[:1])

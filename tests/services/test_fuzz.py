@@ -27,6 +27,7 @@ RPCS = [
     ("autoencoder", autoencoder_pb2_grpc.AutoencoderStub, "ListModels", autoencoder_pb2.ListModelsRequest),
     ("denoiser", denoiser_pb2_grpc.DenoiserStub, "Sample", denoiser_pb2.SampleRequest),
     ("denoiser", denoiser_pb2_grpc.DenoiserStub, "Predict", denoiser_pb2.PredictRequest),
+    ("denoiser", denoiser_pb2_grpc.DenoiserStub, "SampleVideo", denoiser_pb2.SampleVideoRequest),
     ("denoiser", denoiser_pb2_grpc.DenoiserStub, "ListModels", denoiser_pb2.ListModelsRequest),
 ]
 

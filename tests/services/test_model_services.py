@@ -179,8 +179,9 @@ def test_list_models(stubs):
     for name, default, members in [
         ("text_encoder", "text_encoder", ["text_encoder"]),
         ("autoencoder", "vae", ["vae_encoder", "vae_decoder"]),
-        # Every denoiser_* model Triton serves, the few-step student too (its sampling is the distill service's).
-        ("denoiser", "denoiser", ["denoiser", "denoiser_4step"]),
+        # Every denoiser_* model Triton serves, the few-step student too (its sampling is the distill service's), and
+        # the video model (SampleVideo; ListModelsResponse.default_video_model).
+        ("denoiser", "denoiser", ["denoiser", "denoiser_4step", "video_denoiser"]),
     ]:
         reply = stubs[name].ListModels(_list_request(name), timeout=10)
         assert reply.default_model == default

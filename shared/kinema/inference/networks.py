@@ -304,6 +304,119 @@ class DenoiserNetwork(Network):
         return {"VELOCITY": _numpy(v)}  # (B, C, h, w)
 
 
+VIDEO_VELOCITY_INPUTS = ("T", "CONTEXT", "CONTEXT_MASK", "POOLED", "TEMPORAL")  # what X needs beside it
+
+
+class VideoDenoiserNetwork(Network):
+    """One video MMDiT evaluation per request (Gen-1), a clip per batch row; or a reference frame's content.
+
+    Velocity: X (F, C, h, w), T (1), CONTEXT (L, Dc), CONTEXT_MASK (L), POOLED (Dp), TEMPORAL (1) and optionally
+    STRUCTURE (F, S, h, w) and STRUCTURE_LEVEL (1) -> VELOCITY (F, C, h, w), exactly `VideoMMDiT.forward` per row
+    (TEMPORAL may differ between rows of a dynamic batch: each value runs as its own forward pass).
+    Content: REFERENCE_LATENT (C, h, w) alone -> CONTENT_TOKENS (G, Dc), CONTENT_MASK (G), CONTENT_POOLED (Dp),
+    `VideoMMDiT.reference`. The content MLP is part of the velocity network's weights, so it is one more request
+    kind of this model (as IinNetwork serves two directions) rather than a model of its own: a second Triton
+    model would need its own copy of the weights (Triton reads each model folder alone, from S3 too), which could
+    then differ from the network that reads the content.
+    """
+
+    name = "video_denoiser"
+    inputs = (
+        TensorSpec("X", np.dtype(np.float32), (-1, -1, -1, -1), optional=True),
+        TensorSpec("T", np.dtype(np.float32), (1,), optional=True),
+        TensorSpec("CONTEXT", np.dtype(np.float32), (-1, -1), optional=True),
+        TensorSpec("CONTEXT_MASK", np.dtype(bool), (-1,), optional=True),
+        TensorSpec("POOLED", np.dtype(np.float32), (-1,), optional=True),
+        TensorSpec("STRUCTURE", np.dtype(np.float32), (-1, -1, -1, -1), optional=True),
+        TensorSpec("STRUCTURE_LEVEL", np.dtype(np.float32), (1,), optional=True),
+        TensorSpec("TEMPORAL", np.dtype(bool), (1,), optional=True),
+        TensorSpec("REFERENCE_LATENT", np.dtype(np.float32), (-1, -1, -1), optional=True),
+    )
+    outputs = (
+        _f32("VELOCITY", -1, -1, -1, -1),
+        _f32("CONTENT_TOKENS", -1, -1),
+        TensorSpec("CONTENT_MASK", np.dtype(bool), (-1,)),
+        _f32("CONTENT_POOLED", -1),
+    )
+
+    def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
+        from kinema.nn.checkpoint import sha256_file
+        from kinema.nn.video import load_video_denoiser
+
+        file = version_dir / parameters.get("weights", "video_mmdit.safetensors")
+        if not file.is_file():
+            raise Unavailable(f"missing weights {file}")
+        self.model, self.sha256 = load_video_denoiser(file), sha256_file(file)
+        self.params_json = json.dumps(asdict(self.model.params))
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        p = self.model.params
+        if ("X" in inputs) == ("REFERENCE_LATENT" in inputs):
+            raise InvalidInput("video_denoiser: give X (velocity) or REFERENCE_LATENT (content), exactly one of them")
+        if "REFERENCE_LATENT" in inputs:
+            if len(inputs) > 1:
+                raise InvalidInput(f"video_denoiser: REFERENCE_LATENT goes alone, got {sorted(inputs)}")
+            c, h, w = inputs["REFERENCE_LATENT"].shape[1:]
+            if c != p.in_channels or h * w < 2:
+                raise InvalidInput(f"video_denoiser: REFERENCE_LATENT needs {p.in_channels} channels and at least "
+                                   f"2 pixels, got shape {inputs['REFERENCE_LATENT'].shape}")  # fmt: skip
+            return
+        if missing := [k for k in VIDEO_VELOCITY_INPUTS if k not in inputs]:
+            raise InvalidInput(f"video_denoiser: X needs {', '.join(missing)} too")
+        x, ctx, mask, pooled = inputs["X"], inputs["CONTEXT"], inputs["CONTEXT_MASK"], inputs["POOLED"]
+        b, f, c, h, w = x.shape
+        if c != p.in_channels:
+            raise InvalidInput(f"video_denoiser: X needs {p.in_channels} channels, got {c}")
+        if not 1 <= f <= p.max_frames:
+            raise InvalidInput(f"video_denoiser: X has {f} frames, the model takes 1..{p.max_frames}")
+        if h % p.patch_size or w % p.patch_size or max(h, w) // p.patch_size > p.pos_embed_max_size:
+            raise InvalidInput(
+                f"video_denoiser: latent size {h}x{w} must be a multiple of {p.patch_size} "
+                f"and at most {p.patch_size * p.pos_embed_max_size}"
+            )
+        if ctx.shape[2] != p.context_dim or pooled.shape[1] != p.pooled_dim:
+            raise InvalidInput(
+                f"video_denoiser: content states need width {p.context_dim} and pooled {p.pooled_dim}, "
+                f"got {ctx.shape[2]} and {pooled.shape[1]}"
+            )
+        if mask.shape[1] != ctx.shape[1]:
+            raise InvalidInput(f"video_denoiser: CONTEXT_MASK length {mask.shape[1]} != CONTEXT length {ctx.shape[1]}")
+        want = (b, f, p.structure_channels, h, w)  # (B, F, S, h, w)
+        if "STRUCTURE" in inputs and (not p.structure_channels or inputs["STRUCTURE"].shape != want):
+            raise InvalidInput(f"video_denoiser: STRUCTURE must have shape {want}, got {inputs['STRUCTURE'].shape}")
+        for name in ("T", "STRUCTURE_LEVEL"):
+            v = inputs.get(name)
+            if v is not None and ((v < 0).any() or (v > 1).any()):
+                raise InvalidInput(f"video_denoiser: {name} must lie in [0, 1]")
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "REFERENCE_LATENT" in inputs:
+            tokens, mask, pooled = self.model.reference(self.tensor(inputs["REFERENCE_LATENT"]))
+            return {"CONTENT_TOKENS": _numpy(tokens), "CONTENT_MASK": _numpy(mask), "CONTENT_POOLED": _numpy(pooled)}
+        temporal = inputs["TEMPORAL"][:, 0]  # (B,)
+        velocity = np.empty(inputs["X"].shape, np.float32)  # (B, F, C, h, w)
+        for flag in np.unique(temporal):  # one forward pass per temporal flag (usually the whole batch)
+            rows = slice(None) if (temporal == flag).all() else np.flatnonzero(temporal == flag)
+            part = {k: self.tensor(v[rows]) for k, v in inputs.items() if k != "TEMPORAL"}
+            level = part.get("STRUCTURE_LEVEL")
+            v = self.model(
+                part["X"],  # (b, F, C, h, w)
+                part["T"][:, 0],  # (b,)
+                part["CONTEXT"],  # (b, L, Dc)
+                part["POOLED"],  # (b, Dp)
+                part["CONTEXT_MASK"],  # (b, L)
+                structure=part.get("STRUCTURE"),  # (b, F, S, h, w) or None
+                structure_level=None if level is None else level[:, 0],  # (b,) or None
+                temporal=bool(flag),
+            )
+            velocity[rows] = _numpy(v)
+        return {"VELOCITY": velocity}  # (B, F, C, h, w)
+
+
 class DepthNetwork(Network):
     """Images (B, 3, H, W) in [-1, 1], any size -> relative inverse depth (B, 1, H, W), larger = nearer."""
 
@@ -403,7 +516,15 @@ class IinNetwork(Network):
 
 NETWORKS: dict[str, type[Network]] = {
     cls.name: cls
-    for cls in (TextEncoderNetwork, VaeEncoderNetwork, VaeDecoderNetwork, DenoiserNetwork, DepthNetwork, IinNetwork)
+    for cls in (
+        TextEncoderNetwork,
+        VaeEncoderNetwork,
+        VaeDecoderNetwork,
+        DenoiserNetwork,
+        VideoDenoiserNetwork,
+        DepthNetwork,
+        IinNetwork,
+    )
 }
 
 

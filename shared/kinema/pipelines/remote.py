@@ -1,4 +1,4 @@
-"""The capability protocols over gRPC: clients of the text_encoder, denoiser and autoencoder services.
+"""The capability protocols over gRPC: clients of the text_encoder, denoiser, autoencoder and depth services.
 
 The orchestrator passes these to the same pipeline functions embedded mode passes `kinema.pipelines.local`
 implementations to (ARCHITECTURE rule 2). They are synchronous (`grpc.Channel`): a pipeline runs in a worker
@@ -26,10 +26,11 @@ from torch import Tensor
 from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from kinema.depth.v1 import depth_pb2, depth_pb2_grpc
 from kinema.errors import KinemaError, NotFound
 from kinema.inference.runner import RECONNECT_OPTIONS
 from kinema.nn.text import TextEmbedding
-from kinema.pipelines.protocols import SampleSpec
+from kinema.pipelines.protocols import SampleSpec, VideoSpec
 from kinema.repository import autoencoder_fingerprint
 from kinema.rpc import tensors
 from kinema.rpc.logs import request_id as current_request_id
@@ -95,10 +96,12 @@ class _Client:
         """Record the model a response says ran: fingerprints name what actually ran last."""
         self._facts[key] = info
 
-    def _listed(self, method: grpc.UnaryUnaryMultiCallable, request: Any) -> common_pb2.ModelInfo:
-        """This client's model as ListModels describes it (the newest loaded version when none is pinned)."""
+    def _listed(self, method: grpc.UnaryUnaryMultiCallable, request: Any,
+                default: str = "default_model") -> common_pb2.ModelInfo:  # fmt: skip
+        """This client's model as ListModels describes it (the newest loaded version when none is pinned); no model
+        named: the one the reply's field `default` names."""
         reply = self._unary(method, request)
-        name = self.model or reply.default_model
+        name = self.model or getattr(reply, default)
         infos = [m for m in reply.models if m.name == name and (not self.version or m.version == self.version)]
         if not infos:
             raise NotFound(
@@ -262,10 +265,12 @@ def _events(call: Any) -> Any:
         raise from_rpc_error(err) from None
 
 
-def stream_result(call: Any, on_progress: Callable[[common_pb2.Progress], None], service: str) -> Any:
-    """The result event of a streamed `Sample` call (denoiser or distill), `on_progress` called for each progress
-    event before it. A failed call raises its domain error; anything `on_progress` raises (a cancelled job) cancels
-    the call, which stops the service's loop within one step, and propagates."""
+def stream_result(call: Any, on_progress: Callable[[common_pb2.Progress], None], service: str,
+                  rpc: str = "Sample") -> Any:  # fmt: skip
+    """The result event of a streamed sampling call (the denoiser's Sample or SampleVideo, distill's Sample),
+    `on_progress` called for each progress event before it. A failed call raises its domain error; anything
+    `on_progress` raises (a cancelled job) cancels the call, which stops the service's loop within one step, and
+    propagates."""
     result = None
     try:
         for event in _events(call):
@@ -277,8 +282,143 @@ def stream_result(call: Any, on_progress: Callable[[common_pb2.Progress], None],
         call.cancel()  # a no-op once the call ended; otherwise the service stops its loop at the next step
         raise
     if result is None:
-        raise KinemaError(f"the {service}'s Sample stream ended without a result", reason="NO_RESULT")
+        raise KinemaError(f"the {service}'s {rpc} stream ended without a result", reason="NO_RESULT")
     return result
+
+
+class RemoteVideoDenoiser(_Client):
+    """`VideoDenoiser` over kinema.denoiser.v1: one streamed `SampleVideo` call samples a whole clip in the service.
+
+    `latent_channels` and `max_frames` are the `in_channels` and `max_frames` the video model publishes in
+    ListModels' params_json (asked once, cached); no model named: the service's `default_video_model`. Callbacks
+    get `(i, n, None)` once per finished step (no latents travel per step). A callback that raises (a cancelled
+    job) cancels the call, which stops the service's loop within one step, and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        model: str = "",
+        version: str = "",
+        timeout: float | None = 600.0,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(channel, model, version, timeout, request_id)
+        self._stub = denoiser_pb2_grpc.DenoiserStub(channel)
+
+    def _info(self) -> common_pb2.ModelInfo:
+        if "listed" not in self._facts:
+            request = denoiser_pb2.ListModelsRequest(model=self._ref)
+            self._facts["listed"] = self._listed(self._stub.ListModels, request, "default_video_model")
+        return self._facts["listed"]
+
+    def _param(self, key: str) -> int:
+        info = self._info()
+        value = json.loads(info.params_json or "{}").get(key)
+        if value is None:
+            raise KinemaError(f"video denoiser {info.name!r} does not publish {key} in its params_json",
+                              reason="VIDEO_PARAMS_UNKNOWN")  # fmt: skip
+        return int(value)
+
+    @property
+    def latent_channels(self) -> int:
+        return self._param("in_channels")
+
+    @property
+    def max_frames(self) -> int:
+        return self._param("max_frames")
+
+    def fingerprint(self) -> str:
+        if "model" not in self._facts:
+            self._seen(self._info())
+        return self._facts["model"].sha256
+
+    def sample_clip(
+        self,
+        noise: Tensor,
+        content: TextEmbedding | Tensor,
+        uncond: TextEmbedding,
+        structure: Tensor,
+        spec: VideoSpec,
+        callback: Callback | None,
+        *,
+        init_latents: Tensor | None = None,
+        known: Tensor | None = None,
+        known_weight: Tensor | None = None,
+    ) -> Tensor:
+        request = denoiser_pb2.SampleVideoRequest(
+            model=self._ref,
+            noise=tensors.encode(noise),  # (1, F, C, h, w)
+            uncond=_conditioning(uncond),
+            steps=spec.steps,
+            guidance=spec.guidance,
+            temporal_guidance=spec.temporal_guidance,
+            structure=tensors.encode(structure),  # (1, F, 1, h, w)
+            structure_level=spec.structure_level,
+            shift=spec.shift,
+            start_step=spec.start_step,
+        )
+        if isinstance(content, TextEmbedding):
+            request.cond.CopyFrom(_conditioning(content))
+        else:
+            request.reference_latent.CopyFrom(tensors.encode(content))  # (1, C, h, w)
+        if init_latents is not None:
+            request.init_latents.CopyFrom(tensors.encode(init_latents))  # (1, F, C, h, w)
+        if known is not None:
+            request.known.CopyFrom(tensors.encode(known))  # (1, F, C, h, w)
+        if known_weight is not None:  # (F,); float32 on the wire, as LocalVideoDenoiser casts it to the latents'
+            request.known_weight.CopyFrom(tensors.encode(known_weight.to(torch.float32)))
+
+        def on_progress(progress: common_pb2.Progress) -> None:
+            if callback is not None:
+                callback(progress.step - 1, progress.total, None)
+
+        call = self._stub.SampleVideo(request, timeout=self.timeout, metadata=self._metadata())
+        result = stream_result(call, on_progress, "denoiser", "SampleVideo")
+        self._seen(result.model)
+        return _tensor(result.latents, "result.latents")  # (1, F, C, h, w)
+
+
+class RemoteDepth(_Client):
+    """`DepthEstimator` over kinema.depth.v1 (relative inverse depth, as `LocalDepth`).
+
+    A batch is sent in calls of at most `batch` images (the service's KINEMA_MAX_BATCH, 16 by default) and at most
+    `max_bytes` of pixels each, so a pipeline may pass a whole window of frames.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        model: str = "",
+        version: str = "",
+        timeout: float | None = 60.0,
+        request_id: str = "",
+        *,
+        batch: int = 16,
+        max_bytes: int = MAX_MESSAGE_BYTES // 2,
+    ) -> None:
+        super().__init__(channel, model, version, timeout, request_id)
+        self._stub = depth_pb2_grpc.DepthStub(channel)
+        self.batch, self.max_bytes = batch, max_bytes
+
+    def estimate(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> relative inverse depth (B, 1, H, W), larger = nearer."""
+        per_call = max(1, min(self.batch, self.max_bytes // max(1, images[:1].numel() * 4)))
+        maps = []
+        for chunk in images.split(per_call):
+            request = depth_pb2.EstimateRequest(model=self._ref, images=tensors.encode(chunk))  # (b, 3, H, W)
+            r = self._unary(self._stub.Estimate, request)
+            if r.kind != depth_pb2.DEPTH_KIND_RELATIVE_INVERSE:
+                raise KinemaError(f"depth model {r.model.name!r} gives {depth_pb2.DepthKind.Name(r.kind)}, not the "
+                                  "relative inverse depth a DepthEstimator returns", reason="DEPTH_KIND")  # fmt: skip
+            self._seen(r.model)
+            maps.append(_tensor(r.depth, "depth"))  # (b, 1, H, W)
+        return torch.cat(maps)  # (B, 1, H, W)
+
+    def fingerprint(self) -> str:
+        if "model" not in self._facts:
+            self._seen(self._listed(self._stub.ListModels, depth_pb2.ListModelsRequest(model=self._ref)))
+        return self._facts["model"].sha256
 
 
 class RemoteAutoencoder(_Client):
@@ -364,3 +504,25 @@ def connect(
     dn = RemoteDenoiser(open_channel(denoiser), request_id=request_id, latent_channels=lambda: ae.latent_channels,
                         stream_latents=stream_latents, **deadline)  # fmt: skip
     return te, dn, ae
+
+
+def connect_video(
+    text_encoder: str,
+    depth: str,
+    denoiser: str,
+    autoencoder: str,
+    *,
+    request_id: str = "",
+    timeout: float | None = None,
+) -> tuple[RemoteTextEncoder, RemoteDepth, RemoteVideoDenoiser, RemoteAutoencoder]:
+    """(text encoder, depth estimator, video denoiser, autoencoder) clients of the services at these `host:port`
+    addresses, ready for `edit_video` (as `kinema.pipelines.local.load_local_video` in process); the video denoiser is
+    the denoiser service's default video model. Each owns its channel (`close()`); `timeout` (seconds per call)
+    overrides every client's default."""
+    deadline = {} if timeout is None else {"timeout": timeout}
+    return (
+        RemoteTextEncoder(open_channel(text_encoder), request_id=request_id, **deadline),
+        RemoteDepth(open_channel(depth), request_id=request_id, **deadline),
+        RemoteVideoDenoiser(open_channel(denoiser), request_id=request_id, **deadline),
+        RemoteAutoencoder(open_channel(autoencoder), request_id=request_id, **deadline),
+    )

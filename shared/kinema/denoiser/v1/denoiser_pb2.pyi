@@ -61,6 +61,56 @@ class SampleResult(_message.Message):
     model: _common_pb2.ModelInfo
     def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
+class SampleVideoRequest(_message.Message):
+    __slots__ = ("model", "noise", "cond", "reference_latent", "uncond", "steps", "guidance", "temporal_guidance", "structure", "structure_level", "shift", "start_step", "init_latents", "known", "known_weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    COND_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LATENT_FIELD_NUMBER: _ClassVar[int]
+    UNCOND_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURE_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    INIT_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    noise: _common_pb2.Tensor
+    cond: Conditioning
+    reference_latent: _common_pb2.Tensor
+    uncond: Conditioning
+    steps: int
+    guidance: float
+    temporal_guidance: float
+    structure: _common_pb2.Tensor
+    structure_level: float
+    shift: float
+    start_step: int
+    init_latents: _common_pb2.Tensor
+    known: _common_pb2.Tensor
+    known_weight: _common_pb2.Tensor
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[Conditioning, _Mapping]] = ..., reference_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., temporal_guidance: _Optional[float] = ..., structure: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., structure_level: _Optional[float] = ..., shift: _Optional[float] = ..., start_step: _Optional[int] = ..., init_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., known: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., known_weight: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class SampleVideoResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: _common_pb2.Progress
+    result: SampleVideoResult
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[SampleVideoResult, _Mapping]] = ...) -> None: ...
+
+class SampleVideoResult(_message.Message):
+    __slots__ = ("latents", "model")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    latents: _common_pb2.Tensor
+    model: _common_pb2.ModelInfo
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
 class PredictRequest(_message.Message):
     __slots__ = ("model", "x", "t", "cond")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -88,9 +138,11 @@ class ListModelsRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "default_video_model")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VIDEO_MODEL_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    default_video_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., default_video_model: _Optional[str] = ...) -> None: ...

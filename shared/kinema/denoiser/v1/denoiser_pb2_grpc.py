@@ -45,6 +45,11 @@ class DenoiserStub:
                 request_serializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictRequest.SerializeToString,
                 response_deserializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.SampleVideo = channel.unary_stream(
+                '/kinema.denoiser.v1.Denoiser/SampleVideo',
+                request_serializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoRequest.SerializeToString,
+                response_deserializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/kinema.denoiser.v1.Denoiser/ListModels',
                 request_serializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.ListModelsRequest.SerializeToString,
@@ -63,6 +68,7 @@ class DenoiserServicer:
         within one step; no result is sent then. Errors end the stream with a status:
         INVALID_ARGUMENT for bad shapes or values, NOT_FOUND for an unknown model, UNAVAILABLE when
         the backend is down.
+        A video model named here is INVALID_ARGUMENT (reason WRONG_MODEL_KIND): use SampleVideo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +76,19 @@ class DenoiserServicer:
 
     def Predict(self, request, context):
         """One network evaluation v(x, t | cond), no guidance: for clients that run their own loop.
+        Image denoisers only, as Sample.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SampleVideo(self, request, context):
+        """Runs a whole video sampling loop for one clip (one window of a longer video) with a video
+        denoiser: classifier-free guidance over the content, temporal guidance, depth structure
+        degraded to a fidelity level, and optional blending towards known frames (Gen-1). The stream
+        and its errors are Sample's: zero or more `progress` events, then exactly one `result`; a
+        cancel or a passed deadline stops the loop within one step. An image denoiser named here is
+        INVALID_ARGUMENT (reason WRONG_MODEL_KIND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +113,11 @@ def add_DenoiserServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictRequest.FromString,
                     response_serializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictResponse.SerializeToString,
+            ),
+            'SampleVideo': grpc.unary_stream_rpc_method_handler(
+                    servicer.SampleVideo,
+                    request_deserializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoRequest.FromString,
+                    response_serializer=kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -156,6 +180,33 @@ class Denoiser:
             '/kinema.denoiser.v1.Denoiser/Predict',
             kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictRequest.SerializeToString,
             kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kinema.denoiser.v1.Denoiser/SampleVideo',
+            kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoRequest.SerializeToString,
+            kinema_dot_denoiser_dot_v1_dot_denoiser__pb2.SampleVideoResponse.FromString,
             options,
             channel_credentials,
             insecure,
