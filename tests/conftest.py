@@ -84,3 +84,17 @@ def distill(triton, tmp_path_factory: pytest.TempPathFactory) -> ServiceProcess:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """Throwaway TLS material (kinema.testing.certs): a CA (`authority`, to issue more), a server certificate for
+    localhost / 127.0.0.1 and a client certificate it signed, and a client certificate of another CA (`stranger`)."""
+    from types import SimpleNamespace
+
+    from kinema.testing.certs import CertificateAuthority
+
+    root = tmp_path_factory.mktemp("pki")
+    ca, other = CertificateAuthority(root / "ca"), CertificateAuthority(root / "other", "another-ca")
+    return SimpleNamespace(ca=ca.cert, server=ca.issue("server"), client=ca.issue("client", hosts=()),
+                           other_ca=other.cert, stranger=other.issue("client", hosts=()), authority=ca)  # fmt: skip

@@ -269,3 +269,26 @@ def test_cli_reports_errors_in_one_line(repo: Path) -> None:
         [sys.executable, "-c", script, "--models", str(repo / "absent")], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 2 and res.stderr.startswith("kinema.tritonserver: error: ") and res.stderr.count("\n") == 1
+
+
+def test_triton_over_mutual_tls_serves_only_clients_with_a_certificate_from_its_ca(repo: Path, pki) -> None:
+    """The wheel's tritonserver takes --grpc-use-ssl-mutual; TritonRunner (a model service's client) presents the
+    internal certificate (KINEMA_INTERNAL_TLS_*) and is refused without one. HTTP, the probes' port, stays plain."""
+    from kinema.inference.runner import TritonRunner
+    from kinema.rpc.settings import ServiceSettings
+    from kinema.rpc.tls import channel_credentials, internal_credentials
+
+    tls = ("--grpc-use-ssl-mutual=true", f"--grpc-server-cert={pki.server.cert}",
+           f"--grpc-server-key={pki.server.key}", f"--grpc-root-cert={pki.ca}")  # fmt: skip
+    internal = ServiceSettings(internal_tls_ca_file=str(pki.ca), internal_tls_cert_file=str(pki.client.cert),
+                               internal_tls_key_file=str(pki.client.key))  # fmt: skip
+    with TritonServer(_settings(repo, models_to_load=("add_one",), extra_args=tls)) as server:  # ready over HTTP
+        runner = TritonRunner(server.grpc_url, credentials=internal_credentials(internal), timeout=10)
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        np.testing.assert_array_equal(runner.infer("add_one", {"INPUT0": x})["OUTPUT0"], x + 1)
+        runner.close()
+        for credentials in (None, channel_credentials(pki.ca)):  # plaintext; TLS without a client certificate
+            refused = TritonRunner(server.grpc_url, credentials=credentials, timeout=10)
+            with pytest.raises(Unavailable):
+                refused.infer("add_one", {"INPUT0": x})
+            refused.close()

@@ -39,7 +39,7 @@ from celery import Celery
 
 from kinema.errors import InvalidInput, KinemaError, ResourceExhausted
 from kinema.jobs.celery_app import cancel, queue_depth, redis_errors_as_unavailable
-from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
+from kinema.orchestration.capabilities import RemoteCapabilities
 from kinema.orchestration.inputs import NO_INPUTS, StoredInputs, resolve_inputs
 from kinema.orchestration.jobs import (
     TERMINAL,
@@ -50,7 +50,7 @@ from kinema.orchestration.jobs import (
     request_fingerprint,
 )
 from kinema.orchestration.outputs import artifact_ref, provenance_message, signed, store_output
-from kinema.orchestration.pipelines import REGISTRY, SEED_LIMIT, Pipeline, Registry
+from kinema.orchestration.pipelines import REGISTRY, Pipeline, Registry
 from kinema.orchestration.settings import ENV_VARS, OrchestratorSettings
 from kinema.orchestration.uploads import Upload, UploadLimits, accepted_media_types
 from kinema.orchestration.worker import enqueue, job_store, make_job_app
@@ -61,6 +61,7 @@ from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 from kinema.rpc.status import ERROR_DETAIL_KEY, error_detail
+from kinema.rpc.tls import internal_credentials
 from kinema.storage.artifacts import (
     DEFAULT_TENANT,
     MAX_EXPIRY,
@@ -137,6 +138,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "previews are not implemented yet; set preview_every 0")
         pipeline = self.registry.get(request.request.pipeline)
         prepared = pipeline.prepare(request.request, self.settings.service.max_batch)
+        self.capabilities.require(pipeline.capabilities)  # a service this server lacks (KINEMA_DEPTH_URL unset)
         timeout = remaining_seconds(context, self.settings.service)
 
         loop = asyncio.get_running_loop()
@@ -199,7 +201,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.ListPipelinesResponse(pipelines=self.registry.infos(request.name))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        wanted = [c for c in CAPABILITIES if not request.capability or c == request.capability]
+        wanted = [c for c in self.capabilities.listed if not request.capability or c == request.capability]
         timeout = min(self.settings.list_models_timeout_seconds, remaining_seconds(context, self.settings.service))
 
         def one(capability: str) -> pb.CapabilityModels:
@@ -242,7 +244,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         resolved.CopyFrom(request)
         reads = {p.name for p in pipeline.info().parameters}
         if "seed" in reads and not resolved.HasField("seed"):
-            resolved.seed = secrets.randbelow(SEED_LIMIT - self.settings.service.max_batch)
+            resolved.seed = secrets.randbelow(pipeline.seed_limit - self.settings.service.max_batch)
         return resolved
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
@@ -255,6 +257,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         fingerprint = request_fingerprint(request.request)
 
         def submit() -> pb.Job:
+            self.capabilities.require(pipeline.capabilities)  # a service this server lacks: refused, never queued
             inputs = self._inputs(tenant, resolved, pipeline)
             check_inputs = getattr(pipeline, "check_inputs", None)  # what a pipeline can check of its inputs' headers
             if inputs.artifacts and check_inputs is not None:
@@ -365,6 +368,7 @@ def build_server(settings: ServiceSettings | OrchestratorSettings) -> KinemaServ
         settings = OrchestratorSettings.from_env(service=settings)
     store = store_from_uri(settings.artifacts, settings.s3_access_key or None, settings.s3_secret_key or None)
     jobs, job_app = (job_store(settings), make_job_app(settings)) if settings.jobs_enabled else (None, None)
-    servicer = OrchestratorServicer(settings, store, RemoteCapabilities(settings.addresses), jobs=jobs, job_app=job_app)
+    capabilities = RemoteCapabilities(settings.addresses, internal_credentials(settings.service))  # mTLS if set
+    servicer = OrchestratorServicer(settings, store, capabilities, jobs=jobs, job_app=job_app)
     binding = Binding(SERVICE, pb_grpc.add_OrchestratorServicer_to_server, servicer, limited=LIMITED)
     return make_server(settings.service, [binding], "orchestrator")

@@ -360,7 +360,20 @@ def _client(args: argparse.Namespace):
         raise CliError(f"`kinema {args.command}` needs a server: pass --server HOST:PORT or set KINEMA_SERVER")
     from kinema.client import KinemaClient
 
-    return KinemaClient(args.server, tenant=args.tenant, api_key=args.api_key)
+    # The name the server's certificate must hold, where it is not the --server host (a port-forward to 127.0.0.1).
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return KinemaClient(args.server, tenant=args.tenant, api_key=args.api_key, credentials=_credentials(args),
+                        options=options)  # fmt: skip
+
+
+def _credentials(args: argparse.Namespace):
+    """TLS channel credentials from --tls / --ca-cert / --client-cert / --client-key; None: plaintext."""
+    if not (args.tls or args.ca_cert or args.client_cert or args.client_key or args.tls_server_name):
+        return None
+    from kinema.rpc.tls import channel_credentials
+
+    return channel_credentials(args.ca_cert, args.client_cert, args.client_key,
+                               settings=("--ca-cert", "--client-cert", "--client-key"))  # fmt: skip
 
 
 def _request_fields(args: argparse.Namespace, client=None) -> dict:
@@ -574,6 +587,23 @@ def _add_server_args(p: argparse.ArgumentParser, server: object, tenant: object,
                         "arguments show in the process list)")  # fmt: skip
 
 
+def _add_tls_args(p: argparse.ArgumentParser, tls: object, ca_cert: object, cert: object, key: object,
+                  server_name: object) -> None:  # fmt: skip
+    p.add_argument("--tls", action="store_true", default=tls,
+                   help="TLS, trusting gRPC's public roots or --ca-cert (default: KINEMA_TLS=1)")  # fmt: skip
+    p.add_argument("--ca-cert", default=ca_cert, metavar="PEM",
+                   help="CA certificate the server's certificate must chain to; implies --tls (default: "
+                        "KINEMA_CA_CERT)")  # fmt: skip
+    p.add_argument("--client-cert", default=cert, metavar="PEM",
+                   help="client certificate for a server that asks for one (mTLS), with --client-key (default: "
+                        "KINEMA_CLIENT_CERT)")  # fmt: skip
+    p.add_argument("--client-key", default=key, metavar="PEM",
+                   help="the client certificate's private key (default: KINEMA_CLIENT_KEY)")  # fmt: skip
+    p.add_argument("--tls-server-name", default=server_name, metavar="NAME",
+                   help="the name the server's certificate must hold when it is not the --server host, e.g. "
+                        "through a port-forward; implies --tls (default: KINEMA_TLS_SERVER_NAME)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinema", description="Rectified-flow image synthesis on this machine or through a Kinema server."
@@ -583,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                      env.get("KINEMA_API_KEY") or None)  # fmt: skip
     remote = argparse.ArgumentParser(add_help=False)  # the same options after a command, not overriding the above
     _add_server_args(remote, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
+    _add_tls_args(parser, env.get("KINEMA_TLS", "").strip().lower() in ("1", "true", "yes"),
+                  *(env.get(f"KINEMA_{name}") or None for name in ("CA_CERT", "CLIENT_CERT", "CLIENT_KEY",
+                                                                   "TLS_SERVER_NAME")))  # fmt: skip
+    _add_tls_args(remote, *[argparse.SUPPRESS] * 5)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", parents=[remote], help="render an image from a text prompt")
@@ -663,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_interpret_parser(sub)
-    add_edit_video_parser(sub)
+    add_edit_video_parser(sub, parents=[remote])  # with --server: an edit_video job on the server
     return parser
 
 

@@ -119,8 +119,9 @@ class KinemaClient:
 
     `timeout` bounds each call in seconds. None: unary calls get 60 s, and the streams (`generate`, `watch_job`)
     are bounded only by the server's request timeout (300 s by default), which `watch_job` rides over by watching
-    again. `credentials` makes a TLS channel; `api_key` is sent as `authorization: Bearer <key>` to a server that
-    checks keys (kinema.rpc.auth). Close it, or use it as a context manager.
+    again. `credentials` makes a TLS channel (`kinema.rpc.tls.channel_credentials(ca_file, cert_file, key_file)`);
+    `api_key` is sent as `authorization: Bearer <key>` to a server that checks keys (kinema.rpc.auth). Close it, or
+    use it as a context manager.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class KinemaClient:
         api_key: str | None = None,
     ) -> None:
         self.address, self.tenant, self.timeout, self.download_timeout = address, tenant, timeout, download_timeout
+        self.tls = credentials is not None
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=list(options))
         else:
@@ -361,7 +363,15 @@ class KinemaClient:
         code = error.metadata["grpc_code"]
         if code == "UNAVAILABLE" and not error.reason and not self._reachable():
             metadata = error.metadata | {"address": self.address}
-            return Unavailable(f"cannot reach the Kinema server at {self.address} ({error})",
+            words = str(error).lower()  # gRPC's words for a CA, protocol or name mismatch
+            if "handshake" in words or "verification check failed" in words:
+                hint = ("; the TLS handshake failed: check the CA (--ca-cert), the name the server's certificate holds "
+                        "(--tls-server-name), the client certificate (--client-cert)")  # fmt: skip
+            elif not self.tls and "socket closed" in words:  # connected, then hung up on
+                hint = "; a server that speaks TLS closes plaintext connections (--tls, KinemaClient(credentials=))"
+            else:
+                hint = ""
+            return Unavailable(f"cannot reach the Kinema server at {self.address} ({error}){hint}",
                                reason="SERVER_UNREACHABLE", metadata=metadata)  # fmt: skip
         if code == "DEADLINE_EXCEEDED" and not error.reason and timeout is not None:  # the client's deadline passed
             return DeadlineExceeded(f"the call to the Kinema server at {self.address} did not end within {timeout:g} s",

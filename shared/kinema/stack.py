@@ -352,7 +352,7 @@ class _Launch:
                     for name in MODEL_SERVICES}  # fmt: skip
         # The environment the orchestrator and its worker share, as tests/orchestrator/conftest.py `jobs_env`: the
         # address of each model service the orchestrator calls, the KINEMA_<NAME>_URL its settings read (distill's
-        # students included; depth and interpret have clients of their own), as the chart does.
+        # students and edit_video's depth included; interpret has clients of its own only), as the chart does.
         urls = {f"KINEMA_{name.upper()}_URL": p.address for name, p in services.items()}
         env = {var: address for var, address in urls.items() if var in ORCHESTRATOR_VARS.values()}
         env |= {"KINEMA_ARTIFACTS": f"s3://{BUCKET}?endpoint={s3.endpoint}", "KINEMA_REDIS_URL": redis.url,

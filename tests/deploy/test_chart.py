@@ -205,9 +205,9 @@ def test_every_enabled_model_service_reaches_the_orchestrator_as_kinema_name_url
 
 
 # The model services the orchestrator calls: the KINEMA_<NAME>_URL variables its settings read. The chart sets every
-# one of them; KINEMA_DISTILL_URL is optional to the settings (no students without it), so the chart leaves it out
-# exactly when services.distill.enabled=false.
-OPTIONAL_URLS = {"KINEMA_DISTILL_URL"}
+# one of them; KINEMA_DISTILL_URL and KINEMA_DEPTH_URL are optional to the settings (no students, no edit_video
+# without them), so the chart leaves one out exactly when its services.<name>.enabled=false.
+OPTIONAL_URLS = {"KINEMA_DISTILL_URL", "KINEMA_DEPTH_URL"}
 ORCHESTRATED_URLS = {var for var in orchestration_settings.ENV_VARS.values() if var.endswith("_URL")
                      and var not in ("KINEMA_REDIS_URL", "KINEMA_BROKER_URL")}  # fmt: skip
 
@@ -221,7 +221,7 @@ def test_the_orchestrator_and_worker_get_exactly_the_service_urls_their_settings
         env = env_of(containers(_workload(docs, comp))[0])
         urls = {v for v in env if v.startswith("KINEMA_") and v.endswith("_URL")} - {"KINEMA_REDIS_URL"}
         assert urls == ORCHESTRATED_URLS, f"{comp}: the chart's kinema.orchestratedServices drifted from its settings"
-        assert not {"KINEMA_DEPTH_URL", "KINEMA_INTERPRET_URL"} & set(env)  # they answer their own clients
+        assert "KINEMA_INTERPRET_URL" not in env  # it answers its own clients only
 
 
 def test_the_orchestrator_and_worker_reach_the_distill_service_for_students():
@@ -240,7 +240,22 @@ def test_the_orchestrator_and_worker_reach_the_distill_service_for_students():
     for comp in ("orchestrator", "worker"):
         env = env_of(containers(_workload(without, comp))[0])
         urls = {v for v in env if v.startswith("KINEMA_") and v.endswith("_URL")} - {"KINEMA_REDIS_URL"}
-        assert urls == ORCHESTRATED_URLS - OPTIONAL_URLS, comp
+        assert urls == ORCHESTRATED_URLS - {"KINEMA_DISTILL_URL"}, comp
+
+
+def test_the_orchestrator_and_worker_reach_the_depth_service_for_edit_video():
+    """KINEMA_DEPTH_URL names the depth Service's gRPC port for both callers (edit_video's structure); with
+    services.depth.enabled=false it is unset, which the settings take as "no edit_video" (FAILED_PRECONDITION)."""
+    docs = render(CI_VALUES[0])
+    services = by_kind(docs, "Service")
+    for comp in ("orchestrator", "worker"):
+        host, port = env_of(containers(_workload(docs, comp))[0])["KINEMA_DEPTH_URL"]["value"].rsplit(":", 1)
+        assert component(services[host]) == "depth" and int(port) == GRPC_PORT
+    without = render(CI_VALUES[0], sets=("services.depth.enabled=false",))
+    for comp in ("orchestrator", "worker"):
+        env = env_of(containers(_workload(without, comp))[0])
+        urls = {v for v in env if v.startswith("KINEMA_") and v.endswith("_URL")} - {"KINEMA_REDIS_URL"}
+        assert urls == ORCHESTRATED_URLS - {"KINEMA_DEPTH_URL"}, comp
 
 
 def test_the_distill_service_calls_triton_for_the_student():

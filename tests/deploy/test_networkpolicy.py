@@ -97,10 +97,11 @@ def test_policies_allow_exactly_the_real_paths(values):
 def test_the_real_paths_are_the_platform_architecture():
     edges = expected_edges(render(CI_VALUES[0]))
     callers = {"orchestrator", "worker"}
-    # What the orchestrator and worker call (distill: the few-step students); depth, interpret: own clients.
-    models = {"text-encoder", "autoencoder", "denoiser", "distill"}
+    # What the orchestrator and worker call (distill: the few-step students; depth: edit_video's structure);
+    # interpret: its own clients only.
+    models = {"text-encoder", "autoencoder", "denoiser", "distill", "depth"}
     assert edges == ({(c, m, 50051) for c in callers for m in models} | {(m, "triton", 8001) for m in models}
-                     | {("depth", "triton", 8001), ("interpret", "triton", 8001)}
+                     | {("interpret", "triton", 8001)}
                      | {(c, "minio", 9000) for c in callers} | {(c, "redis", 6379) for c in callers})  # fmt: skip
 
 
@@ -131,23 +132,29 @@ def test_external_s3_and_redis_are_reached_on_their_ports_only():
     assert [r["ports"][0]["port"] for r in triton] == [443], "Triton reads its model repository from S3"
 
 
-def test_services_with_clients_of_their_own_are_open_to_the_api_peers_only():
-    """depth and interpret are not called by the orchestrator: their APIs are open to networkPolicy.apiFrom, as the
-    orchestrator's is."""
+def test_services_with_clients_of_their_own_are_open_to_the_api_peers():
+    """depth and interpret answer clients of their own: their APIs are open to networkPolicy.apiFrom, as the
+    orchestrator's is. interpret is not called by the orchestrator; depth is (edit_video), by a rule of its own."""
     policies = by_kind(render(CHART / "ci" / "gpu-values.yaml"), "NetworkPolicy")
 
-    def api_rule(name: str) -> dict:
-        (rule,) = [r for r in policies[f"kin-kinema-{name}"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051]
-        return rule
+    def api_rules(name: str) -> list[dict]:
+        return [r for r in policies[f"kin-kinema-{name}"]["spec"]["ingress"] if r["ports"][0]["port"] == 50051]
 
+    def called_by(caller: str) -> set[str]:
+        peers = [p for r in policies[f"kin-kinema-{caller}"]["spec"]["egress"] for p in r["to"]]
+        return {p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") for p in peers}
+
+    (orchestrator_api,) = api_rules("orchestrator")
     for name in ("depth", "interpret"):
-        assert api_rule(name)["from"] == api_rule("orchestrator")["from"]
-        assert api_rule(name)["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
-                                                                                  "ingress-nginx"}}}]  # fmt: skip
-        for caller in ("orchestrator", "worker"):  # and the callers are not let out to it
-            peers = [p for r in policies[f"kin-kinema-{caller}"]["spec"]["egress"] for p in r["to"]]
-            assert not [p for p in peers if p.get("podSelector", {}).get("matchLabels", {}).get(
-                "app.kubernetes.io/component") == name]  # fmt: skip
+        outside = [r for r in api_rules(name) if "podSelector" not in r["from"][0]]
+        assert [r["from"] for r in outside] == [orchestrator_api["from"]]
+        assert orchestrator_api["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
+                                                                                    "ingress-nginx"}}}]  # fmt: skip
+    (callers,) = [r for r in api_rules("depth") if "podSelector" in r["from"][0]]
+    assert sorted(_peers(callers, "from", "kin")) == ["orchestrator", "worker"]
+    assert len(api_rules("interpret")) == 1
+    for caller in ("orchestrator", "worker"):  # let out to depth, not to interpret
+        assert "depth" in called_by(caller) and "interpret" not in called_by(caller)
 
 
 def test_the_distill_service_is_called_by_the_orchestrator_and_worker_only():

@@ -32,14 +32,14 @@ def test_services_down_is_unavailable_and_stores_nothing(stub, lonely_orchestrat
 
 def test_list_models_reports_down_services_as_unavailable(stub) -> None:
     reply = stub.ListModels(pb.ListModelsRequest(), timeout=30)
-    assert [c.capability for c in reply.capabilities] == ["autoencoder", "denoiser", "text_encoder"]
+    assert [c.capability for c in reply.capabilities] == ["autoencoder", "denoiser", "text_encoder", "video_denoiser"]
     assert not any(c.available or c.models or c.default_model for c in reply.capabilities)
     assert stub.ListModels(pb.ListModelsRequest(capability="depth"), timeout=30).capabilities == []
 
 
 def test_list_pipelines(stub) -> None:
     infos = stub.ListPipelines(pb.ListPipelinesRequest(), timeout=10).pipelines
-    assert [i.name for i in infos] == ["image_to_image", "inpaint", "text_to_image"]
+    assert [i.name for i in infos] == ["edit_video", "image_to_image", "inpaint", "text_to_image"]
     (info,) = stub.ListPipelines(pb.ListPipelinesRequest(name="text_to_image"), timeout=10).pipelines
     assert info.name == "text_to_image" and info.output_media_type == "image/png"
     assert sorted(info.capabilities) == ["autoencoder", "denoiser", "text_encoder"]
@@ -97,6 +97,17 @@ def test_inputs_are_rejected_by_text_to_image(stub) -> None:
         _generate(stub, request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert parse_error_detail(info.value.trailing_metadata()).field == "inputs"
+
+
+def test_edit_video_without_a_depth_service_is_a_failed_precondition(stub, lonely_orchestrator) -> None:
+    request = pb.PipelineRequest(pipeline="edit_video", prompts=["a red cube"], steps=1)
+    request.inputs["video"].sha256 = "0" * 64  # refused for the missing service before the input is looked up
+    with pytest.raises(grpc.RpcError) as info:
+        _generate(stub, request)
+    detail = parse_error_detail(info.value.trailing_metadata())
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and detail.reason == "CAPABILITY_NOT_CONFIGURED"
+    assert "KINEMA_DEPTH_URL" in info.value.details() and detail.metadata["capability"] == "depth"
+    assert not any(p.is_file() for p in lonely_orchestrator.artifacts.rglob("*"))
 
 
 def test_artifact_lookups(stub) -> None:

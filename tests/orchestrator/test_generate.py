@@ -146,7 +146,8 @@ def test_a_drawn_seed_is_reported(stub) -> None:
 
 def test_list_models_lists_every_capability(stub) -> None:
     reply = stub.ListModels(pb.ListModelsRequest(), timeout=30)
-    assert [c.capability for c in reply.capabilities] == ["autoencoder", "denoiser", "text_encoder"]
+    # the video denoiser is the denoiser service's video model (edit_video); no depth service is set here
+    assert [c.capability for c in reply.capabilities] == ["autoencoder", "denoiser", "text_encoder", "video_denoiser"]
     assert all(c.available and c.models and c.default_model for c in reply.capabilities)
     (only,) = stub.ListModels(pb.ListModelsRequest(capability="denoiser"), timeout=30).capabilities
     assert only.default_model == "denoiser"

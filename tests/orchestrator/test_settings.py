@@ -9,6 +9,7 @@ from kinema.orchestration.pipelines import REGISTRY, Registry, TextToImagePipeli
 from kinema.orchestration.settings import OrchestratorSettings
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.rpc.settings import ServiceSettings
+from kinema.storage.video import VideoLimits
 
 ENV = {
     "KINEMA_TEXT_ENCODER_URL": "te:50051",
@@ -103,7 +104,7 @@ def test_registry() -> None:
     with pytest.raises(NotFound, match="registered: text_to_image") as info:
         registry.get("inpaint")
     assert (info.value.reason, info.value.field) == ("PIPELINE_NOT_FOUND", "pipeline")
-    assert [i.name for i in REGISTRY.infos()] == ["image_to_image", "inpaint", "text_to_image"]
+    assert [i.name for i in REGISTRY.infos()] == ["edit_video", "image_to_image", "inpaint", "text_to_image"]
     assert REGISTRY.infos("nope") == []
 
 
@@ -134,6 +135,20 @@ def test_the_distill_service_is_optional() -> None:
     assert "distill" not in OrchestratorSettings.from_env(environ=ENV).addresses
     s = OrchestratorSettings.from_env(environ=ENV | {"KINEMA_DISTILL_URL": " ds:50051 "})
     assert s.addresses["distill"] == "ds:50051" and s.distill_url == "ds:50051"
+
+
+def test_the_depth_service_is_optional_and_video_limits_come_from_the_env() -> None:
+    s = OrchestratorSettings.from_env(environ=ENV)
+    assert "depth" not in s.addresses and (s.media_limits.max_frames, s.media_limits.max_seconds) == (512, 60.0)
+    s = OrchestratorSettings.from_env(environ=ENV | {"KINEMA_DEPTH_URL": "dp:50051", "KINEMA_VIDEO_MAX_FRAMES": "24",
+                                                    "KINEMA_VIDEO_MAX_SECONDS": "2.5",
+                                                    "KINEMA_UPLOAD_MAX_IMAGE_SIDE": "640"})  # fmt: skip
+    assert s.addresses["depth"] == "dp:50051"
+    assert s.media_limits.video == VideoLimits(max_frames=24, max_seconds=2.5, max_side=640)
+    for var, value in (("KINEMA_VIDEO_MAX_FRAMES", "0"), ("KINEMA_VIDEO_MAX_FRAMES", "1.5"),
+                       ("KINEMA_VIDEO_MAX_SECONDS", "inf"), ("KINEMA_VIDEO_MAX_SECONDS", "-1")):  # fmt: skip
+        with pytest.raises(ValueError, match=var):
+            OrchestratorSettings.from_env(environ=ENV | {var: value})
 
 
 def test_text_to_image_remembers_which_sampling_fields_were_left_to_the_denoiser() -> None:

@@ -207,8 +207,10 @@ NOISE = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
             "chunk",
             "IMAGE_TOO_LARGE",
         ),
+        (lambda: messages(b"\0" * 64, "video/mp4"), grpc.StatusCode.INVALID_ARGUMENT, "chunk", "NOT_A_VIDEO"),
+        (lambda: messages(png(BAD), "video/mp4"), grpc.StatusCode.INVALID_ARGUMENT, "chunk", "MEDIA_TYPE_MISMATCH"),
         (
-            lambda: messages(b"\0" * 64, "video/mp4"),
+            lambda: messages(png(BAD), "image/gif"),
             grpc.StatusCode.INVALID_ARGUMENT,
             "header.media_type",
             "UNSUPPORTED_MEDIA_TYPE",
@@ -235,11 +237,10 @@ def test_bad_uploads_fail_with_their_status_and_store_nothing(stub, store, strea
     assert store.list("bad") == []
 
 
-def test_video_uploads_say_when_they_come(stub) -> None:
+def test_an_unread_media_type_names_the_accepted_ones(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.UploadArtifact(messages(b"\0" * 64, "video/mp4"), timeout=30)
-    assert "video inputs arrive with the video pipelines" in info.value.details()
-    assert "image/jpeg, image/png" in info.value.details()
+        stub.UploadArtifact(messages(b"GIF89a" + b"\0" * 64, "image/gif"), timeout=30)
+    assert "image/jpeg, image/png, video/mp4, video/quicktime, video/webm" in info.value.details()
 
 
 def _generate(stub, request: pb.PipelineRequest, metadata=()):

@@ -104,7 +104,24 @@ def test_videos_are_probed_with_pyav() -> None:
         assert caught.value.reason == reason
     with pytest.raises(InvalidInput) as caught:
         probe(mp4(side=64), "video/mp4", "f", MediaLimits(max_side=48))
-    assert caught.value.reason == "IMAGE_TOO_LARGE"
+    assert caught.value.reason == "VIDEO_TOO_LARGE"
+
+
+@pytest.mark.parametrize(("limits", "reason"), [(MediaLimits(max_frames=2), "VIDEO_TOO_LONG"),
+                                                (MediaLimits(max_seconds=0.01), "VIDEO_TOO_LONG"),
+                                                (MediaLimits(max_side=16), "VIDEO_TOO_LARGE")])  # fmt: skip
+def test_video_limits_are_checked_from_the_header(limits, reason) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        probe(mp4(), "video/mp4", "inputs.video", limits)
+    assert (caught.value.reason, caught.value.field) == (reason, "inputs.video")
+    assert caught.value.metadata["max_frames"] == str(limits.max_frames)
+
+
+def test_media_limits_check_their_values() -> None:
+    assert MediaLimits(max_side=8, max_frames=3, max_seconds=2).video.max_frames == 3
+    for bad in ({"max_frames": 0}, {"max_seconds": float("inf")}, {"max_frames": True}):
+        with pytest.raises(ValueError):
+            MediaLimits(**bad)
 
 
 def test_media_type_of() -> None:

@@ -1,9 +1,11 @@
 {{/* A Kinema gRPC server (model service or orchestrator): its Deployment and Service, one definition for all.
-     (dict "ctx" $ "component" NAME "values" VALUES "env" ENV-YAML ["mounts" MOUNTS-YAML "volumes" VOLUMES-YAML]) */}}
+     (dict "ctx" $ "component" NAME "values" VALUES "env" ENV-YAML ["mounts" MOUNTS-YAML "volumes" VOLUMES-YAML]
+     ["tls" true: its gRPC port speaks TLS, see _tls.tpl]) */}}
 
 {{- define "kinema.grpcDeployment" -}}
 {{- $ctx := .ctx -}}
 {{- $v := .values -}}
+{{- $probePort := ternary (include "kinema.healthPort" $ctx) (include "kinema.grpcPort" $ctx) (eq (toString .tls) "true") -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -43,25 +45,35 @@ spec:
             - name: metrics
               containerPort: {{ include "kinema.metricsPort" $ctx }}
               protocol: TCP
+            {{- if eq (toString .tls) "true" }}
+            - name: health
+              containerPort: {{ include "kinema.healthPort" $ctx }}
+              protocol: TCP
+            {{- end }}
           env:
             {{- include "kinema.serverEnv" $ctx | nindent 12 }}
+            {{- if eq (toString .tls) "true" }}
+            - name: KINEMA_HEALTH_PORT
+              value: {{ include "kinema.healthPort" $ctx | quote }}
+            {{- end }}
             {{- .env | trim | nindent 12 }}
             {{- with $v.env }}{{ include "kinema.extraEnv" . | trim | nindent 12 }}{{- end }}
-          {{- /* grpc.health.v1 on the serving port (kinema.rpc.server), as `kinema stack status` asks it */}}
+          {{- /* grpc.health.v1 on the serving port (kinema.rpc.server), as `kinema stack status` asks it; under TLS on the
+               plaintext health-only port (KINEMA_HEALTH_PORT): Kubernetes' grpc probe speaks no TLS */}}
           startupProbe:
             grpc:
-              port: {{ include "kinema.grpcPort" $ctx }}
+              port: {{ $probePort }}
             periodSeconds: 2
             failureThreshold: 60
           readinessProbe:
             grpc:
-              port: {{ include "kinema.grpcPort" $ctx }}
+              port: {{ $probePort }}
             periodSeconds: 10
             timeoutSeconds: 2
             failureThreshold: 3
           livenessProbe:
             grpc:
-              port: {{ include "kinema.grpcPort" $ctx }}
+              port: {{ $probePort }}
             periodSeconds: 20
             timeoutSeconds: 5
             failureThreshold: 3

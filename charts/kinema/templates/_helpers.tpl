@@ -167,15 +167,20 @@ affinity:
 
 {{/* The enabled model services the orchestrator and its worker call, as a JSON list: those whose
      KINEMA_<NAME>_URL kinema/orchestration/settings.py reads (tests/deploy/test_chart.py keeps the two in step;
-     KINEMA_DISTILL_URL is optional there, so services.distill.enabled=false leaves it unset and students out).
-     Any other service (depth, interpret) answers its own clients, from networkPolicy.apiFrom. */}}
+     KINEMA_DISTILL_URL and KINEMA_DEPTH_URL are optional there, so services.<name>.enabled=false leaves them unset:
+     no students, no edit_video). depth also answers its own clients (kinema.directServices); interpret only those. */}}
 {{- define "kinema.orchestratedServices" -}}
 {{- $out := list -}}
-{{- range $name := list "text_encoder" "autoencoder" "denoiser" "distill" }}
+{{- range $name := list "text_encoder" "autoencoder" "denoiser" "distill" "depth" }}
 {{- $svc := get $.Values.services $name }}
 {{- if and $svc $svc.enabled }}{{ $out = append $out $name }}{{ end }}
 {{- end }}
 {{- toJson $out -}}
+{{- end -}}
+
+{{/* The model services clients call directly (their API is open to networkPolicy.apiFrom), orchestrated or not. */}}
+{{- define "kinema.directServices" -}}
+{{- toJson (list "depth" "interpret") -}}
 {{- end -}}
 
 {{/* The settings the orchestrator and its worker share, as `kinema stack up` gives them (stack.py):

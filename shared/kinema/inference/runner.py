@@ -11,13 +11,16 @@ import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
 from kinema.inference.model_config import latest_version, parameters, read_config
 from kinema.inference.networks import Network, load_network, run_batch
+
+if TYPE_CHECKING:
+    import grpc
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,15 @@ class TritonRunner:
 
     backend = "triton"
 
-    def __init__(self, url: str, observer: ModelObserver | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        observer: ModelObserver | None = None,
+        timeout: float = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """`credentials`: TLS to a Triton started with --grpc-use-ssl(-mutual) (`kinema.rpc.tls.internal_credentials`);
+        None: plaintext."""
         import tritonclient.grpc as grpcclient
 
         self.url = url
@@ -138,7 +149,7 @@ class TritonRunner:
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
             *RECONNECT_OPTIONS,
-        ])  # fmt: skip
+        ], creds=credentials)  # fmt: skip
         self._grpcclient = grpcclient
         self._described: dict[tuple[str, str], ServedModel] = {}
 
@@ -216,9 +227,17 @@ class TritonRunner:
         self._client.close()
 
 
-def make_runner(backend: str, *, models: Path, triton_url: str, observer: ModelObserver | None = None) -> ModelRunner:
+def make_runner(
+    backend: str,
+    *,
+    models: Path,
+    triton_url: str,
+    observer: ModelObserver | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> ModelRunner:
+    """The runner a service's settings choose; `credentials`: TLS to Triton (TritonRunner)."""
     if backend == "local":
         return LocalRunner(models, observer)
     if backend == "triton":
-        return TritonRunner(triton_url, observer)
+        return TritonRunner(triton_url, observer, credentials=credentials)
     raise ValueError(f"backend must be 'triton' or 'local', got {backend!r}")

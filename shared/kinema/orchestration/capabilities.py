@@ -4,12 +4,17 @@ once) and the services' ListModels, for the orchestrator to bind a pipeline run 
 The distill service is optional (KINEMA_DISTILL_URL). Where it is set, its students stand in for the denoiser: a
 run that names a denoiser model the distill service lists gets a `RemoteStudent` as its denoiser (and the pipeline
 samples with the few-step sampler), and ListModels lists the students among the denoiser's models.
+
+The video pipeline's capabilities: `video_denoiser` is the denoiser service's video model (`RemoteVideoDenoiser`,
+SampleVideo; its default is the service's `default_video_model`), on the denoiser's channel; `depth` is the depth
+service (`RemoteDepth`), optional (KINEMA_DEPTH_URL): without it a run that needs depth is FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
 import contextvars
 import copy
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -22,10 +27,18 @@ import grpc
 from kinema.autoencoder.v1 import autoencoder_pb2, autoencoder_pb2_grpc
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from kinema.depth.v1 import depth_pb2, depth_pb2_grpc
 from kinema.distill.v1 import distill_pb2, distill_pb2_grpc
-from kinema.errors import KinemaError, NotFound, Unavailable
+from kinema.errors import FailedPrecondition, KinemaError, NotFound, Unavailable
 from kinema.orchestration.inputs import NO_INPUTS, StoredInputs
-from kinema.pipelines.remote import RemoteAutoencoder, RemoteDenoiser, RemoteTextEncoder, open_channel
+from kinema.pipelines.remote import (
+    RemoteAutoencoder,
+    RemoteDenoiser,
+    RemoteDepth,
+    RemoteTextEncoder,
+    RemoteVideoDenoiser,
+    open_channel,
+)
 from kinema.pipelines.remote_distill import RemoteStudent
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
@@ -35,13 +48,20 @@ _LOGGER = logging.getLogger(__name__)
 
 CAPABILITIES = ("autoencoder", "denoiser", "text_encoder")  # sorted, as ListModels answers them
 STUDENTS = "distill"  # the optional service whose few-step students stand in for the denoiser
+DEPTH = "depth"  # the optional depth service (the video pipeline's structure)
+VIDEO_DENOISER = "video_denoiser"  # the denoiser service's video models, on the denoiser's channel
+# The setting that names each optional service, for the error a run gets when it is not set.
+_OPTIONAL_SETTINGS = {DEPTH: "KINEMA_DEPTH_URL", STUDENTS: "KINEMA_DISTILL_URL"}
 
 _LIST_MODELS: dict[str, tuple[Any, Any]] = {
     "text_encoder": (text_encoder_pb2_grpc.TextEncoderStub, text_encoder_pb2.ListModelsRequest),
     "denoiser": (denoiser_pb2_grpc.DenoiserStub, denoiser_pb2.ListModelsRequest),
     "autoencoder": (autoencoder_pb2_grpc.AutoencoderStub, autoencoder_pb2.ListModelsRequest),
     STUDENTS: (distill_pb2_grpc.DistillStub, distill_pb2.ListModelsRequest),
+    DEPTH: (depth_pb2_grpc.DepthStub, depth_pb2.ListModelsRequest),
+    VIDEO_DENOISER: (denoiser_pb2_grpc.DenoiserStub, denoiser_pb2.ListModelsRequest),
 }
+_CHANNEL_OF = {VIDEO_DENOISER: "denoiser"}  # a capability served by another capability's service
 
 
 @dataclass(frozen=True)
@@ -65,11 +85,13 @@ class Bound:
 class RemoteCapabilities:
     """Channels to the model services, opened once; clients per (capability, model, version), cached."""
 
-    def __init__(self, addresses: Mapping[str, str]) -> None:
-        """`addresses`: host:port of each capability's service, and optionally of the distill service (STUDENTS)."""
-        self.channels = {cap: open_channel(addresses[cap]) for cap in CAPABILITIES}
-        if addresses.get(STUDENTS):
-            self.channels[STUDENTS] = open_channel(addresses[STUDENTS])
+    def __init__(self, addresses: Mapping[str, str], credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`addresses`: host:port of each capability's service, and optionally of the distill service (STUDENTS);
+        `credentials`: TLS on every channel (`kinema.rpc.tls.internal_credentials`), None: plaintext."""
+        self.channels = {cap: open_channel(addresses[cap], credentials) for cap in CAPABILITIES}
+        for optional in (STUDENTS, DEPTH):
+            if addresses.get(optional):
+                self.channels[optional] = open_channel(addresses[optional], credentials)
         self._clients: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
         # A run's ListModels calls go out at once (one per capability): bind costs one round trip, not three.
@@ -79,6 +101,20 @@ class RemoteCapabilities:
         self._lists.shutdown(wait=False, cancel_futures=True)
         for channel in self.channels.values():
             channel.close()
+
+    @property
+    def listed(self) -> list[str]:
+        """The capabilities ListModels answers for, sorted: the three, the video denoiser, and depth where set."""
+        return sorted({*CAPABILITIES, VIDEO_DENOISER, *([DEPTH] if DEPTH in self.channels else [])})
+
+    def require(self, capabilities: tuple[str, ...]) -> None:
+        """FailedPrecondition naming the setting of the first optional service `capabilities` need that is not set."""
+        for cap in capabilities:
+            if _CHANNEL_OF.get(cap, cap) not in self.channels:
+                setting = _OPTIONAL_SETTINGS.get(cap, f"KINEMA_{cap.upper()}_URL")
+                raise FailedPrecondition(f"this server has no {cap} service ({setting} is not set), which the "
+                                         "pipeline needs; ask its operator", reason="CAPABILITY_NOT_CONFIGURED",
+                                         metadata={"capability": cap, "setting": setting})  # fmt: skip
 
     def catalog(self, capability: str, timeout: float, ref: common_pb2.ModelRef | None = None) -> Catalog:
         """The service's ListModels (filtered by `ref`); a failed call raises its domain error (e.g. Unavailable).
@@ -112,15 +148,19 @@ class RemoteCapabilities:
         return catalog if any(m.name == ref.name for m in catalog.models) else None
 
     def _list(self, capability: str, timeout: float, ref: common_pb2.ModelRef | None = None) -> Catalog:
-        """One service's ListModels, as it answers."""
+        """One service's ListModels, as it answers; for the video denoiser, the denoiser service's video models (those
+        whose params_json states max_frames) and its default video model."""
         stub_type, request_type = _LIST_MODELS[capability]
-        stub = stub_type(self.channels[capability])
+        stub = stub_type(self.channels[_CHANNEL_OF.get(capability, capability)])
         rid = current_request_id()
         try:
             reply = stub.ListModels(request_type(model=ref or common_pb2.ModelRef()), timeout=timeout,
                                     metadata=(("x-request-id", rid),) if rid else ())  # fmt: skip
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        if capability == VIDEO_DENOISER:
+            videos = [m for m in reply.models if "max_frames" in json.loads(m.params_json or "{}")]
+            return Catalog(videos, reply.default_video_model)
         return Catalog(list(reply.models), reply.default_model)
 
     def _client(self, capability: str, ref: common_pb2.ModelRef, ae: RemoteAutoencoder | None = None) -> Any:
@@ -128,11 +168,15 @@ class RemoteCapabilities:
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                channel = self.channels[capability]
+                channel = self.channels[_CHANNEL_OF.get(capability, capability)]
                 if capability == "text_encoder":
                     client = RemoteTextEncoder(channel, ref.name, ref.version)
                 elif capability == "autoencoder":
                     client = RemoteAutoencoder(channel, ref.name, ref.version)
+                elif capability == DEPTH:
+                    client = RemoteDepth(channel, ref.name, ref.version)
+                elif capability == VIDEO_DENOISER:  # latent channels and max frames: from the model's params
+                    client = RemoteVideoDenoiser(channel, ref.name, ref.version)
                 elif capability == STUDENTS:  # a student works in the autoencoder's latent space, as its teacher
                     assert ae is not None
                     client = RemoteStudent(channel, ref.name, ref.version, latent_channels=lambda: ae.latent_channels)
@@ -149,8 +193,9 @@ class RemoteCapabilities:
 
         A model left out resolves to the service's default; a version left out to the newest it lists. A denoiser
         model the distill service lists binds a `RemoteStudent` on it. The request id travels from the calling
-        thread's request (`kinema.rpc.logs`).
+        thread's request (`kinema.rpc.logs`). FailedPrecondition for an optional service that is not set.
         """
+        self.require(capabilities)
         empty = common_pb2.ModelRef()
         refs = {cap: overrides.get(cap, empty) for cap in capabilities}
         ae = self._client("autoencoder", refs["autoencoder"]) if "autoencoder" in refs else None

@@ -3,28 +3,40 @@
 Each is a small adapter over a library pipeline (`kinema.pipelines`): `prepare` checks a
 `kinema.orchestrator.v1.PipelineRequest` and fills in its defaults without calling any service, `run` runs it
 over bound capability clients in a worker thread, and `info` describes it for ListPipelines. A later pipeline
-registers itself with `REGISTRY.register(...)`; the service does not change.
+registers itself with `REGISTRY.register(...)`; the service does not change. The image pipelines (text_to_image,
+image_to_image, inpaint) make PNGs; edit_video makes one MP4 from an uploaded video (docs/video.md, "As a job").
 """
 
 from __future__ import annotations
 
 import io
+import math
 import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from PIL import Image
 
 from kinema.errors import InvalidInput, NotFound
 from kinema.orchestration.capabilities import Bound
 from kinema.orchestration.inputs import StoredInputs
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+from kinema.pipelines.edit_video import NOISE_STRIDE, EditVideoRequest, edit_video_file
 from kinema.pipelines.image_to_image import ImageToImageRequest, check_strength, image_to_image
 from kinema.pipelines.inpaint import InpaintRequest, inpaint
-from kinema.pipelines.text_to_image import TextToImageRequest, check_sampling, sampling_defaults, text_to_image
+from kinema.pipelines.text_to_image import (
+    MAX_SIZE,
+    TextToImageRequest,
+    check_sampling,
+    sampling_defaults,
+    text_to_image,
+)
 from kinema.sampling.samplers import Callback
+from kinema.storage.video import VideoInfo, open_video
 
 SEED_LIMIT = 2**63
 
@@ -48,6 +60,7 @@ class Pipeline(Protocol):
 
     name: str
     capabilities: tuple[str, ...]  # the keys it accepts in PipelineRequest.models
+    seed_limit: int  # seeds it takes are below this; SubmitJob draws an unset one below it
 
     def info(self) -> pb.PipelineInfo: ...
 
@@ -172,6 +185,7 @@ class TextToImagePipeline:
 
     name = "text_to_image"
     capabilities = ("autoencoder", "denoiser", "text_encoder")
+    seed_limit = SEED_LIMIT
     defaults = TextToImageRequest(prompts=[])
     _reads = frozenset({"prompts", "negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler",
                         "shift", "models"})  # fmt: skip
@@ -306,6 +320,7 @@ class _EditPipeline:
     inputs: tuple[pb.InputInfo, ...]
     default_strength: float
     capabilities = ("autoencoder", "denoiser", "text_encoder")
+    seed_limit = SEED_LIMIT
     defaults = TextToImageRequest(prompts=[])
     _reads = frozenset({"prompts", "negative_prompt", "seed", "steps", "guidance", "width", "height", "sampler",
                         "shift", "strength", "inputs", "models"})  # fmt: skip
@@ -467,10 +482,230 @@ class InpaintPipeline(_EditPipeline):
         return inpaint(request, c["text_encoder"], c["denoiser"], c["autoencoder"], callback)
 
 
+VIDEO_MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm")
+# A library edit_video error's field -> the PipelineRequest field it is about.
+_VIDEO_FIELDS = {"prompt": "prompts", "video": "inputs.video", "content_image": "inputs.content_image",
+                 "structure": "options.structure", "temporal_guidance": "options.temporal_guidance",
+                 "window": "options.window", "overlap": "options.overlap"}  # fmt: skip
+# options.<key> edit_video reads: (default, integer?). Defaults are the library's (EditVideoRequest); frames 0: all.
+_VIDEO_OPTIONS = {"structure": (0.0, False), "temporal_guidance": (1.0, False), "window": (8, True),
+                  "overlap": (2, True), "frames": (0, True)}  # fmt: skip
+
+
+def _video_field(e: InvalidInput) -> InvalidInput:
+    """`e` naming the PipelineRequest field ('inputs.video', 'options.window') rather than the library's."""
+    field = _VIDEO_FIELDS.get(e.field)
+    if field is None:
+        return e
+    message = str(e).removeprefix(f"{e.field}: ")  # the video reader starts its messages with its field
+    return InvalidInput(f"{field}: {message}", reason=e.reason or "OUT_OF_RANGE", field=field, metadata=e.metadata)
+
+
+def _video_options(request: pb.PipelineRequest) -> dict[str, float | int]:
+    """options.<key> with the defaults filled in; InvalidInput naming `options.<key>` for an unknown key or value."""
+    given = json_format.MessageToDict(request.options) if request.HasField("options") else {}
+    values: dict[str, float | int] = {}
+    for key, (default, integer) in _VIDEO_OPTIONS.items():
+        value = given.pop(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidInput(f"options.{key} must be a number, got {value!r}", reason="OUT_OF_RANGE",
+                               field=f"options.{key}")  # fmt: skip
+        if integer and not float(value).is_integer():
+            raise InvalidInput(f"options.{key} must be a whole number, got {value!r}", reason="OUT_OF_RANGE",
+                               field=f"options.{key}")  # fmt: skip
+        values[key] = int(value) if integer else float(value)
+    if given:  # what is left is not an option edit_video reads
+        key = min(given)
+        raise InvalidInput(f"pipeline 'edit_video' reads no option {key!r}; it reads {sorted(_VIDEO_OPTIONS)}",
+                           reason="UNUSED_OPTION", field=f"options.{key}")  # fmt: skip
+    if values["frames"] < 0:
+        raise InvalidInput(f"options.frames must be >= 0 (0: every frame), got {values['frames']}",
+                           reason="OUT_OF_RANGE", field="options.frames")  # fmt: skip
+    if values["window"] < 2:  # the upper bound, the video model's max_frames, is checked once it answers
+        raise InvalidInput(f"options.window must be at least 2 frames, got {values['window']}", reason="OUT_OF_RANGE",
+                           field="options.window")  # fmt: skip
+    return values
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A checked edit_video request, every default filled in; the video and the content image are read at run time,
+    so `request.content_image` stays None here."""
+
+    request: EditVideoRequest
+    frames: int  # edit only the first `frames` frames; 0: all
+    inputs: tuple[tuple[str, str], ...]  # (name, sha256) as requested
+
+    @property
+    def has_content_image(self) -> bool:
+        return any(name == "content_image" for name, _ in self.inputs)
+
+
+class EditVideoPipeline:
+    """`kinema.pipelines.edit_video` behind the orchestrator: the uploaded video is decoded within the server's video
+    limits (`OrchestratorSettings.media_limits`), edited over the text encoder, depth, video denoiser and autoencoder
+    services, encoded to an H.264 MP4 in a temporary folder and stored only once it is whole."""
+
+    name = "edit_video"
+    capabilities = ("autoencoder", "depth", "text_encoder", "video_denoiser")
+    seed_limit = 2**63 // NOISE_STRIDE  # frame i of seed s draws from s * NOISE_STRIDE + i
+    defaults = EditVideoRequest()
+    _reads = frozenset({"prompts", "negative_prompt", "seed", "steps", "guidance", "width", "height", "shift",
+                        "strength", "inputs", "options", "models"})  # fmt: skip
+    inputs = (
+        pb.InputInfo(name="video", required=True, media_types=list(VIDEO_MEDIA_TYPES),
+                     description="the video to edit (H.264, HEVC, VP9, AV1, ...), within the server's limits on "
+                                 "frames, seconds and frame size; its frames are centre-cropped to the output's "
+                                 "aspect and resized"),
+        pb.InputInfo(name="content_image", required=False, media_types=list(IMAGE_MEDIA_TYPES),
+                     description="content from an image instead of a prompt (keyframe propagation): its colours and "
+                                 "look carry through the clip; sides up to 256 pixels. Exactly one of prompts and "
+                                 "content_image"),
+    )  # fmt: skip
+
+    def info(self) -> pb.PipelineInfo:
+        d = self.defaults
+        return pb.PipelineInfo(
+            name=self.name,
+            description=(
+                "Edits a video from a prompt or a content image while keeping its structure (Gen-1, Esser et al. "
+                "2023): per-frame depth (MiDaS-style, degraded to the structure level t_s) conditions a video "
+                "MMDiT with temporal layers, sampled with classifier-free and temporal guidance in overlapping "
+                "windows that share their noise and blend their overlap. One H.264 MP4 at the input's frame rate."
+            ),
+            inputs=list(self.inputs),
+            parameters=[
+                _param("prompts", "one prompt: what the video should show; leave empty with inputs.content_image"),
+                _param("negative_prompt", "the prompt guidance steers away from", d.negative_prompt),
+                _param("seed", f"noise seed in [0, {self.seed_limit}); unset: drawn by the server"),
+                _param("steps", "sampling steps of the full schedule per window, 1..1000", d.steps),
+                _param("guidance", "classifier-free guidance scale omega in [0, 30] (1: none)", d.guidance),
+                _param(
+                    "strength",
+                    "1 samples from noise; less starts from the input frames (SDEdit), in (0, 1]",
+                    d.strength,
+                ),
+                _param("shift", "timestep shift s > 0 of the schedule (SD3 eq. 23)", d.shift),
+                _param("width", "output width in pixels, a multiple of the model's pixel patch up to 256", d.width),
+                _param("height", "output height in pixels, as width", d.height),
+                _param(
+                    "options.structure",
+                    "structure level t_s in [0, 1]: 0 follows the input's depth closely, 1 keeps only its rough layout",
+                    d.structure,
+                ),
+                _param(
+                    "options.temporal_guidance",
+                    "temporal guidance omega_t in [0, 10]: 0 samples each frame alone, 1 as a video, more is steadier",
+                    d.temporal_guidance,
+                ),
+                _param("options.window", "frames per denoiser call, 2 to the video model's max_frames", d.window),
+                _param("options.overlap", "frames two neighbouring windows share, 0..window-1", d.overlap),
+                _param("options.frames", "edit only the first N frames; 0: every frame", 0),
+            ],
+            capabilities=list(self.capabilities),
+            output_media_type="video/mp4",
+        )
+
+    def prepare(self, request: pb.PipelineRequest, max_batch: int) -> VideoPlan:
+        reject_unread(request, self.name, self._reads, self.capabilities)
+        names = {i.name for i in self.inputs}
+        for name in sorted(request.inputs):
+            if name not in names:
+                raise InvalidInput(f"pipeline {self.name!r} reads no input {name!r}; it reads {sorted(names)}",
+                                   reason="UNUSED_INPUT", field=f"inputs.{name}")  # fmt: skip
+        if "video" not in request.inputs:
+            raise InvalidInput(f"{self.name} needs inputs.video: the video to edit (upload it first)",
+                               reason="MISSING", field="inputs.video")  # fmt: skip
+        image = "content_image" in request.inputs
+        if len(request.prompts) > 1:
+            raise InvalidInput(f"{self.name} makes one video from one prompt, got {len(request.prompts)} prompts",
+                               reason="OUT_OF_RANGE", field="prompts")  # fmt: skip
+        prompt = request.prompts[0] if request.prompts else ""
+        if image and request.prompts:
+            raise InvalidInput("give the content as prompts or as inputs.content_image, not both", reason="CONFLICT",
+                               field="prompts")  # fmt: skip
+        if not image and not prompt.strip():
+            raise InvalidInput("give the content as one non-empty prompt or as inputs.content_image",
+                               reason="MISSING", field="prompts")  # fmt: skip
+        if request.HasField("seed") and request.seed >= self.seed_limit:
+            raise InvalidInput(f"seed must be in [0, {self.seed_limit}), got {request.seed}", reason="OUT_OF_RANGE",
+                               field="seed")  # fmt: skip
+        options = _video_options(request)
+        d = self.defaults
+        library = EditVideoRequest(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt,
+            structure=options["structure"],
+            temporal_guidance=options["temporal_guidance"],
+            guidance=request.guidance if request.HasField("guidance") else d.guidance,
+            steps=request.steps or d.steps,
+            strength=request.strength or d.strength,
+            shift=request.shift or d.shift,
+            seed=request.seed if request.HasField("seed") else secrets.randbelow(self.seed_limit),
+            width=request.width or d.width,
+            height=request.height or d.height,
+            window=int(options["window"]),
+            overlap=int(options["overlap"]),
+        )
+        try:  # all but the model's patch and max_frames (known once the services answer) and the content image
+            replace(library, prompt=prompt or "(inputs.content_image)").validate(patch=1, max_window=library.window)
+        except InvalidInput as e:
+            raise _video_field(e) from None
+        inputs = tuple(sorted((name, ref.sha256) for name, ref in request.inputs.items()))
+        return VideoPlan(library, int(options["frames"]), inputs)
+
+    def check_inputs(self, plan: VideoPlan, inputs: StoredInputs) -> VideoInfo:
+        """The video's header against the server's limits (frames, seconds, frame size) and the content image's
+        size; reads headers only (SubmitJob calls it too)."""
+        with open_video(inputs.read("video"), "inputs.video", inputs.limits.video) as reader:
+            info = reader.info
+        if plan.has_content_image:
+            width, height = inputs.image_size("content_image")
+            if max(width, height) > MAX_SIZE:
+                raise InvalidInput(f"inputs.content_image is {width}x{height} pixels, at most {MAX_SIZE} per side",
+                                   reason="OUT_OF_RANGE", field="inputs.content_image")  # fmt: skip
+        return info
+
+    def run(self, plan: VideoPlan, bound: Bound, callback: Callback | None) -> list[PipelineOutput]:
+        self.check_inputs(plan, bound.inputs)
+        inputs, c = bound.inputs, bound.clients
+        request = plan.request
+        if plan.has_content_image:
+            request = replace(request, content_image=inputs.image("content_image"))
+        # The MP4 is written in a folder of its own and read back only once it is whole (VideoWriter renames it into
+        # place on a clean close); an error or a cancel mid-way leaves nothing, and nothing is stored.
+        with tempfile.TemporaryDirectory(prefix="kinema-edit-video-") as folder:
+            path = Path(folder) / "edit.mp4"
+            try:
+                result = edit_video_file(request, inputs.read("video"), path, c["text_encoder"], c["depth"],
+                                         c["video_denoiser"], c["autoencoder"], callback, limits=inputs.limits.video,
+                                         first_frames=plan.frames or None)  # fmt: skip
+            except InvalidInput as e:
+                raise _video_field(e) from None
+            data = path.read_bytes()  # at most a few MB at the pipeline's sizes (256 px, the server's max frames)
+        r = plan.request
+        options = {"structure": r.structure, "temporal_guidance": r.temporal_guidance, "window": r.window,
+                   "overlap": r.overlap, "frames": plan.frames}  # fmt: skip
+        parameters = {
+            "pipeline": self.name,
+            "prompts": [r.prompt] if r.prompt else [],
+            "negative_prompt": r.negative_prompt,
+            "seed": str(r.seed),  # proto3 JSON writes 64-bit integers as strings: exact through ParseDict
+            "steps": r.steps, "guidance": r.guidance, "strength": r.strength, "shift": r.shift,
+            "width": r.width, "height": r.height, "options": options,
+            "inputs": {name: {"sha256": sha} for name, sha in plan.inputs},
+            "models": {cap: dict(ref) for cap, ref in bound.models.items()},
+        }  # fmt: skip
+        models = {cap: sha for cap, sha in result.models.items() if sha}
+        return [PipelineOutput(0, data, "video/mp4", r.seed, result.truncated, parameters, models, inputs.parents)]
+
+
 REGISTRY = Registry()
 REGISTRY.register(TextToImagePipeline())
 REGISTRY.register(ImageToImagePipeline())
 REGISTRY.register(InpaintPipeline())
+REGISTRY.register(EditVideoPipeline())
 
-__all__ = ["REGISTRY", "EditPlan", "ImageToImagePipeline", "InpaintPipeline", "Pipeline", "PipelineOutput",
-           "PreparedTextToImage", "Registry", "TextToImagePipeline", "prompts_and_seed", "reject_unread"]  # fmt: skip
+__all__ = ["REGISTRY", "EditPlan", "EditVideoPipeline", "ImageToImagePipeline", "InpaintPipeline", "Pipeline",
+           "PipelineOutput", "PreparedTextToImage", "Registry", "TextToImagePipeline", "VideoPlan", "prompts_and_seed",
+           "reject_unread"]  # fmt: skip

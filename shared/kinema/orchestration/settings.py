@@ -13,7 +13,7 @@ from typing import Any
 
 from kinema.rpc.settings import ServiceSettings
 from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, MAX_EXPIRY
-from kinema.storage.media import DEFAULT_MAX_SIDE, MediaLimits
+from kinema.storage.media import DEFAULT_MAX_FRAMES, DEFAULT_MAX_SECONDS, DEFAULT_MAX_SIDE, MediaLimits
 
 # Orchestrator field -> environment variable (the S3 credentials are read by name, see `from_env`).
 ENV_VARS: dict[str, str] = {
@@ -21,6 +21,7 @@ ENV_VARS: dict[str, str] = {
     "denoiser_url": "KINEMA_DENOISER_URL",
     "autoencoder_url": "KINEMA_AUTOENCODER_URL",
     "distill_url": "KINEMA_DISTILL_URL",
+    "depth_url": "KINEMA_DEPTH_URL",
     "artifacts": "KINEMA_ARTIFACTS",
     "url_ttl_seconds": "KINEMA_URL_TTL_SECONDS",
     "list_models_timeout_seconds": "KINEMA_LIST_MODELS_TIMEOUT_SECONDS",
@@ -36,6 +37,8 @@ ENV_VARS: dict[str, str] = {
     "upload_max_image_side": "KINEMA_UPLOAD_MAX_IMAGE_SIDE",
     "job_record_retry_seconds": "KINEMA_JOB_RECORD_RETRY_SECONDS",
     "max_queued_jobs": "KINEMA_MAX_QUEUED_JOBS",
+    "video_max_frames": "KINEMA_VIDEO_MAX_FRAMES",
+    "video_max_seconds": "KINEMA_VIDEO_MAX_SECONDS",
 }
 
 
@@ -64,6 +67,8 @@ _CHECKS: dict[str, tuple[Callable[[str], Any], Callable[[object], bool], str]] =
     "upload_max_image_side": (int, _int_in(1, 65535), "an integer number of pixels in 1..65535"),
     "job_record_retry_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
     "max_queued_jobs": (int, _int_in(0, 1 << 30), "an integer >= 0 (0: no limit)"),
+    "video_max_frames": (int, _int_in(1, 1 << 20), "an integer number of frames in 1..1048576"),
+    "video_max_seconds": (float, _finite_positive, "a finite number of seconds > 0"),
 }
 
 
@@ -78,6 +83,8 @@ class OrchestratorSettings:
     artifacts: str  # file:///path or s3://bucket?endpoint=host:port (kinema.storage.artifacts.store_from_uri)
     # host:port of the distill service (optional): a run whose denoiser is a student it lists samples there.
     distill_url: str = ""
+    # host:port of the depth service (optional): the video pipeline (edit_video) needs it; without it, it is refused.
+    depth_url: str = ""
     url_ttl_seconds: int = 3600  # lifetime of the presigned URLs in Generate results and job outputs
     list_models_timeout_seconds: float = 5.0  # ListModels waits this long for each service
     s3_access_key: str = field(default="", repr=False)
@@ -101,6 +108,10 @@ class OrchestratorSettings:
     # SubmitJob is refused (RESOURCE_EXHAUSTED, reason JOB_QUEUE_FULL, with a retry hint) while this many jobs wait in
     # the Celery queue for a worker; 0: no limit. Concurrent submits may pass it by a few (the check is a read).
     max_queued_jobs: int = 1000
+    # The longest input video a run reads (and an upload may be), checked from its header and again while decoding,
+    # before any sampling; frames larger than upload_max_image_side per side are refused too.
+    video_max_frames: int = DEFAULT_MAX_FRAMES
+    video_max_seconds: float = DEFAULT_MAX_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
@@ -124,17 +135,20 @@ class OrchestratorSettings:
 
     @property
     def addresses(self) -> dict[str, str]:
-        """Capability -> host:port of the service serving it; "distill" only where a distill service is set."""
+        """Capability -> host:port of the service serving it; "distill" and "depth" only where they are set."""
         addresses = {"text_encoder": self.text_encoder_url, "denoiser": self.denoiser_url,
                      "autoencoder": self.autoencoder_url}  # fmt: skip
         if self.distill_url:
             addresses["distill"] = self.distill_url
+        if self.depth_url:
+            addresses["depth"] = self.depth_url
         return addresses
 
     @property
     def media_limits(self) -> MediaLimits:
-        """The limits every input image (and video frame) is checked against, at upload and when a run reads it."""
-        return MediaLimits(max_side=self.upload_max_image_side)
+        """The limits every input image and video is checked against, at upload and when a run reads it."""
+        return MediaLimits(max_side=self.upload_max_image_side, max_frames=self.video_max_frames,
+                           max_seconds=self.video_max_seconds)  # fmt: skip
 
     @property
     def jobs_enabled(self) -> bool:

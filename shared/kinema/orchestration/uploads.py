@@ -3,9 +3,11 @@
 `Upload` takes the stream's messages in order (`header` first, then `chunk`s), spools the bytes to memory or a
 temporary file while hashing them and checks them against the header as they come: an upload over the server's
 limit is refused at its header (RESOURCE_EXHAUSTED, reason ARTIFACT_TOO_LARGE, metadata max_bytes), before any
-byte is taken. `store` then checks what the bytes are (`kinema.storage.media`: the header's dimensions before any
-pixel is decoded, then a full decode) and puts them into the content-addressed store in the caller's tenant with
-an "upload" provenance. Nothing is written before every check has passed, and the store writes whole objects.
+byte is taken. `store` then checks what the bytes are (`kinema.storage.media`: an image's dimensions before any
+pixel is decoded, then a full decode; a video's frame size, frame count and duration from its header against the
+server's video limits, then its first frame decoded) and puts them into the content-addressed store in the caller's
+tenant with an "upload" provenance. Nothing is written before every check has passed, and the store writes whole
+objects.
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ def _media_type(header: pb.UploadHeader, limits: UploadLimits) -> str:
         raise InvalidInput(f"header.{e}", reason=e.reason, field="header.media_type") from None
     if media_type not in limits.media_types:
         accepted = ", ".join(sorted(limits.media_types)) or "none"
-        later = "; video inputs arrive with the video pipelines" if media_type.startswith("video/") else ""
-        raise InvalidInput(f"no pipeline on this server reads {media_type} (it accepts {accepted}){later}",
+        raise InvalidInput(f"no pipeline on this server reads {media_type} (it accepts {accepted})",
                            reason="UNSUPPORTED_MEDIA_TYPE", field="header.media_type",
                            metadata={"accepted": ",".join(sorted(limits.media_types))})  # fmt: skip
     return media_type

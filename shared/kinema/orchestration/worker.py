@@ -48,6 +48,7 @@ from kinema.orchestration.settings import ENV_VARS, OrchestratorSettings
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.rpc.logs import RequestContext, bind_request
 from kinema.rpc.status import error_detail, to_status
+from kinema.rpc.tls import internal_credentials
 from kinema.storage.artifacts import ArtifactStore, store_from_uri
 
 _LOGGER = logging.getLogger(__name__)
@@ -95,13 +96,14 @@ class JobRunner:
         self._lock = threading.Lock()
         self._capabilities: RemoteCapabilities | None = None
         self._store: ArtifactStore | None = None
+        self._credentials = internal_credentials(settings.service)  # mTLS to the services if set; read at start
 
     def _resources(self) -> tuple[RemoteCapabilities, ArtifactStore]:
         with self._lock:
             if self._capabilities is None or self._store is None:
                 s = self.settings
                 self._store = store_from_uri(s.artifacts, s.s3_access_key or None, s.s3_secret_key or None)
-                self._capabilities = RemoteCapabilities(s.addresses)
+                self._capabilities = RemoteCapabilities(s.addresses, self._credentials)
             return self._capabilities, self._store
 
     @staticmethod

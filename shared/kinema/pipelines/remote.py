@@ -50,9 +50,12 @@ REQUEST_ID_KEY = "x-request-id"  # read by kinema.rpc.server (REQUEST_ID_KEY), w
 PROBE_SIDE = 64  # pixels of the autoencoder's probe image: a multiple of every power-of-two downscale up to 64
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel to `host:port` with Kinema's message size limits."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to `host:port` with Kinema's message size limits: plaintext, or TLS with `credentials`
+    (`kinema.rpc.tls.internal_credentials`: the internal CA and this process's client certificate, for mTLS)."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 def _tensor(t: common_pb2.Tensor, field: str, dtype: Any = np.float32) -> Tensor:
@@ -493,16 +496,19 @@ def connect(
     request_id: str = "",
     timeout: float | None = None,
     stream_latents: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> tuple[RemoteTextEncoder, RemoteDenoiser, RemoteAutoencoder]:
     """(text encoder, denoiser, autoencoder) clients of the services at these `host:port` addresses, ready for
     `text_to_image`; each owns its channel (`close()`). The denoiser's latent channels default to the
-    autoencoder's, the space it works in. `timeout` (seconds per call) overrides every client's default.
+    autoencoder's, the space it works in. `timeout` (seconds per call) overrides every client's default;
+    `credentials` makes the channels TLS (`open_channel`).
     """
     deadline = {} if timeout is None else {"timeout": timeout}
-    te = RemoteTextEncoder(open_channel(text_encoder), request_id=request_id, **deadline)
-    ae = RemoteAutoencoder(open_channel(autoencoder), request_id=request_id, **deadline)
-    dn = RemoteDenoiser(open_channel(denoiser), request_id=request_id, latent_channels=lambda: ae.latent_channels,
-                        stream_latents=stream_latents, **deadline)  # fmt: skip
+    te = RemoteTextEncoder(open_channel(text_encoder, credentials), request_id=request_id, **deadline)
+    ae = RemoteAutoencoder(open_channel(autoencoder, credentials), request_id=request_id, **deadline)
+    dn = RemoteDenoiser(open_channel(denoiser, credentials), request_id=request_id,
+                        latent_channels=lambda: ae.latent_channels, stream_latents=stream_latents,
+                        **deadline)  # fmt: skip
     return te, dn, ae
 
 
@@ -514,15 +520,16 @@ def connect_video(
     *,
     request_id: str = "",
     timeout: float | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> tuple[RemoteTextEncoder, RemoteDepth, RemoteVideoDenoiser, RemoteAutoencoder]:
     """(text encoder, depth estimator, video denoiser, autoencoder) clients of the services at these `host:port`
     addresses, ready for `edit_video` (as `kinema.pipelines.local.load_local_video` in process); the video denoiser is
     the denoiser service's default video model. Each owns its channel (`close()`); `timeout` (seconds per call)
-    overrides every client's default."""
+    overrides every client's default; `credentials` makes the channels TLS (`open_channel`)."""
     deadline = {} if timeout is None else {"timeout": timeout}
     return (
-        RemoteTextEncoder(open_channel(text_encoder), request_id=request_id, **deadline),
-        RemoteDepth(open_channel(depth), request_id=request_id, **deadline),
-        RemoteVideoDenoiser(open_channel(denoiser), request_id=request_id, **deadline),
-        RemoteAutoencoder(open_channel(autoencoder), request_id=request_id, **deadline),
+        RemoteTextEncoder(open_channel(text_encoder, credentials), request_id=request_id, **deadline),
+        RemoteDepth(open_channel(depth, credentials), request_id=request_id, **deadline),
+        RemoteVideoDenoiser(open_channel(denoiser, credentials), request_id=request_id, **deadline),
+        RemoteAutoencoder(open_channel(autoencoder, credentials), request_id=request_id, **deadline),
     )

@@ -155,9 +155,11 @@ def build_model_server(
     from kinema.inference.runner import make_runner
     from kinema.rpc.metrics import ServerMetrics
     from kinema.rpc.server import Binding, make_server
+    from kinema.rpc.tls import internal_credentials
 
     metrics = ServerMetrics()
-    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics)
+    runner = make_runner(settings.backend, models=settings.models_dir, triton_url=settings.triton_url, observer=metrics,
+                         credentials=internal_credentials(settings))  # fmt: skip
     methods = {m.name for m in descriptor_pool.Default().FindServiceByName(service).methods}
     binding = Binding(service, add_to_server, servicer(ModelFamily(runner, settings, default_model, family, info)),
                       limited=frozenset(methods - {CHEAP_METHOD}))  # fmt: skip

@@ -33,10 +33,12 @@ class ServiceProcess:
     """A service started as its own process, as the container runs it; stopped with SIGTERM."""
 
     def __init__(self, name: str, log_dir: Path, *, port: int = 0, log_name: str = "", detached: bool = False,
-                 **env: str) -> None:  # fmt: skip
+                 credentials: grpc.ChannelCredentials | None = None, **env: str) -> None:  # fmt: skip
         """`port` 0: any free port; `log_name` "": `<name>-<port>.log`; `detached`: its own session, so that it
-        outlives the starting process and the terminal (the local stack), and no stdin."""
+        outlives the starting process and the terminal (the local stack), and no stdin; `credentials`: what the
+        health check and `channel()` connect with to a service serving TLS (KINEMA_TLS_CERT_FILE)."""
         self.name = name
+        self.credentials = credentials
         self.port, self.metrics_port = port or free_port(), free_port()
         self.detached = detached
         self.env = os.environ | {
@@ -65,7 +67,7 @@ class ServiceProcess:
 
     def wait_healthy(self, timeout: float = 60.0) -> ServiceProcess:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -78,7 +80,9 @@ class ServiceProcess:
         raise RuntimeError(f"{self.name} not healthy after {timeout} s: {self.log.read_text()[-2000:]}")
 
     def channel(self, **options) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=list(options.items()))
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address, options=list(options.items()))
+        return grpc.secure_channel(self.address, self.credentials, options=list(options.items()))
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -30,6 +30,7 @@ from kinema.rpc.logs import RequestContext, configure_logging, current_request, 
 from kinema.rpc.metrics import MetricsEndpoint, ServerMetrics, serve_metrics
 from kinema.rpc.settings import ServiceSettings
 from kinema.rpc.status import to_status
+from kinema.rpc.tls import server_credentials
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -231,8 +232,10 @@ class KinemaServer:
         self.metrics_port: int | None = None
         self._endpoint: MetricsEndpoint | None = None
         self._stopped = False
-        # A bad keys file stops the server from starting rather than leaving it open.
+        # A bad keys file stops the server from starting rather than leaving it open; so does a bad TLS file.
         self.keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+        self._credentials = server_credentials(settings)  # None: plaintext
+        self.health_port: int | None = None
         self.admission = Admission(settings.max_in_flight, self.metrics, name)
         self.limited = frozenset((b.service, m) for b in bindings for m in b.limited)  # (service, method) pairs
         self._server = grpc.aio.server(
@@ -251,23 +254,45 @@ class KinemaServer:
         reflection.enable_server_reflection(
             (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
+        # Probes that cannot speak TLS (Kubernetes' grpc probe) ask a plaintext server that hosts health alone, the
+        # same servicer: it can tell SERVING from NOT_SERVING and nothing else.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            self._health_server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
 
     async def start(self) -> None:
         """Bind host:port (`.port` holds the bound port, also for port 0), start serving, mark health SERVING."""
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
         address = f"{host}:{self.settings.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self._credentials)
+            if self._health_server is not None:
+                address = f"{host}:{self.settings.health_port}"
+                self.health_port = self._health_server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"{self.name}: cannot bind {address}: {exc}") from exc
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         for service in ("", *self.services):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port:
             self._endpoint = serve_metrics(self.metrics.registry, self.settings.host, self.settings.metrics_port)
             self.metrics_port = self._endpoint.port
-        extra = {"server": self.name, "address": f"{host}:{self.port}", "metrics_port": self.metrics_port}
+        extra = {"server": self.name, "address": f"{host}:{self.port}", "metrics_port": self.metrics_port,
+                 "tls": self.tls, "health_port": self.health_port}  # fmt: skip
         _LOGGER.info("serving", extra=extra | {"services": list(self.services)})
+
+    @property
+    def tls(self) -> str:
+        """How the serving port is secured: "off", "tls" or "mtls" (client certificates required)."""
+        if self._credentials is None:
+            return "off"
+        return "mtls" if self.settings.tls_client_ca_file else "tls"
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let running ones finish within `grace` s, stop `/metrics`."""
@@ -278,6 +303,8 @@ class KinemaServer:
         _LOGGER.info("stopping", extra={"server": self.name, "grace_seconds": grace})
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._endpoint is not None:
             self._endpoint.stop()
             self._endpoint = None
@@ -297,11 +324,18 @@ def make_server(
 
 
 async def run_until_signal(build_server: Callable[[ServiceSettings], Any], settings: ServiceSettings) -> None:
-    """Build (sync or async `build_server`), start, serve until SIGINT/SIGTERM or termination, stop gracefully."""
-    server = build_server(settings)
-    if inspect.isawaitable(server):
-        server = await server
-    await server.start()
+    """Build (sync or async `build_server`), start, serve until SIGINT/SIGTERM or termination, stop gracefully.
+
+    Raises CannotStart for a settings error (ValueError, InvalidInput among them) or an OSError (a file, a port) met
+    while building or starting the server.
+    """
+    try:
+        server = build_server(settings)
+        if inspect.isawaitable(server):
+            server = await server
+        await server.start()
+    except (ValueError, OSError) as e:
+        raise CannotStart(str(e)) from e
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -318,11 +352,28 @@ async def run_until_signal(build_server: Callable[[ServiceSettings], Any], setti
             task.cancel()
 
 
+class CannotStart(Exception):
+    """The server did not start: a setting, or a file one names (API keys, TLS), is wrong, or its port is taken."""
+
+
 def serve(build_server: Callable[[ServiceSettings], Any], settings: ServiceSettings | None = None) -> None:
-    """A service's `__main__`: settings from the environment, JSON logs, serve until SIGINT/SIGTERM."""
-    settings = settings if settings is not None else ServiceSettings.from_env()
+    """A service's `__main__`: settings from the environment, JSON logs, serve until SIGINT/SIGTERM.
+
+    A server that cannot start logs one line saying why (`cannot start`) and exits with status 2, no traceback.
+    """
+    try:
+        settings = settings if settings is not None else ServiceSettings.from_env()
+    except ValueError as e:
+        configure_logging()
+        _LOGGER.error("cannot start: %s", e)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    asyncio.run(run_until_signal(build_server, settings))
+    try:
+        asyncio.run(run_until_signal(build_server, settings))
+    except CannotStart as e:
+        _LOGGER.error("cannot start: %s", e)
+        _LOGGER.debug("why it cannot start", exc_info=e.__cause__)
+        raise SystemExit(2) from None
 
 
 def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

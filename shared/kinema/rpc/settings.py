@@ -35,6 +35,16 @@ class ServiceSettings:
     # RESOURCE_EXHAUSTED and a retry hint (kinema.rpc.admission). Half the 64 worker threads a service has, so cheap
     # calls (GetJob, ListModels) always find a thread. 0: no limit.
     max_in_flight: int = 32
+    # TLS (kinema.rpc.tls, docs/deploy.md#tls); "" everywhere: plaintext. The serving port's certificate and key, and
+    # the CA whose certificates clients must present (mTLS); a plaintext port serving health only, for probes.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    health_port: int = 0  # 0: none (health is on the serving port in any case)
+    # What this process trusts, and presents, when it calls Kinema's internal servers (model services, Triton).
+    internal_tls_ca_file: str = ""
+    internal_tls_cert_file: str = ""
+    internal_tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models_dir", Path(self.models_dir))
@@ -42,6 +52,7 @@ class ServiceSettings:
         for name, (check, must) in _CHECKS.items():
             if not check(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be {must}")
+        _check_tls(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> ServiceSettings:
@@ -84,6 +95,13 @@ ENV_VARS: dict[str, str] = {
     "request_timeout_seconds": "KINEMA_REQUEST_TIMEOUT_SECONDS",
     "api_keys_file": "KINEMA_API_KEYS_FILE",
     "max_in_flight": "KINEMA_MAX_IN_FLIGHT",
+    "tls_cert_file": "KINEMA_TLS_CERT_FILE",
+    "tls_key_file": "KINEMA_TLS_KEY_FILE",
+    "tls_client_ca_file": "KINEMA_TLS_CLIENT_CA_FILE",
+    "health_port": "KINEMA_HEALTH_PORT",
+    "internal_tls_ca_file": "KINEMA_INTERNAL_TLS_CA_FILE",
+    "internal_tls_cert_file": "KINEMA_INTERNAL_TLS_CERT_FILE",
+    "internal_tls_key_file": "KINEMA_INTERNAL_TLS_KEY_FILE",
 }
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -96,6 +114,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": str.upper,
     "request_timeout_seconds": float,
     "max_in_flight": int,
+    "health_port": int,
 }
 
 
@@ -109,6 +128,10 @@ def _finite_at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
 
 def _int_in(low: int, high: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _pem_path(v: Any) -> bool:
+    return isinstance(v, str)  # read and checked by kinema.rpc.tls when the server or channel is made
 
 
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -125,4 +148,28 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "request_timeout_seconds": (_finite_at_least(0.0, strict=True), "a finite number of seconds > 0"),
     "api_keys_file": (lambda v: isinstance(v, str), "a path (empty: no authentication)"),
     "max_in_flight": (_int_in(0, 1 << 20), "an integer >= 0 (0: no limit)"),
+    "tls_cert_file": (_pem_path, "a path to a PEM certificate chain (empty: plaintext)"),
+    "tls_key_file": (_pem_path, "a path to a PEM private key (empty: plaintext)"),
+    "tls_client_ca_file": (_pem_path, "a path to a PEM CA certificate (empty: no client certificates)"),
+    "internal_tls_ca_file": (_pem_path, "a path to a PEM CA certificate (empty: plaintext)"),
+    "internal_tls_cert_file": (_pem_path, "a path to a PEM certificate chain (empty: none)"),
+    "internal_tls_key_file": (_pem_path, "a path to a PEM private key (empty: none)"),
+    "health_port": (_int_in(0, 65535), "an integer port in [0, 65535] (0: none)"),
 }
+
+
+def _check_tls(s: ServiceSettings) -> None:
+    """The TLS files come in the combinations kinema.rpc.tls uses (their contents are checked there, at start)."""
+    var = ENV_VARS
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        raise ValueError(f"{var['tls_cert_file']} and {var['tls_key_file']} go together: a certificate needs its key")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        raise ValueError(f"{var['tls_client_ca_file']} needs {var['tls_cert_file']}: clients present certificates "
+                         "over TLS only")  # fmt: skip
+    if bool(s.internal_tls_cert_file) != bool(s.internal_tls_key_file):
+        raise ValueError(f"{var['internal_tls_cert_file']} and {var['internal_tls_key_file']} go together")
+    if s.internal_tls_cert_file and not s.internal_tls_ca_file:
+        raise ValueError(f"{var['internal_tls_cert_file']} needs {var['internal_tls_ca_file']}, the CA the internal "
+                         "servers' certificates are checked against")  # fmt: skip
+    if s.health_port and s.health_port in (s.port, s.metrics_port):
+        raise ValueError(f"{var['health_port']}={s.health_port}: must differ from the gRPC and metrics ports")

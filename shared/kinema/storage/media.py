@@ -5,24 +5,31 @@ Uploads are probed and fully decoded once before they are stored, so a stored in
 server accepts; pipelines decode them again when they read them (`decode_image`). Dimensions are checked before the
 pixels are decoded, which is what stops a decompression bomb (a small file of a huge image): Pillow's own
 `MAX_IMAGE_PIXELS` check is a global setting this module leaves alone, and it would only warn below twice that.
+Videos are checked from their header (frame size, frames, duration) and their first frame is decoded; a pipeline
+that reads one checks every frame as it decodes (`kinema.storage.video`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from kinema.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from kinema.storage.video import VideoLimits
 
 # media type -> Pillow format name
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 # media type -> PyAV (FFmpeg) container names it may report
 VIDEO_TYPES = {"video/mp4": ("mp4", "mov"), "video/quicktime": ("mov", "mp4"), "video/webm": ("webm", "matroska")}
 DEFAULT_MAX_SIDE = 4096
+DEFAULT_MAX_FRAMES, DEFAULT_MAX_SECONDS = 512, 60.0  # as kinema.storage.video.VideoLimits
 # Media types by file suffix, and by the first bytes of images, for clients that send files.
 SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".mp4": "video/mp4",
             ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm"}  # fmt: skip
@@ -31,13 +38,28 @@ _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpe
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """The largest image or video frame accepted, per side; the pixel limit follows (side x side)."""
+    """The largest image or video frame accepted, per side (the pixel limit follows, side x side), and the longest
+    video, in frames and in seconds (`kinema.storage.video.VideoLimits`' defaults)."""
 
     max_side: int = DEFAULT_MAX_SIDE
+    max_frames: int = DEFAULT_MAX_FRAMES
+    max_seconds: float = DEFAULT_MAX_SECONDS
 
     def __post_init__(self) -> None:
         if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or self.max_side < 1:
             raise ValueError(f"max_side must be an int >= 1, got {self.max_side!r}")
+        if isinstance(self.max_frames, bool) or not isinstance(self.max_frames, int) or self.max_frames < 1:
+            raise ValueError(f"max_frames must be an int >= 1, got {self.max_frames!r}")
+        seconds = self.max_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+            raise ValueError(f"max_seconds must be a finite number > 0, got {seconds!r}")
+
+    @property
+    def video(self) -> VideoLimits:
+        """These limits as the video reader takes them (`kinema.storage.video.VideoLimits`)."""
+        from kinema.storage.video import VideoLimits  # PyAV: imported once a video is read
+
+        return VideoLimits(max_frames=self.max_frames, max_seconds=self.max_seconds, max_side=self.max_side)
 
 
 DEFAULT_LIMITS = MediaLimits()
@@ -155,9 +177,14 @@ def decode_image(
 
 
 def probe_video(data: bytes | BinaryIO, media_type: str, field: str, limits: MediaLimits = DEFAULT_LIMITS) -> MediaInfo:
-    """Check that `data` is a `media_type` container with a video stream within `limits` whose first frame
-    decodes (PyAV). The frame size comes from the stream's header, before any frame is decoded."""
+    """Check that `data` is a `media_type` container with a video stream within `limits` whose first frame decodes
+    (PyAV). Frame size, frame count and duration come from the stream's header, before any frame is decoded
+    (`kinema.storage.video.open_video`: VIDEO_TOO_LARGE, VIDEO_TOO_LONG, UNSUPPORTED_CODEC, NOT_A_VIDEO). Only the
+    first frame is decoded, so this stays cheap for long videos; a pipeline reading the video checks every frame
+    and counts frames and time again as it decodes, which catches a header that lies."""
     import av
+
+    from kinema.storage.video import open_video
 
     containers = VIDEO_TYPES.get(media_type)
     if containers is None:
@@ -166,22 +193,15 @@ def probe_video(data: bytes | BinaryIO, media_type: str, field: str, limits: Med
     try:
         with av.open(_source(data), mode="r") as container:
             names = set(container.format.name.split(","))
-            if not names & set(containers):
-                raise InvalidInput(f"{field}: the bytes are a {container.format.name} container, not {media_type}",
-                                   reason="MEDIA_TYPE_MISMATCH", field=field)  # fmt: skip
-            if not container.streams.video:
-                raise InvalidInput(f"{field}: the {media_type} file has no video stream", reason="NOT_A_VIDEO",
-                                   field=field)  # fmt: skip
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width, stream.codec_context.height
-            _check_side(width, height, limits, "video frame", field)
-            frame = next(container.decode(stream), None)
-            if frame is None:
-                raise InvalidInput(f"{field}: the video has no frame that decodes", reason="NOT_A_VIDEO", field=field)
-            return MediaInfo(media_type, width, height, stream.frames)
     except av.FFmpegError as e:
         raise InvalidInput(f"{field}: not a {media_type} video ({type(e).__name__}: {e})"[:300], reason="NOT_A_VIDEO",
                            field=field) from None  # fmt: skip
+    if not names & set(containers):
+        raise InvalidInput(f"{field}: the bytes are a {','.join(sorted(names))} container, not {media_type}",
+                           reason="MEDIA_TYPE_MISMATCH", field=field)  # fmt: skip
+    with open_video(_source(data), field, limits.video) as reader:
+        next(reader.frames())  # NOT_A_VIDEO when no frame decodes
+        return MediaInfo(media_type, reader.info.width, reader.info.height, reader.info.frames)
 
 
 def probe(data: bytes | BinaryIO, media_type: str, field: str, limits: MediaLimits = DEFAULT_LIMITS) -> MediaInfo:

@@ -154,12 +154,15 @@ class OrchestratorServicer:
         sends one `header` and then the bytes as `chunk` messages, each at most 1 MiB (1048576
         bytes), and half-closes; the artifact is stored whole or not at all, only once the bytes
         are known to be what the header says: a whole image (decoded) whose sides are within the
-        server's limit (checked from the file's header before any pixel is decoded). Errors:
+        server's limit (checked from the file's header before any pixel is decoded), or a video whose
+        header's frame size, frame count and duration are within the server's limits and whose first
+        frame decodes. Errors:
         INVALID_ARGUMENT when the header is missing, repeated or not first, a chunk is over 1 MiB,
         the byte count differs from header.size_bytes, the bytes' SHA-256 differs from
         header.sha256 (reason "SHA256_MISMATCH"), the media type is one no pipeline reads (reason
         "UNSUPPORTED_MEDIA_TYPE"), or the bytes are not a whole image of that type (reasons
-        "NOT_AN_IMAGE", "MEDIA_TYPE_MISMATCH", "IMAGE_TOO_LARGE"); RESOURCE_EXHAUSTED when
+        "NOT_AN_IMAGE", "MEDIA_TYPE_MISMATCH", "IMAGE_TOO_LARGE"; for a video "NOT_A_VIDEO",
+        "UNSUPPORTED_CODEC", "VIDEO_TOO_LARGE", "VIDEO_TOO_LONG"); RESOURCE_EXHAUSTED when
         size_bytes is over the server's limit (reason "ARTIFACT_TOO_LARGE", metadata "max_bytes";
         256 MiB unless configured otherwise), refused at the header before any byte is taken;
         UNAVAILABLE when the store is down (nothing is stored).
