@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 AE_STEPS ?= 2593  # the shipped autoencoder's steps (models/vae_encoder/README.md)
 FLOW_STEPS ?= 12081  # the shipped denoiser's steps (models/denoiser/README.md)
 DEPTH_STEPS ?= 518  # the shipped depth network's steps (models/depth/README.md)
+VIDEO_STEPS ?= 3720  # the shipped video denoiser's steps (models/video_denoiser/README.md)
 WORKERS ?= $(shell nproc)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -100,6 +101,9 @@ weights: $(STAMP)
 	$(BIN)/python -m kinema.eval.probe --train --eval --blur 1.0 --noise 0.02
 	$(BIN)/python -m kinema.train.depth --steps $(DEPTH_STEPS) --batch 12 --device auto --workers $(WORKERS) \
 		--checkpoint-every 200 --out runs/depth --export models
+	# Video denoiser (Gen-1) from the image denoiser above: about an hour on the CPU at 1 thread.
+	$(BIN)/python -m kinema.train.video --frames 8 --clips 800 --images 2000 --clip-batch 4 --image-batch 8 \
+		--steps $(VIDEO_STEPS) --threads 1 --eval-clips 8 --out runs/video --export models
 	$(BIN)/python -m kinema.inference.model_config --sync models
 	# Interpretation networks over the autoencoder latent (CPU, minutes each; bench/results/iin.md, docs/interpret.md).
 	$(BIN)/python -m kinema.train.iin --kind factor --factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 \

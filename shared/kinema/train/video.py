@@ -470,6 +470,21 @@ def write_card(out: Path, ema: VideoMMDiT, cfg: VideoTrainConfig, command: str, 
     return path
 
 
+def export(out: Path, models_dir: Path, name: str = "video_denoiser") -> Path:
+    """Copy the run's weights and model card into the model repository: `<models>/<name>/1/video_mmdit.safetensors`
+    and `<models>/<name>/README.md` (the Triton config beside them is kept; `python -m kinema.inference.model_config
+    --sync` records the new weights' hash in it)."""
+    import shutil
+
+    target = models_dir / name / "1" / "video_mmdit.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(out / "video_mmdit.safetensors", tmp)
+    tmp.replace(target)
+    shutil.copyfile(out / "README.md", models_dir / name / "README.md")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = VideoTrainConfig()
@@ -482,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", type=Path, default=Path("models/denoiser/1/mmdit.safetensors"),
                     help="image MMDiT weights to start from ('none' for a fresh network)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("runs/video"))
+    ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped weights into")
     ap.add_argument("--eval-clips", type=int, default=8, help="held-out clips sampled for the consistency check")
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--eval-omega-t", default="0,0.5,1,2", help="comma-separated temporal guidance weights")
@@ -515,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python -m kinema.train.video " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"wrote {write_card(args.out, ema, cfg, command, extra)}", flush=True)
+    if args.export:
+        print(f"exported {export(args.out, args.export)}", flush=True)
 
 
 if __name__ == "__main__":
