@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+SECTIONS = ("structure", "consistency", "seams", "cost")
 OMEGA_T = (0.0, 0.5, 1.0, 1.5, 2.0)
 T_S = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -109,32 +109,43 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(float(np.mean([r[k] for r in rows])), 5) for k in rows[0]}
 
 
-def seams(nets, world, frames: int, window: int, steps: int) -> dict:
-    """Consecutive-frame difference at window boundaries over the mean within windows, with and without overlap."""
+def seams(nets, world, clips: int, frames: int, window: int, steps: int, overlaps: tuple[int, ...]) -> dict:
+    """Consecutive-frame difference across window boundaries over the mean within windows, per overlap, averaged
+    over `clips` long test clips; the input clips' own ratio at the same pairs is the motion's floor."""
     from kinema.pipelines.edit_video import EditVideoRequest, edit_video, plan_windows
 
-    clip = world.clip("test", 1000, frames)
-    rgb = to_uint8(clip.rgb)
-    out = {}
-    for overlap in (2, 0):
-        request = EditVideoRequest(prompt=world.clip("test", 1000, 1).caption, steps=steps, window=window,
-                                   overlap=overlap, seed=1)  # fmt: skip
-        got: list[np.ndarray] = []
-        edit_video(request, lambda: iter(rgb), got.append, *nets)
-        x = np.stack(got).astype(np.float32) / 255
-        diffs = ((x[1:] - x[:-1]) ** 2).mean(axis=(1, 2, 3))  # (F-1,): pair i = frames i, i+1
+    def pair_diffs(frames: np.ndarray) -> np.ndarray:
+        x = frames.astype(np.float32) / 255
+        return ((x[1:] - x[:-1]) ** 2).mean(axis=(1, 2, 3))  # (F-1,): pair i = frames i, i+1
+
+    def ratio(diffs: np.ndarray, boundary: list[int]) -> float:
+        inside = [d for i, d in enumerate(diffs) if i not in boundary]
+        return float(np.mean(diffs[boundary]) / np.mean(inside))
+
+    out: dict = {}
+    for overlap in overlaps:
         windows = plan_windows(frames, window, overlap)
         # a window's new frames start where the one before it ends: the pair across that boundary
         boundary = sorted({e0 - 1 for (_, e0) in windows[:-1]})
-        inside = [d for i, d in enumerate(diffs) if i not in boundary]
-        ratio = float(np.mean(diffs[boundary]) / np.mean(inside))
-        out[f"overlap={overlap}"] = {"boundary_over_interior": round(ratio, 3), "boundary_pairs": boundary,
-                                     "windows": windows}  # fmt: skip
+        got_ratios, input_ratios = [], []
+        for k in range(clips):
+            clip = world.clip("test", 1000 + k, frames)
+            rgb = to_uint8(clip.rgb)
+            request = EditVideoRequest(prompt=clip.caption, steps=steps, window=window, overlap=overlap, seed=k)
+            got: list[np.ndarray] = []
+            edit_video(request, lambda rgb=rgb: iter(rgb), got.append, *nets)
+            got_ratios.append(ratio(pair_diffs(np.stack(got)), boundary))
+            input_ratios.append(ratio(pair_diffs(rgb), boundary))
+        out[f"overlap={overlap}"] = {"boundary_over_interior": round(float(np.mean(got_ratios)), 2),
+                                     "input_at_the_same_pairs": round(float(np.mean(input_ratios)), 2),
+                                     "windows": len(windows), "boundary_pairs": boundary}  # fmt: skip
+        print(json.dumps({f"seams overlap={overlap}": out[f"overlap={overlap}"]}), flush=True)
     return out
 
 
 def peak_memory(frames_list: list[int], steps: int, threads: int) -> dict[str, float]:
-    """Peak RSS (MiB) of a fresh `kinema edit-video` process per clip length (the CLI, as a user runs it)."""
+    """Peak RSS (MiB, the kernel's VmHWM) of a fresh `kinema edit-video` process per clip length (the CLI, as a user
+    runs it)."""
     from kinema.data import World
     from kinema.storage.video import write_video
 
@@ -145,9 +156,11 @@ def peak_memory(frames_list: list[int], steps: int, threads: int) -> dict[str, f
         for n in frames_list:
             src = Path(tmp) / f"in{n}.mp4"
             write_video(src, clip[:n], fps=8)
-            code = ("import resource, sys; from kinema.cli import main; import torch; "
+            # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report this process's peak
+            code = ("import re, sys; from kinema.cli import main; import torch; "
                     f"torch.set_num_threads({threads}); rc = main(sys.argv[1:]); "
-                    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")  # fmt: skip
+                    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+                    "print('PEAK', hwm); sys.exit(rc)")  # fmt: skip
             cmd = [sys.executable, "-c", code, "edit-video", str(src), "--prompt", "a red sphere", "--steps",
                    str(steps), "-o", str(Path(tmp) / f"out{n}.mp4"), "-q"]  # fmt: skip
             run = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -162,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--long", type=int, default=26, help="frames of the seam clip")
+    ap.add_argument("--long", type=int, default=26, help="frames of the seam clips")
+    ap.add_argument("--seam-clips", type=int, default=4, help="long clips the seam ratios average over")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated parts to run; the others keep their values from --out's JSON")  # fmt: skip
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--memory-frames", type=int, nargs="*", default=[8, 16, 32, 64])
     ap.add_argument("--memory-steps", type=int, default=2)
@@ -197,45 +213,57 @@ def main(argv: list[str] | None = None) -> None:
         edit_video(request, lambda: iter(to_uint8(clip.rgb)), got.append, *nets)
         return np.stack(got), time.perf_counter() - t0
 
-    floor = [structure_error(depth_net, to_uint8(c.rgb), c.depth) for c, _, _ in tasks]
-    results["structure"] = {"input": round(float(np.mean(floor)), 4)}
-    seconds = []
-    for t_s in T_S:
-        errors, adherence = [], []
-        for i, (clip, prompt, truth) in enumerate(tasks):
-            frames, sec = run(clip, prompt, i, t_s, 1.0)
-            seconds.append(sec)
-            errors.append(structure_error(depth_net, frames, clip.depth))
-            adherence.append(evaluate(probe, frames, [truth] * len(frames))["colour_shape"])
-        results["structure"][f"t_s={t_s:g}"] = {"depth_absrel": round(float(np.mean(errors)), 4),
-                                                "colour_shape": round(float(np.mean(adherence)), 3)}  # fmt: skip
-        print(json.dumps({f"t_s={t_s:g}": results["structure"][f"t_s={t_s:g}"]}), flush=True)
-    results["consistency"] = {"ground_truth": mean_rows([consistency(to_uint8(c.rgb), c, perceptual)
-                                                         for c, _, _ in tasks])}  # fmt: skip
-    for w in OMEGA_T:
-        rows, adherence = [], []
-        for i, (clip, prompt, truth) in enumerate(tasks):
-            frames, sec = run(clip, prompt, i, 0.0, w)
-            rows.append(consistency(frames, clip, perceptual))
-            adherence.append(evaluate(probe, frames, [truth] * len(frames))["colour_shape"])
-        row = mean_rows(rows) | {"colour_shape": round(float(np.mean(adherence)), 3)}
-        results["consistency"][f"omega_t={w:g}"] = row
-        print(json.dumps({f"omega_t={w:g}": row}), flush=True)
-    base = results["consistency"]["omega_t=0"]
-    for w in OMEGA_T[1:]:
-        row = results["consistency"][f"omega_t={w:g}"]
-        row["warp_error_vs_frame_wise"] = round(row["warp_error"] / base["warp_error"], 3)
-        row["feature_distance_vs_frame_wise"] = round(row["feature_distance"] / base["feature_distance"], 3)
-    results["seams"] = seams(nets, world, args.long, args.window, args.steps)
-    print(json.dumps({"seams": results["seams"]}), flush=True)
-    results["cost"] = {"seconds_per_clip_median": round(float(np.median(seconds)), 2),
-                       "clip": f"{args.frames} frames, 64 px, {args.steps} steps, CFG {args.guidance:g} + omega_t 1 "
-                               "(3 network evaluations a step)",
-                       "peak_rss_mib_by_clip_length": peak_memory(args.memory_frames, args.memory_steps,
-                                                                  args.threads or torch.get_num_threads()),
-                       "this_process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                                          1)}  # fmt: skip
+    sections = set(args.sections.split(","))
+    if "structure" in sections:
+        floor = [structure_error(depth_net, to_uint8(c.rgb), c.depth) for c, _, _ in tasks]
+        results["structure"] = {"input": round(float(np.mean(floor)), 4)}
+        for t_s in T_S:
+            errors, adherence = [], []
+            for i, (clip, prompt, truth) in enumerate(tasks):
+                frames, _ = run(clip, prompt, i, t_s, 1.0)
+                errors.append(structure_error(depth_net, frames, clip.depth))
+                adherence.append(evaluate(probe, frames, [truth] * len(frames))["colour_shape"])
+            results["structure"][f"t_s={t_s:g}"] = {"depth_absrel": round(float(np.mean(errors)), 4),
+                                                    "colour_shape": round(float(np.mean(adherence)), 3)}  # fmt: skip
+            print(json.dumps({f"t_s={t_s:g}": results["structure"][f"t_s={t_s:g}"]}), flush=True)
+    if "consistency" in sections:
+        results["consistency"] = {"ground_truth": mean_rows([consistency(to_uint8(c.rgb), c, perceptual)
+                                                             for c, _, _ in tasks])}  # fmt: skip
+        for w in OMEGA_T:
+            rows, adherence = [], []
+            for i, (clip, prompt, truth) in enumerate(tasks):
+                frames, _ = run(clip, prompt, i, 0.0, w)
+                rows.append(consistency(frames, clip, perceptual))
+                adherence.append(evaluate(probe, frames, [truth] * len(frames))["colour_shape"])
+            row = mean_rows(rows) | {"colour_shape": round(float(np.mean(adherence)), 3)}
+            results["consistency"][f"omega_t={w:g}"] = row
+            print(json.dumps({f"omega_t={w:g}": row}), flush=True)
+        base = results["consistency"]["omega_t=0"]
+        for w in OMEGA_T[1:]:
+            row = results["consistency"][f"omega_t={w:g}"]
+            row["warp_error_vs_frame_wise"] = round(row["warp_error"] / base["warp_error"], 3)
+            row["feature_distance_vs_frame_wise"] = round(row["feature_distance"] / base["feature_distance"], 3)
+    if "seams" in sections:
+        results["seams"] = seams(nets, world, args.seam_clips, args.long, args.window, args.steps, (0, 2, 4))
+    if "cost" in sections:
+        clip, prompt, _ = tasks[0]
+        seconds = [run(clip, prompt, 0, 0.0, 1.0)[1] for _ in range(3)]
+        results["cost"] = {
+            "seconds_per_clip_median_of_3": round(float(np.median(seconds)), 2),
+            "clip": f"{args.frames} frames, 64 px, {args.steps} steps, CFG {args.guidance:g} + omega_t "
+            "1 (3 network evaluations a step)",
+            "peak_rss_mib_by_clip_length": peak_memory(
+                args.memory_frames, args.memory_steps, args.threads or torch.get_num_threads()
+            ),
+        }
     command = "python bench/video.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    previous = args.out.with_name(args.out.name + ".json")
+    if sections != {"structure", "consistency", "seams", "cost"} and previous.exists():
+        # a partial run updates its sections and keeps the others, each with the command that made it
+        old = json.loads(previous.read_text())
+        commands = old["results"].get("commands", {s: old["command"] for s in old["results"] if s in SECTIONS})
+        results = old["results"] | {k: v for k, v in results.items() if k in sections or k == "models"}
+        results["commands"] = commands | dict.fromkeys(sections, command)
     print(write_results(args.out, results, command))
 
 

@@ -20,6 +20,13 @@ def clip_file(tmp_path_factory) -> str:
     return str(path)
 
 
+def test_the_cli_defaults_are_the_pipelines():
+    from kinema.pipelines.edit_video import EditVideoRequest
+    from kinema.video_cli import DEFAULT_OVERLAP, DEFAULT_WINDOW
+
+    assert (EditVideoRequest.window, EditVideoRequest.overlap) == (DEFAULT_WINDOW, DEFAULT_OVERLAP)
+
+
 def test_edit_video_writes_the_clip_with_its_provenance(clip_file, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     rc = main(["edit-video", clip_file, "--prompt", "a green cone", "--steps", "2", "--structure", "0.5",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from kinema.cli import CliError, _guidance, _positive_int, _read_image, _strength
 
+# EditVideoRequest's window and overlap, here without importing torch to build the parser (a test keeps them equal).
+DEFAULT_WINDOW, DEFAULT_OVERLAP = 8, 4
 # The option of this command that sets a request field an error names.
 _OPTION = {"prompt": "--prompt", "content_image": "--content-image", "structure": "--structure",
            "temporal_guidance": "--temporal-guidance", "guidance": "--guidance", "steps": "--steps",
@@ -287,8 +289,10 @@ def add_edit_video_parser(sub, parents: list[argparse.ArgumentParser] | None = N
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_frame_size, default=(64, 64), metavar="WxH",
                    help="output size; the input is centre-cropped to its aspect (default 64)")  # fmt: skip
-    p.add_argument("--window", type=_positive_int, default=8, help="frames per denoiser call (default 8)")
-    p.add_argument("--overlap", type=int, default=2, help="frames neighbouring windows share (default 2)")
+    p.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
+                   help=f"frames per denoiser call (default {DEFAULT_WINDOW})")  # fmt: skip
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                   help=f"frames neighbouring windows share (default {DEFAULT_OVERLAP})")  # fmt: skip
     p.add_argument("--frames", type=_positive_int, default=None, metavar="N", help="edit only the first N frames")
     p.add_argument("--max-frames", type=_positive_int, default=100_000,
                    help="refuse longer videos (default 100000; with --frames, only N are read); with --server the "

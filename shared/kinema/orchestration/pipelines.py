@@ -488,8 +488,10 @@ _VIDEO_FIELDS = {"prompt": "prompts", "video": "inputs.video", "content_image": 
                  "structure": "options.structure", "temporal_guidance": "options.temporal_guidance",
                  "window": "options.window", "overlap": "options.overlap"}  # fmt: skip
 # options.<key> edit_video reads: (default, integer?). Defaults are the library's (EditVideoRequest); frames 0: all.
-_VIDEO_OPTIONS = {"structure": (0.0, False), "temporal_guidance": (1.0, False), "window": (8, True),
-                  "overlap": (2, True), "frames": (0, True)}  # fmt: skip
+_VIDEO_OPTIONS = {"structure": (EditVideoRequest.structure, False),
+                  "temporal_guidance": (EditVideoRequest.temporal_guidance, False),
+                  "window": (EditVideoRequest.window, True), "overlap": (EditVideoRequest.overlap, True),
+                  "frames": (0, True)}  # fmt: skip
 
 
 def _video_field(e: InvalidInput) -> InvalidInput:

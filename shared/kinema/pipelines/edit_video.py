@@ -70,7 +70,7 @@ class EditVideoRequest:
     width: int = 64
     height: int = 64
     window: int = 8
-    overlap: int = 2
+    overlap: int = 4
 
     def validate(self, patch: int, max_window: int) -> None:
         has_image = self.content_image is not None
