@@ -85,6 +85,7 @@ eval: $(STAMP)
 	$(BIN)/kinema eval flow-loss
 	$(BIN)/kinema eval t2i --n 500
 	$(BIN)/kinema eval depth
+	$(BIN)/python bench/video.py --clips 8 --steps 28
 
 # Retrain every shipped model from scratch (hours on a 2-core CPU; each model card records its run).
 # The two autoencoder phases keep the latent space fixed after the first, so the denoiser may train
