@@ -21,10 +21,11 @@ def clip_file(tmp_path_factory) -> str:
 
 
 def test_the_cli_defaults_are_the_pipelines():
-    from kinema.pipelines.edit_video import EditVideoRequest
-    from kinema.video_cli import DEFAULT_OVERLAP, DEFAULT_WINDOW
+    from kinema.pipelines.edit_video import EditVideoRequest, default_overlap
+    from kinema.video_cli import DEFAULT_WINDOW
 
-    assert (EditVideoRequest.window, EditVideoRequest.overlap) == (DEFAULT_WINDOW, DEFAULT_OVERLAP)
+    assert EditVideoRequest.window == DEFAULT_WINDOW
+    assert EditVideoRequest.overlap == default_overlap(EditVideoRequest.window) == 4
 
 
 def test_edit_video_writes_the_clip_with_its_provenance(clip_file, tmp_path, capsys):

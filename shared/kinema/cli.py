@@ -393,17 +393,19 @@ def _request_fields(args: argparse.Namespace, client=None) -> dict:
 
 
 def _upload(client, path: Path, option: str):
-    """`client.upload(path)`, its errors naming the option and the file."""
+    """`client.upload(path)`, its errors naming the option (none for a command's own input) and the file."""
     from kinema.errors import KinemaError, Unavailable
 
+    where = f"{option} {path}" if option else str(path)
     if not path.is_file():
-        raise CliError(f"{option} {path}: no such file")
+        raise CliError(f"{where}: no such file")
     try:
         return client.upload(path)
     except KinemaError as e:
         if isinstance(e, Unavailable):
             raise
-        raise type(e)(f"{option} {path}: {e}", reason=e.reason, metadata=e.metadata) from None
+        message = str(e).removeprefix("chunk: ")  # the server names the upload's bytes "chunk"
+        raise type(e)(f"{where}: {message}", reason=e.reason, metadata=e.metadata) from None
 
 
 class _Progress:

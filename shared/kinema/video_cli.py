@@ -8,10 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from kinema.cli import CliError, _guidance, _positive_int, _read_image, _strength
+from kinema.cli import CliError, _guidance, _positive_int, _read_image, _strength, _upload
 
-# EditVideoRequest's window and overlap, here without importing torch to build the parser (a test keeps them equal).
-DEFAULT_WINDOW, DEFAULT_OVERLAP = 8, 4
+# EditVideoRequest's window, here without importing torch to build the parser (a test keeps them equal).
+DEFAULT_WINDOW = 8
 # The option of this command that sets a request field an error names.
 _OPTION = {"prompt": "--prompt", "content_image": "--content-image", "structure": "--structure",
            "temporal_guidance": "--temporal-guidance", "guidance": "--guidance", "steps": "--steps",
@@ -23,6 +23,11 @@ _SERVER_OPTION = {"prompts": "--prompt", "inputs.content_image": "--content-imag
                   "height": "--size", "options.structure": "--structure",
                   "options.temporal_guidance": "--temporal-guidance", "options.window": "--window",
                   "options.overlap": "--overlap", "options.frames": "--frames"}  # fmt: skip
+
+
+def _overlap(args: argparse.Namespace) -> int:
+    """--overlap, else half the window (`kinema.pipelines.edit_video.default_overlap`)."""
+    return args.window // 2 if args.overlap is None else args.overlap
 
 
 def _unit(text: str) -> float:
@@ -96,7 +101,7 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
     request = EditVideoRequest(prompt=args.prompt or "", content_image=content_image, structure=args.structure,
                                temporal_guidance=args.temporal_guidance, guidance=args.guidance, steps=args.steps,
                                strength=args.strength, seed=args.seed, width=width, height=height,
-                               window=args.window, overlap=args.overlap)  # fmt: skip
+                               window=args.window, overlap=_overlap(args))  # fmt: skip
     try:
         nets = load_local_video(args.models)
     except FileNotFoundError as e:
@@ -127,21 +132,6 @@ def _server_error(e, args: argparse.Namespace):
     where = str(args.input) if field in ("inputs.video", "video") else _SERVER_OPTION.get(field, "")
     message = str(e).removeprefix(f"{field}: ") if field else str(e)
     return type(e)(f"{where}: {message}" if where else message, reason=e.reason, metadata=e.metadata)
-
-
-def _uploaded(client, path: Path, what: str):
-    """`client.upload(path)`; an error names `what` (the option, or the input) and the file."""
-    from kinema.errors import KinemaError, Unavailable
-
-    if not path.is_file():
-        raise CliError(f"{what}{' ' if what else ''}{path}: no such file")
-    try:
-        return client.upload(path)
-    except KinemaError as e:
-        if isinstance(e, Unavailable):
-            raise
-        message = str(e).removeprefix("chunk: ")  # the server names the upload's bytes "chunk"
-        raise type(e)(f"{what}{' ' if what else ''}{path}: {message}", reason=e.reason, metadata=e.metadata) from None
 
 
 def _remote_keyframe(client, args: argparse.Namespace, size: tuple[int, int]):
@@ -185,13 +175,13 @@ def _remote_edit_video(args: argparse.Namespace) -> None:
     width, height = args.size
     with _client(args) as client:
         try:
-            inputs = {"video": _uploaded(client, args.input, "")}
+            inputs = {"video": _upload(client, args.input, "")}
             if args.content_image is not None:
-                inputs["content_image"] = _uploaded(client, args.content_image, "--content-image")
+                inputs["content_image"] = _upload(client, args.content_image, "--content-image")
             elif args.keyframe_prompt is not None:
                 inputs["content_image"] = _remote_keyframe(client, args, (width, height))
             options = {"structure": args.structure, "temporal_guidance": args.temporal_guidance,
-                       "window": args.window, "overlap": args.overlap, "frames": args.frames or 0}  # fmt: skip
+                       "window": args.window, "overlap": _overlap(args), "frames": args.frames or 0}  # fmt: skip
             request = pipeline_request([args.prompt] if args.prompt is not None else [], pipeline="edit_video",
                                        seed=args.seed, steps=args.steps, guidance=args.guidance,
                                        strength=args.strength, width=width, height=height, inputs=inputs,
@@ -291,8 +281,8 @@ def add_edit_video_parser(sub, parents: list[argparse.ArgumentParser] | None = N
                    help="output size; the input is centre-cropped to its aspect (default 64)")  # fmt: skip
     p.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
                    help=f"frames per denoiser call (default {DEFAULT_WINDOW})")  # fmt: skip
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
-                   help=f"frames neighbouring windows share (default {DEFAULT_OVERLAP})")  # fmt: skip
+    p.add_argument("--overlap", type=int, default=None,
+                   help="frames neighbouring windows share (default: half the window)")  # fmt: skip
     p.add_argument("--frames", type=_positive_int, default=None, metavar="N", help="edit only the first N frames")
     p.add_argument("--max-frames", type=_positive_int, default=100_000,
                    help="refuse longer videos (default 100000; with --frames, only N are read); with --server the "

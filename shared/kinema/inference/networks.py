@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -239,6 +239,27 @@ class VaeDecoderNetwork(Network):
         return {"IMAGE": _numpy(self.model.decode(self.tensor(inputs["LATENT"])))}
 
 
+def check_latent_and_text(name: str, p: Any, channels: int, h: int, w: int, inputs: dict[str, np.ndarray],
+                          what: str) -> None:  # fmt: skip
+    """The checks an MMDiT's inputs share (image or video): latent channels and size against the params (`p`, an
+    MMDiTParams), CONTEXT / POOLED widths and CONTEXT_MASK's length; InvalidInput prefixed with the model `name`."""
+    ctx, mask, pooled = inputs["CONTEXT"], inputs["CONTEXT_MASK"], inputs["POOLED"]
+    if channels != p.in_channels:
+        raise InvalidInput(f"{name}: X needs {p.in_channels} channels, got {channels}")
+    if h % p.patch_size or w % p.patch_size or max(h, w) // p.patch_size > p.pos_embed_max_size:
+        raise InvalidInput(
+            f"{name}: latent size {h}x{w} must be a multiple of {p.patch_size} "
+            f"and at most {p.patch_size * p.pos_embed_max_size}"
+        )
+    if ctx.shape[2] != p.context_dim or pooled.shape[1] != p.pooled_dim:
+        raise InvalidInput(
+            f"{name}: {what} states need width {p.context_dim} and pooled {p.pooled_dim}, "
+            f"got {ctx.shape[2]} and {pooled.shape[1]}"
+        )
+    if mask.shape[1] != ctx.shape[1]:
+        raise InvalidInput(f"{name}: CONTEXT_MASK length {mask.shape[1]} != CONTEXT length {ctx.shape[1]}")
+
+
 class DenoiserNetwork(Network):
     """One MMDiT evaluation: velocity v(x_t, t | text) for a batch (SD3 rectified flow)."""
 
@@ -272,22 +293,8 @@ class DenoiserNetwork(Network):
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         p = self.model.params
-        x, ctx, mask, pooled = inputs["X"], inputs["CONTEXT"], inputs["CONTEXT_MASK"], inputs["POOLED"]
-        if x.shape[1] != p.in_channels:
-            raise InvalidInput(f"denoiser: X needs {p.in_channels} channels, got {x.shape[1]}")
-        h, w = x.shape[2:]
-        if h % p.patch_size or w % p.patch_size or max(h, w) // p.patch_size > p.pos_embed_max_size:
-            raise InvalidInput(
-                f"denoiser: latent size {h}x{w} must be a multiple of {p.patch_size} "
-                f"and at most {p.patch_size * p.pos_embed_max_size}"
-            )
-        if ctx.shape[2] != p.context_dim or pooled.shape[1] != p.pooled_dim:
-            raise InvalidInput(
-                f"denoiser: text states need width {p.context_dim} and pooled {p.pooled_dim}, "
-                f"got {ctx.shape[2]} and {pooled.shape[1]}"
-            )
-        if mask.shape[1] != ctx.shape[1]:
-            raise InvalidInput(f"denoiser: CONTEXT_MASK length {mask.shape[1]} != CONTEXT length {ctx.shape[1]}")
+        x = inputs["X"]
+        check_latent_and_text("denoiser", p, x.shape[1], *x.shape[2:], inputs, "text")
         t = inputs["T"]
         if (t < 0).any() or (t > 1).any():
             raise InvalidInput("denoiser: T must lie in [0, 1]")
@@ -366,24 +373,11 @@ class VideoDenoiserNetwork(Network):
             return
         if missing := [k for k in VIDEO_VELOCITY_INPUTS if k not in inputs]:
             raise InvalidInput(f"video_denoiser: X needs {', '.join(missing)} too")
-        x, ctx, mask, pooled = inputs["X"], inputs["CONTEXT"], inputs["CONTEXT_MASK"], inputs["POOLED"]
+        x = inputs["X"]
         b, f, c, h, w = x.shape
-        if c != p.in_channels:
-            raise InvalidInput(f"video_denoiser: X needs {p.in_channels} channels, got {c}")
         if not 1 <= f <= p.max_frames:
             raise InvalidInput(f"video_denoiser: X has {f} frames, the model takes 1..{p.max_frames}")
-        if h % p.patch_size or w % p.patch_size or max(h, w) // p.patch_size > p.pos_embed_max_size:
-            raise InvalidInput(
-                f"video_denoiser: latent size {h}x{w} must be a multiple of {p.patch_size} "
-                f"and at most {p.patch_size * p.pos_embed_max_size}"
-            )
-        if ctx.shape[2] != p.context_dim or pooled.shape[1] != p.pooled_dim:
-            raise InvalidInput(
-                f"video_denoiser: content states need width {p.context_dim} and pooled {p.pooled_dim}, "
-                f"got {ctx.shape[2]} and {pooled.shape[1]}"
-            )
-        if mask.shape[1] != ctx.shape[1]:
-            raise InvalidInput(f"video_denoiser: CONTEXT_MASK length {mask.shape[1]} != CONTEXT length {ctx.shape[1]}")
+        check_latent_and_text("video_denoiser", p, c, h, w, inputs, "content")
         want = (b, f, p.structure_channels, h, w)  # (B, F, S, h, w)
         if "STRUCTURE" in inputs and (not p.structure_channels or inputs["STRUCTURE"].shape != want):
             raise InvalidInput(f"video_denoiser: STRUCTURE must have shape {want}, got {inputs['STRUCTURE'].shape}")

@@ -25,7 +25,7 @@ from kinema.errors import InvalidInput, NotFound
 from kinema.orchestration.capabilities import Bound
 from kinema.orchestration.inputs import StoredInputs
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
-from kinema.pipelines.edit_video import NOISE_STRIDE, EditVideoRequest, edit_video_file
+from kinema.pipelines.edit_video import NOISE_STRIDE, EditVideoRequest, default_overlap, edit_video_file
 from kinema.pipelines.image_to_image import ImageToImageRequest, check_strength, image_to_image
 from kinema.pipelines.inpaint import InpaintRequest, inpaint
 from kinema.pipelines.text_to_image import (
@@ -487,11 +487,11 @@ VIDEO_MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/webm")
 _VIDEO_FIELDS = {"prompt": "prompts", "video": "inputs.video", "content_image": "inputs.content_image",
                  "structure": "options.structure", "temporal_guidance": "options.temporal_guidance",
                  "window": "options.window", "overlap": "options.overlap"}  # fmt: skip
-# options.<key> edit_video reads: (default, integer?). Defaults are the library's (EditVideoRequest); frames 0: all.
+# options.<key> edit_video reads: (default, integer?). Defaults are the library's (EditVideoRequest); frames 0: all;
+# overlap None: half the window (`default_overlap`).
 _VIDEO_OPTIONS = {"structure": (EditVideoRequest.structure, False),
                   "temporal_guidance": (EditVideoRequest.temporal_guidance, False),
-                  "window": (EditVideoRequest.window, True), "overlap": (EditVideoRequest.overlap, True),
-                  "frames": (0, True)}  # fmt: skip
+                  "window": (EditVideoRequest.window, True), "overlap": (None, True), "frames": (0, True)}  # fmt: skip
 
 
 def _video_field(e: InvalidInput) -> InvalidInput:
@@ -509,6 +509,8 @@ def _video_options(request: pb.PipelineRequest) -> dict[str, float | int]:
     values: dict[str, float | int] = {}
     for key, (default, integer) in _VIDEO_OPTIONS.items():
         value = given.pop(key, default)
+        if value is None:  # overlap: half the window (already read, the order above)
+            value = default_overlap(int(values["window"]))
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise InvalidInput(f"options.{key} must be a number, got {value!r}", reason="OUT_OF_RANGE",
                                field=f"options.{key}")  # fmt: skip
@@ -601,7 +603,11 @@ class EditVideoPipeline:
                     d.temporal_guidance,
                 ),
                 _param("options.window", "frames per denoiser call, 2 to the video model's max_frames", d.window),
-                _param("options.overlap", "frames two neighbouring windows share, 0..window-1", d.overlap),
+                _param(
+                    "options.overlap",
+                    "frames two neighbouring windows share, 0..window-1; unset: half the window",
+                    d.overlap,
+                ),
                 _param("options.frames", "edit only the first N frames; 0: every frame", 0),
             ],
             capabilities=list(self.capabilities),
