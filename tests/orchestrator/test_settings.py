@@ -49,7 +49,7 @@ def test_bad_settings_name_the_variable(change, names) -> None:
 
 def test_job_settings_from_env() -> None:
     s = OrchestratorSettings.from_env(environ=ENV)
-    assert not s.jobs_enabled and s.redis_url == "" and (s.job_max_retries, s.job_max_attempts) == (3, 5)
+    assert not s.jobs_enabled and s.redis_url == "" and (s.job_max_retries, s.job_max_attempts) == (5, 8)
     jobs = {
         "KINEMA_REDIS_URL": "redis://:hunter2@redis:6379/0",
         "KINEMA_JOB_MAX_RETRIES": "1",
@@ -75,7 +75,7 @@ def test_job_settings_from_env() -> None:
         ({"KINEMA_BROKER_URL": "redis://broker:6379/0"}, "KINEMA_BROKER_URL needs KINEMA_REDIS_URL"),
         ({"KINEMA_JOB_MAX_RETRIES": "-1"}, "KINEMA_JOB_MAX_RETRIES"),
         ({"KINEMA_JOB_MAX_RETRIES": "three"}, "KINEMA_JOB_MAX_RETRIES"),
-        ({"KINEMA_JOB_MAX_ATTEMPTS": "3"}, "KINEMA_JOB_MAX_ATTEMPTS=3 must be > KINEMA_JOB_MAX_RETRIES=3"),
+        ({"KINEMA_JOB_MAX_ATTEMPTS": "5"}, "KINEMA_JOB_MAX_ATTEMPTS=5 must be > KINEMA_JOB_MAX_RETRIES=5"),
         ({"KINEMA_JOB_RETRY_BACKOFF_SECONDS": "0"}, "KINEMA_JOB_RETRY_BACKOFF_SECONDS"),
         ({"KINEMA_JOB_TIMEOUT_SECONDS": "inf"}, "KINEMA_JOB_TIMEOUT_SECONDS"),
         ({"KINEMA_JOB_RETENTION_SECONDS": "10"}, "KINEMA_JOB_RETENTION_SECONDS"),

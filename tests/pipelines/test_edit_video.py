@@ -201,3 +201,16 @@ def test_a_corrupt_video_is_refused_before_anything_is_written(nets, tmp_path):
     with pytest.raises(InvalidInput) as e:
         edit_video_file(EditVideoRequest(prompt="x", steps=STEPS), src, out, *nets)
     assert e.value.reason == "NOT_A_VIDEO" and not out.exists()
+
+
+def test_a_video_that_shrinks_between_the_two_reads_is_refused(nets, clip):
+    reads = []
+
+    def source():  # the second read (SDEdit's init latents) ends early, as a file changed mid-run would
+        reads.append(1)
+        return iter(clip[:8] if len(reads) == 1 else clip[:5])
+
+    request = EditVideoRequest(prompt="x", steps=4, strength=0.5, window=4, overlap=2)
+    with pytest.raises(InvalidInput, match="second read") as e:
+        edit_video(request, source, lambda f: None, *nets)
+    assert e.value.reason == "NOT_A_VIDEO"

@@ -92,9 +92,10 @@ class OrchestratorSettings:
     # Jobs (docs/jobs.md). Without a Redis URL the job RPCs answer UNIMPLEMENTED and Generate still works.
     redis_url: str = field(default="", repr=False)  # job records, Celery results, cancel flags; may hold a password
     broker_url: str = field(default="", repr=False)  # the Celery broker; "" = redis_url
-    job_max_retries: int = 3  # retries of a job that failed with UNAVAILABLE (a model service or the store down)
-    job_retry_backoff_seconds: float = 2.0  # the n-th retry waits 0.5-1 x min(60, this * 2^n) s
-    job_max_attempts: int = 5  # starts of one job in all (retries and redeliveries after a lost worker)
+    job_max_retries: int = 5  # retries of a job that failed with UNAVAILABLE (a model service or the store down)
+    # 5 retries at 4 s: 60-120 s of waits in all, longer than a Triton restart that reloads every model (26-52 s here)
+    job_retry_backoff_seconds: float = 4.0  # the n-th retry waits 0.5-1 x min(60, this * 2^n) s
+    job_max_attempts: int = 8  # starts of one job in all (retries and redeliveries after a lost worker)
     job_timeout_seconds: float = 3600.0  # deadline of each model service call a job makes
     job_retention_seconds: int = 7 * 86400  # a finished job is kept this long, then answers NOT_FOUND
     # A job unacknowledged this long is handed to another worker: longer than any job runs (celery_app docstring).

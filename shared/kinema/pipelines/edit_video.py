@@ -191,7 +191,12 @@ class _InitLatents:
         self.cache = {i: z for i, z in self.cache.items() if i >= start}
         need = []
         while self.read < end:
-            need.append(next(self.frames))
+            frame = next(self.frames, None)
+            if frame is None:  # the first pass counted more frames: the file changed under the run
+                raise InvalidInput(f"the video ended at frame {self.read} on the second read, after more frames on "
+                                   "the first; was it changed during the edit?", reason="NOT_A_VIDEO",
+                                   field="video")  # fmt: skip
+            need.append(frame)
             self.read += 1
         if need:
             z = self.autoencoder.encode(to_pixels(need))  # (B, C, h, w)
