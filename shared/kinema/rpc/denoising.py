@@ -19,16 +19,20 @@ from kinema.rpc import tensors
 
 
 class RunnerNetwork:
-    """A velocity network whose every evaluation is one runner call (Triton's `denoiser`, or a student)."""
+    """A velocity network whose every evaluation is one runner call (Triton's `denoiser`, or a student); each call is
+    bounded by the request's deadline."""
 
     def __init__(self, runner: ModelRunner, model: str, version: str, deadline: float) -> None:
         self.runner, self.model, self.version, self.deadline = runner, model, version, deadline
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 context_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("the request's deadline passed during sampling")
+        return self.runner.infer(self.model, inputs, self.version, left)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                 context_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         inputs = {
             "X": x.numpy(),  # (B, C, h, w)
             "T": t[:, None].numpy(),  # (B, 1)
@@ -36,7 +40,7 @@ class RunnerNetwork:
             "CONTEXT_MASK": context_mask.numpy(),  # (B, L)
             "POOLED": pooled.numpy(),  # (B, P)
         }
-        return torch.from_numpy(self.runner.infer(self.model, inputs, self.version, left)["VELOCITY"])
+        return torch.from_numpy(self._infer(inputs)["VELOCITY"])
 
 
 def video_params(params_json: str, model: str) -> VideoMMDiTParams:
@@ -48,20 +52,14 @@ def video_params(params_json: str, model: str) -> VideoMMDiTParams:
         raise Unavailable(f"video model {model!r} does not publish valid params (config params_json): {e}") from None
 
 
-class RunnerVideoNetwork:
+class RunnerVideoNetwork(RunnerNetwork):
     """A `kinema.pipelines.local.VideoNetwork` whose every evaluation, and `reference`, is one runner call (Triton's
     `video_denoiser`); `params` are the ones the model publishes. Each call is bounded by the request's deadline."""
 
     def __init__(self, runner: ModelRunner, model: str, version: str, deadline: float,
                  params: VideoMMDiTParams) -> None:  # fmt: skip
-        self.runner, self.model, self.version, self.deadline = runner, model, version, deadline
+        super().__init__(runner, model, version, deadline)
         self.params = params
-
-    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("the request's deadline passed during sampling")
-        return self.runner.infer(self.model, inputs, self.version, left)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                  context_mask: torch.Tensor | None = None, *, structure: torch.Tensor | None = None,
