@@ -105,7 +105,6 @@ weights: $(STAMP)
 	# Video denoiser (Gen-1) from the image denoiser above: about an hour on the CPU at 1 thread.
 	$(BIN)/python -m kinema.train.video --frames 8 --clips 800 --images 2000 --clip-batch 4 --image-batch 8 \
 		--steps $(VIDEO_STEPS) --threads 1 --eval-clips 8 --out runs/video --export models
-	$(BIN)/python -m kinema.inference.model_config --sync models
 	# Interpretation networks over the autoencoder latent (CPU, minutes each; bench/results/iin.md, docs/interpret.md).
 	$(BIN)/python -m kinema.train.iin --kind factor --factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 \
 		--edit-n 100 --out runs/iin_factor --export models --results bench/results/iin_factor.json
@@ -113,6 +112,9 @@ weights: $(STAMP)
 		--out runs/iin_invariance --export models --results bench/results/iin_invariance.json
 	$(BIN)/python -m kinema.train.iin --kind net2net --noise 0.3 --steps 2000 --threads 1 \
 		--out runs/iin_net2net --export models --results bench/results/iin_net2net.json
+	# Last, after every export: each new weights' SHA-256 into its configs and its model card (a model whose config
+	# and card do not both name its weights refuses to load).
+	$(BIN)/python -m kinema.inference.model_config --sync models
 
 clean:
 	rm -rf $(VENV) .cache out runs

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from celery import Celery
@@ -56,6 +56,7 @@ from kinema.orchestration.uploads import Upload, UploadLimits, accepted_media_ty
 from kinema.orchestration.worker import enqueue, job_store, make_job_app
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from kinema.pipelines.text_to_image import check_prompts
 from kinema.rpc.auth import TENANT_KEY, authenticated_tenant
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
@@ -126,6 +127,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             return NO_INPUTS
         return resolve_inputs(self.store, tenant, request, pipeline.info(), self.settings.media_limits)
 
+    def _prepare(self, pipeline: Pipeline, request: pb.PipelineRequest) -> Any:
+        """`request` checked and with its defaults filled in by `pipeline` (no service calls); first, whichever the
+        pipeline, its prompts against this server's KINEMA_MAX_PROMPT_CHARS."""
+        check_prompts(request.prompts, self.settings.service.max_prompt_chars, request.negative_prompt)
+        return pipeline.prepare(request, self.settings.service.max_batch)
+
     def _signed(self, artifact: Artifact, ttl: int) -> tuple[str, datetime]:
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
         return self.store.presigned_url(artifact.sha256, artifact.tenant, timedelta(seconds=ttl)), expires_at
@@ -137,7 +144,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         if request.preview_every > 0:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "previews are not implemented yet; set preview_every 0")
         pipeline = self.registry.get(request.request.pipeline)
-        prepared = pipeline.prepare(request.request, self.settings.service.max_batch)
+        prepared = self._prepare(pipeline, request.request)
         self.capabilities.require(pipeline.capabilities)  # a service this server lacks (KINEMA_DEPTH_URL unset)
         timeout = remaining_seconds(context, self.settings.service)
 
@@ -253,7 +260,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         key = check_idempotency_key(request.idempotency_key)
         pipeline = self.registry.get(request.request.pipeline)
         resolved = self._resolved(request.request, pipeline)
-        prepared = pipeline.prepare(resolved, self.settings.service.max_batch)  # Generate's checks, before queueing
+        prepared = self._prepare(pipeline, resolved)  # Generate's checks, before queueing
         fingerprint = request_fingerprint(request.request)
 
         def submit() -> pb.Job:

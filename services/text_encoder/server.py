@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kinema.errors import InvalidInput
+from kinema.pipelines.text_to_image import check_prompts
 from kinema.rpc import tensors
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer
@@ -13,7 +14,6 @@ from kinema.text_encoder.v1 import text_encoder_pb2 as pb
 from kinema.text_encoder.v1 import text_encoder_pb2_grpc as pb_grpc
 
 SERVICE = "kinema.text_encoder.v1.TextEncoder"
-MAX_PROMPT_CHARS = 4096  # far beyond any token limit; bounds tokenizer work per prompt
 
 
 class TextEncoderServicer(pb_grpc.TextEncoderServicer):
@@ -26,12 +26,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         if not prompts:
             raise InvalidInput("prompts: at least one prompt is required", reason="EMPTY", field="prompts")
         self.family.check_batch(len(prompts), "prompts")
-        for i, p in enumerate(prompts):
-            if len(p) > MAX_PROMPT_CHARS:
-                raise InvalidInput(
-                    f"prompts[{i}] has {len(p)} characters, over the limit of {MAX_PROMPT_CHARS}",
-                    reason="PROMPT_TOO_LONG", field=f"prompts[{i}]",
-                )  # fmt: skip
+        check_prompts(prompts, self.family.settings.max_prompt_chars)  # KINEMA_MAX_PROMPT_CHARS
         batch = np.array([[p.encode("utf-8")] for p in prompts], dtype=object)  # (B, 1)
         out = await self.family.call(context, name, version, {"PROMPT": batch})
         # Triton pads every prompt to max_length so requests batch together; trim to the longest

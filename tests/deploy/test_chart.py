@@ -319,6 +319,48 @@ def test_the_gpu_profile_loads_each_models_gpu_config():
     assert g["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_admission_and_prompt_limits_reach_the_processes_that_read_them():
+    """orchestrator.maxInFlight / maxQueuedJobs, services.<name>.maxInFlight and maxPromptChars arrive as the
+    KINEMA_* variables their settings parse (a million as 1000000, not 1e+06); the chart's defaults are the code's."""
+    from kinema.orchestration.settings import OrchestratorSettings
+
+    def settings(docs: list[dict]) -> dict[str, ServiceSettings | OrchestratorSettings]:
+        out: dict[str, ServiceSettings | OrchestratorSettings] = {}
+        for d in by_kind(docs, "Deployment").values():
+            env = _with_secrets(docs, env_of(containers(d)[0]))
+            if component(d) == "orchestrator":
+                out["orchestrator"] = OrchestratorSettings.from_env(environ=env)
+            elif component(d).replace("-", "_") in MODEL_SERVICES:
+                out[component(d).replace("-", "_")] = ServiceSettings.from_env(env)
+        return out
+
+    def raw(docs: list[dict], comp: str) -> dict[str, dict]:
+        return env_of(containers(_workload(docs, comp))[0])
+
+    docs = render(CI_VALUES[0])
+    defaults = settings(docs)
+    orchestrator = defaults.pop("orchestrator")
+    assert orchestrator.service.max_in_flight == ServiceSettings.max_in_flight
+    assert orchestrator.max_queued_jobs == OrchestratorSettings.max_queued_jobs
+    assert orchestrator.service.max_prompt_chars == ServiceSettings.max_prompt_chars
+    assert {s.max_in_flight for s in defaults.values()} == {ServiceSettings.max_in_flight}
+    assert "KINEMA_MAX_PROMPT_CHARS" in raw(docs, "text-encoder")  # where prompts enter, and only there
+    assert "KINEMA_MAX_PROMPT_CHARS" not in raw(docs, "depth")
+    assert not {"KINEMA_MAX_IN_FLIGHT", "KINEMA_MAX_QUEUED_JOBS"} & set(raw(docs, "worker"))  # it serves no calls
+
+    sets = ("orchestrator.maxInFlight=4", "orchestrator.maxQueuedJobs=1000000", "services.denoiser.maxInFlight=0",
+            "services.depth.maxInFlight=1000000", "maxPromptChars=300")  # fmt: skip
+    docs = render(CI_VALUES[0], sets=sets)
+    got = settings(docs)
+    orchestrator = got.pop("orchestrator")
+    assert (orchestrator.service.max_in_flight, orchestrator.max_queued_jobs) == (4, 1_000_000)
+    assert raw(docs, "orchestrator")["KINEMA_MAX_QUEUED_JOBS"]["value"] == "1000000"
+    assert orchestrator.service.max_prompt_chars == got["text_encoder"].max_prompt_chars == 300
+    in_flight = {name: s.max_in_flight for name, s in got.items()}
+    assert in_flight == {"text_encoder": 32, "autoencoder": 32, "denoiser": 0, "distill": 32, "depth": 1_000_000,
+                         "interpret": 32}  # fmt: skip
+
+
 def test_generated_secrets_and_existing_secrets():
     docs = render(CI_VALUES[0])
     secrets = by_kind(docs, "Secret")
@@ -443,6 +485,15 @@ def test_notes_show_a_grpcurl_call(tmp_path):
         (("minio.enabled=false",), "artifacts.endpoint"),
         (("minio.enabled=false", "artifacts.endpoint=s3.example:443"), "artifacts.accessKey"),
         (("redis.enabled=false",), "redis.externalUrl"),
+        (("orchestrator.maxInFlight=-1",), "orchestrator.maxInFlight: Must be greater than or equal to 0"),
+        (("orchestrator.maxInFlight=lots",), "orchestrator.maxInFlight: Invalid type. Expected: integer"),
+        (("services.denoiser.maxInFlight=-1",), "services.denoiser.maxInFlight: Must be greater than or equal to 0"),
+        (("services.text_encoder.maxInFlight=8x",), "services.text_encoder.maxInFlight: Invalid type"),
+        (("orchestrator.maxQueuedJobs=-5",), "orchestrator.maxQueuedJobs: Must be greater than or equal to 0"),
+        (("orchestrator.maxQueuedJobs=many",), "orchestrator.maxQueuedJobs: Invalid type. Expected: integer"),
+        (("maxPromptChars=0",), "maxPromptChars: Must be greater than or equal to 1"),
+        (("maxPromptChars=-2000",), "maxPromptChars: Must be greater than or equal to 1"),
+        (("maxPromptChars=long",), "maxPromptChars: Invalid type. Expected: integer"),
     ],
 )
 def test_values_the_chart_refuses(sets, message):

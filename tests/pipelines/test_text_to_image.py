@@ -4,6 +4,7 @@ import pytest
 from kinema.errors import InvalidInput
 from kinema.pipelines import TextToImageRequest, text_to_image
 from kinema.pipelines.local import load_local
+from kinema.pipelines.text_to_image import check_prompts
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,16 @@ def test_long_prompt_is_truncated_and_flagged(stack) -> None:
     long = "a red cube " * 40
     r = text_to_image(TextToImageRequest(prompts=[long, "a red cube"], steps=1), *stack)
     assert r.truncated == [True, False]
+
+
+def test_prompts_over_the_limit_are_refused_naming_the_field_the_limit_and_the_length() -> None:
+    check_prompts(["x" * 10, ""], 10, negative_prompt="y" * 10)  # at the limit
+    check_prompts(["\U0001f7e5" * 10], 10)  # characters, not bytes: 40 bytes of UTF-8
+    for prompts, negative, field, length in ((["ok", "x" * 11], "", "prompts[1]", 11),
+                                             (["ok"], "y" * 4000, "negative_prompt", 4000)):  # fmt: skip
+        with pytest.raises(InvalidInput) as e:
+            check_prompts(prompts, 10, negative_prompt=negative)
+        assert (e.value.reason, e.value.field) == ("PROMPT_TOO_LONG", field)
+        assert e.value.metadata == {"limit": "10", "length": str(length), "setting": "KINEMA_MAX_PROMPT_CHARS"}
+        assert str(e.value).startswith(f"{field} has {length} characters, over this server's limit of 10 "
+                                       "(KINEMA_MAX_PROMPT_CHARS); shorten it")  # fmt: skip

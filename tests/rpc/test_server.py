@@ -339,6 +339,8 @@ def test_settings_from_env_and_errors_name_the_variable(tmp_path: Path) -> None:
     s = ServiceSettings.from_env(env, max_batch=4)
     assert (s.port, s.backend, s.models_dir, s.log_level, s.max_batch) == (0, "local", tmp_path, "DEBUG", 4)
     assert s.max_message_bytes == 64 * 1024 * 1024 and s.request_timeout_seconds == 300.0
+    assert s.max_prompt_chars == 2000
+    assert ServiceSettings.from_env(env | {"KINEMA_MAX_PROMPT_CHARS": "80"}).max_prompt_chars == 80
     for var, raw in [
         ("KINEMA_PORT", "http"),
         ("KINEMA_PORT", "70000"),
@@ -346,6 +348,9 @@ def test_settings_from_env_and_errors_name_the_variable(tmp_path: Path) -> None:
         ("KINEMA_MAX_BATCH", "0"),
         ("KINEMA_GRACE_SECONDS", "nan"),
         ("KINEMA_LOG_LEVEL", "loud"),
+        ("KINEMA_MAX_PROMPT_CHARS", "0"),
+        ("KINEMA_MAX_PROMPT_CHARS", "-1"),
+        ("KINEMA_MAX_PROMPT_CHARS", "2k"),
     ]:
         with pytest.raises(ValueError, match=var):
             ServiceSettings.from_env({"KINEMA_MODELS": str(tmp_path), var: raw})

@@ -52,6 +52,9 @@ spec:
             {{- end }}
           env:
             {{- include "kinema.serverEnv" $ctx | nindent 12 }}
+            {{- /* admission control (kinema.rpc.admission): int64, as a float64 like 1e+06 does not parse */}}
+            - name: KINEMA_MAX_IN_FLIGHT
+              value: {{ $v.maxInFlight | int64 | quote }}
             {{- if eq (toString .tls) "true" }}
             - name: KINEMA_HEALTH_PORT
               value: {{ include "kinema.healthPort" $ctx | quote }}

@@ -268,6 +268,13 @@ affinity:
   value: "1"
 {{- end -}}
 
+{{/* The prompt length limit (KINEMA_MAX_PROMPT_CHARS) where prompts enter: the orchestrator and the text_encoder
+     service, one value for both so that neither refuses what the other took. */}}
+{{- define "kinema.promptLimitEnv" -}}
+- name: KINEMA_MAX_PROMPT_CHARS
+  value: {{ .Values.maxPromptChars | int64 | quote }}
+{{- end -}}
+
 {{/* The scaled components (HPA, PDB) as JSON: name -> its values. */}}
 {{- define "kinema.scaledComponents" -}}
 {{- $out := dict "triton" .Values.triton "orchestrator" .Values.orchestrator -}}

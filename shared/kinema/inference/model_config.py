@@ -2,10 +2,10 @@
 
 Each config carries a `weights_sha256` parameter; the Triton model refuses to start when the
 weights beside it hash differently, so a platform team never serves weights other than the ones
-the config (and every artifact's provenance) names. A config may also publish the network's params
-(`params_json`, checked against the weights the same way) for services that need them under Triton,
-where a model's metadata carries nothing else. `python -m kinema.inference.model_config
---sync models` rewrites the hashes after training, in `config.pbtxt` and in every custom config.
+the config, the model card (`kinema.inference.model_card`) and every artifact's provenance name. A config may also
+publish the network's params (`params_json`, checked against the weights the same way) for services that need them
+under Triton, where a model's metadata carries nothing else. `python -m kinema.inference.model_config --sync models`
+rewrites the hashes after training, in `config.pbtxt`, in every custom config and in the model card.
 
 Custom configs (Triton's `configs/<name>.pbtxt`, chosen with `tritonserver --model-config-name=<name>`):
 each model's `configs/gpu.pbtxt` is generated from its `config.pbtxt` by `gpu_config` (`--gpu-configs
@@ -25,6 +25,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from kinema.errors import NotFound
+from kinema.inference.model_card import write_sha256
 
 GPU_CONFIG = "gpu"  # tritonserver --model-config-name=gpu
 # Parameters only a CPU instance reads: a GPU instance's work is on the GPU, not in torch's CPU thread pool.
@@ -147,7 +148,7 @@ _PARAMS_RE = re.compile(r'(key:\s*"params_json"\s*value:?\s*\{\s*string_value:\s
 
 def sync_hashes(models: Path) -> dict[str, str]:
     """Load every network once, write its weights' SHA-256 (and, where the config publishes them, its params)
-    into its config; returns {model: sha}."""
+    into its configs and its model card (`kinema.inference.model_card`); returns {model: sha}."""
     from kinema.inference.networks import load_network
 
     written = {}
@@ -156,7 +157,8 @@ def sync_hashes(models: Path) -> dict[str, str]:
         params = parameters(config)
         if "weights_sha256" not in params:
             continue
-        published = params.pop("params_json", None)  # stale until this rewrites it: load without the check
+        del params["weights_sha256"]  # the hash and the params are stale until this rewrites them: load unchecked
+        published = params.pop("params_json", None)
         network = load_network(params.get("network", d.name), d / latest_version(d), params)
         sha = network.sha256
         gpu = config_path(d, GPU_CONFIG)
@@ -173,6 +175,7 @@ def sync_hashes(models: Path) -> dict[str, str]:
             path.write_text(text)
         if gpu.is_file():
             gpu.write_text(render_gpu_config(d))
+        write_sha256(d, sha)
         written[d.name] = network.sha256
     return written
 
@@ -180,7 +183,8 @@ def sync_hashes(models: Path) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Keep a Triton model repository's configs in step with its weights")
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sync", type=Path, metavar="MODELS", help="write each model's weights SHA-256 into its configs")
+    what.add_argument("--sync", type=Path, metavar="MODELS",
+                      help="write each model's weights SHA-256 into its configs and model card")  # fmt: skip
     what.add_argument("--gpu-configs", type=Path, metavar="MODELS",
                       help="write each model's configs/gpu.pbtxt from its config.pbtxt")  # fmt: skip
     ap.add_argument("--model", dest="names", action="append", default=[], metavar="NAME",

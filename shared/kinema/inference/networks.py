@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kinema.errors import InvalidInput, Unavailable
+from kinema.inference.model_card import check_weights
 
 
 @dataclass(frozen=True)
@@ -523,10 +524,12 @@ NETWORKS: dict[str, type[Network]] = {
 
 
 def load_network(kind: str, version_dir: Path, parameters: dict[str, str]) -> Network:
-    """The network of a model version; a config that publishes `params_json` must match the weights' params."""
+    """The network of a model version. A config that pins `weights_sha256` must name the weights, as must the model
+    card beside it (`kinema.inference.model_card.check_weights`); one that publishes `params_json`, their params."""
     if kind not in NETWORKS:
         raise ValueError(f"unknown network {kind!r}; known: {sorted(NETWORKS)}")
     network = NETWORKS[kind](version_dir, parameters)
+    check_weights(version_dir.parent, parameters, network.sha256)
     published = parameters.get("params_json")
     if published and json.loads(published) != json.loads(network.params_json):
         raise ValueError(

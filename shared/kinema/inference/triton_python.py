@@ -72,7 +72,8 @@ def placement(args: dict, params: dict[str, str], cuda_available: bool | None = 
 
 
 def build(network_kind: str, args: dict) -> Network:
-    """Build the network from Triton's `initialize` args on its instance's device, verifying the weights hash."""
+    """Build the network from Triton's `initialize` args on its instance's device; weights other than the ones its
+    config and model card name are refused (`kinema.inference.model_card.check_weights`)."""
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     where = placement({"model_name": config.get("name", network_kind)} | args, params)
@@ -80,13 +81,7 @@ def build(network_kind: str, args: dict) -> Network:
     if threads > 0:  # this stub process is the model instance: its thread count is ours to set
         torch.set_num_threads(threads)
     version_dir = Path(args["model_repository"]) / args["model_version"]
-    network = load_network(params.get("network", network_kind), version_dir, params)
-    want = params.get("weights_sha256", "")
-    if want and want != network.sha256:
-        raise ValueError(
-            f"{config['name']}: weights hash {network.sha256} != config weights_sha256 {want}; "
-            "run `python -m kinema.inference.model_config --sync MODELS` after changing weights"
-        )
+    network = load_network(params.get("network", network_kind), version_dir, params)  # checks the weights' hash
     if where.device.type != "cpu" or where.dtype != torch.float32:
         network.to(where.device, where.dtype)
     dtype = str(where.dtype).removeprefix("torch.")

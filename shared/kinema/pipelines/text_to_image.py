@@ -6,6 +6,7 @@ without classifier-free guidance (`kinema.pipelines.protocols.Student`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from kinema.pipelines.student import renoise_seeds, resolve_timesteps
 from kinema.sampling.samplers import Callback, initial_noise
 
 MAX_SIZE = 256
+PROMPT_LIMIT_SETTING = "KINEMA_MAX_PROMPT_CHARS"  # kinema.rpc.settings.ServiceSettings.max_prompt_chars
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,24 @@ def check_side(side: int, patch: int, field: str) -> None:
             reason="OUT_OF_RANGE",
             field=field,
         )
+
+
+def check_prompts(prompts: Sequence[str], limit: int, negative_prompt: str = "") -> None:
+    """Every prompt and the negative prompt at most `limit` characters (Unicode code points, not bytes).
+
+    The servers' bound on the text a request carries (the text encoder service and the orchestrator, for every
+    pipeline), far above the encoder's token limit, beyond which a prompt is still cut and flagged `truncated`.
+    """
+    named = [(f"prompts[{i}]", p) for i, p in enumerate(prompts)] + [("negative_prompt", negative_prompt)]
+    for name, text in named:
+        if len(text) > limit:
+            raise InvalidInput(
+                f"{name} has {len(text)} characters, over this server's limit of {limit} ({PROMPT_LIMIT_SETTING}); "
+                f"shorten it to at most {limit} characters (the text encoder reads only up to its token limit anyway)",
+                reason="PROMPT_TOO_LONG",
+                field=name,
+                metadata={"limit": str(limit), "length": str(len(text)), "setting": PROMPT_LIMIT_SETTING},
+            )
 
 
 def check_sampling(r: Any) -> None:

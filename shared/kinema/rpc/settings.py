@@ -35,6 +35,11 @@ class ServiceSettings:
     # RESOURCE_EXHAUSTED and a retry hint (kinema.rpc.admission). Half the 64 worker threads a service has, so cheap
     # calls (GetJob, ListModels) always find a thread. 0: no limit.
     max_in_flight: int = 32
+    # The longest prompt (and negative prompt), in characters, the text encoder service and the orchestrator take;
+    # longer ones are refused with INVALID_ARGUMENT (reason PROMPT_TOO_LONG, `kinema.pipelines.text_to_image.
+    # check_prompts`). Far beyond any encoder's token limit (where a prompt is cut and flagged), it bounds the text a
+    # request may carry and the tokenizer's work on it.
+    max_prompt_chars: int = 2000
     # TLS (kinema.rpc.tls, docs/deploy.md#tls); "" everywhere: plaintext. The serving port's certificate and key, and
     # the CA whose certificates clients must present (mTLS); a plaintext port serving health only, for probes.
     tls_cert_file: str = ""
@@ -95,6 +100,7 @@ ENV_VARS: dict[str, str] = {
     "request_timeout_seconds": "KINEMA_REQUEST_TIMEOUT_SECONDS",
     "api_keys_file": "KINEMA_API_KEYS_FILE",
     "max_in_flight": "KINEMA_MAX_IN_FLIGHT",
+    "max_prompt_chars": "KINEMA_MAX_PROMPT_CHARS",
     "tls_cert_file": "KINEMA_TLS_CERT_FILE",
     "tls_key_file": "KINEMA_TLS_KEY_FILE",
     "tls_client_ca_file": "KINEMA_TLS_CLIENT_CA_FILE",
@@ -114,6 +120,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": str.upper,
     "request_timeout_seconds": float,
     "max_in_flight": int,
+    "max_prompt_chars": int,
     "health_port": int,
 }
 
@@ -148,6 +155,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "request_timeout_seconds": (_finite_at_least(0.0, strict=True), "a finite number of seconds > 0"),
     "api_keys_file": (lambda v: isinstance(v, str), "a path (empty: no authentication)"),
     "max_in_flight": (_int_in(0, 1 << 20), "an integer >= 0 (0: no limit)"),
+    "max_prompt_chars": (_int_in(1, 1 << 20), "an integer number of characters in 1..1048576"),
     "tls_cert_file": (_pem_path, "a path to a PEM certificate chain (empty: plaintext)"),
     "tls_key_file": (_pem_path, "a path to a PEM private key (empty: plaintext)"),
     "tls_client_ca_file": (_pem_path, "a path to a PEM CA certificate (empty: no client certificates)"),
