@@ -39,6 +39,16 @@ def _require(path: Path) -> Path:
     return path
 
 
+def _checked(models: Path, name: str, sha256: str) -> str:
+    """`sha256`, once it is known to be the weights that model `name`'s config and model card state when its config
+    pins them (`kinema.inference.model_card.check_weights`, as Triton's load checks them); ValueError otherwise."""
+    from kinema.inference.model_card import check_weights
+
+    if (models / name / "config.pbtxt").is_file():
+        check_weights(models / name, model_parameters(models, name), sha256)
+    return sha256
+
+
 def load_autoencoder(models: Path) -> tuple[Autoencoder, str]:
     """(autoencoder in eval mode, sha256 over its encoder and decoder files)."""
     from safetensors.torch import load_file
@@ -52,7 +62,8 @@ def load_autoencoder(models: Path) -> tuple[Autoencoder, str]:
     for f in files:
         state.update(load_file(str(f)))
     model.load_state_dict(state)
-    return model.eval().requires_grad_(False), autoencoder_fingerprint(*(sha256_file(f) for f in files))
+    hashes = [_checked(models, f.split("/")[0], sha256_file(models / f)) for f in AUTOENCODER_FILES]
+    return model.eval().requires_grad_(False), autoencoder_fingerprint(*hashes)
 
 
 def autoencoder_fingerprint(encoder_sha256: str, decoder_sha256: str) -> str:
@@ -71,6 +82,7 @@ def load_denoiser(models: Path, path: Path | None = None, name: str = "denoiser"
     from kinema.nn.checkpoint import params_from_metadata, sha256_file
     from kinema.nn.mmdit import MMDiT, MMDiTParams
 
+    in_repository = path is None  # a snapshot given by path is no repository model: nothing states its hash
     if path is None and name != "denoiser":
         from kinema.inference.model_config import latest_version
 
@@ -79,7 +91,8 @@ def load_denoiser(models: Path, path: Path | None = None, name: str = "denoiser"
     file = _require(path or models / DENOISER_FILE)
     model = MMDiT(params_from_metadata(file, MMDiTParams))
     model.load_state_dict(load_file(str(file)))
-    return model.eval().requires_grad_(False), sha256_file(file)
+    sha256 = sha256_file(file)
+    return model.eval().requires_grad_(False), _checked(models, name, sha256) if in_repository else sha256
 
 
 def load_video_denoiser(models: Path, name: str = "video_denoiser") -> tuple[VideoMMDiT, str]:
@@ -92,7 +105,7 @@ def load_video_denoiser(models: Path, name: str = "video_denoiser") -> tuple[Vid
         raise MissingWeights(f"no model {name!r} in the model repository {models}; run `make weights` to train it")
     weights = model_parameters(models, name).get("weights", "video_mmdit.safetensors")
     file = _require(models / name / latest_version(models / name) / weights)
-    return load(file), sha256_file(file)
+    return load(file), _checked(models, name, sha256_file(file))
 
 
 def load_depth(models: Path, name: str = "depth") -> tuple[DepthNet, str]:
@@ -103,7 +116,8 @@ def load_depth(models: Path, name: str = "depth") -> tuple[DepthNet, str]:
     if not (models / name).is_dir():
         raise MissingWeights(f"no model {name!r} in the model repository {models}; run `make weights` to train it")
     weights = model_parameters(models, name).get("weights", "depth.safetensors")
-    return load_depth_net(_require(models / name / latest_version(models / name) / weights))
+    net, sha256 = load_depth_net(_require(models / name / latest_version(models / name) / weights))
+    return net, _checked(models, name, sha256)
 
 
 def model_parameters(models: Path, name: str) -> dict[str, str]:

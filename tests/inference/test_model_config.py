@@ -132,3 +132,20 @@ def test_sync_refuses_a_card_with_two_hash_rows(tmp_path: Path):
         stated_sha256(model)
     with pytest.raises(ValueError, match="2 weights_sha256 rows; keep one"):
         sync_hashes(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["depth", "video_denoiser", "denoiser_4step", "vae_decoder"])
+def test_embedded_loaders_refuse_weights_their_card_does_not_state(tmp_path: Path, name: str):
+    """Embedded mode (`kinema.repository`) checks the same config and card hashes as Triton's load."""
+    from kinema.repository import load_autoencoder, load_denoiser, load_depth, load_video_denoiser
+
+    load = {"depth": load_depth, "video_denoiser": load_video_denoiser, "vae_decoder": load_autoencoder,
+            "denoiser_4step": lambda m: load_denoiser(m, name="denoiser_4step")}[name]  # fmt: skip
+    for model in {name, "vae_encoder"} if name == "vae_decoder" else {name}:
+        shutil.copytree(MODELS / model, tmp_path / model)
+    assert load(tmp_path)[1]  # the shipped copy loads
+    card = tmp_path / name / CARD
+    sha = stated_sha256(tmp_path / name)
+    card.write_text(card.read_text().replace(f"| weights_sha256 | {sha} |", f"| weights_sha256 | {'f' * 64} |"))
+    with pytest.raises(ValueError, match=f"{name}: the weights hash to {sha}, but the model card"):
+        load(tmp_path)
