@@ -16,9 +16,10 @@ should change), seed = clip index, CFG 4. Measured on the decoded frames:
   every frame as an image: it is the baseline the others are compared with (ratio columns). Lower is steadier; the
   input clip's own values are the motion floor (`ground_truth`).
 - adherence: the attribute probe on every output frame against the recoloured objects (colour+shape found).
-- seams: one long clip (`--long` frames) in windows of `--window` frames, overlap 2 (shared noise, blended) and
-  overlap 0 (windows side by side): consecutive-frame difference across window boundaries over the mean within
-  windows; 1 means a boundary looks like any other pair of frames.
+- seams: long clips (`--long` frames) in windows of `--window` frames sampled together (velocities blended where
+  they overlap, window plans cycling step by step: `kinema.sampling.windows`) at overlap 0, 2 and 4:
+  consecutive-frame difference across window boundaries over the mean of the other pairs; 1 means a boundary looks
+  like any other pair of frames, and the input clip's own ratio at the same pairs is the floor.
 - cost: wall time of one 8-frame clip at `--steps` steps, and peak resident memory of a fresh process editing clips of
   8..64 frames (`--memory-steps` steps: memory does not depend on the step count).
 
@@ -110,9 +111,13 @@ def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def seams(nets, world, clips: int, frames: int, window: int, steps: int, overlaps: tuple[int, ...]) -> dict:
-    """Consecutive-frame difference across window boundaries over the mean within windows, per overlap, averaged
-    over `clips` long test clips; the input clips' own ratio at the same pairs is the motion's floor."""
-    from kinema.pipelines.edit_video import EditVideoRequest, edit_video, plan_windows
+    """Consecutive-frame difference across window boundaries over the mean elsewhere, per overlap, averaged over
+    `clips` long test clips; the input clips' own ratio at the same pairs is the motion's floor. The boundaries are
+    those of `plan_windows` (offset 0: where windows sampled apart would meet); the steps also cycle through the
+    plans shifted by 1..stride-1 frames (`kinema.sampling.windows.window_plans`). The largest pair over the median
+    pair, output and input, catches a jump anywhere else."""
+    from kinema.pipelines.edit_video import EditVideoRequest, edit_video
+    from kinema.sampling.windows import plan_windows, window_plans
 
     def pair_diffs(frames: np.ndarray) -> np.ndarray:
         x = frames.astype(np.float32) / 255
@@ -122,23 +127,32 @@ def seams(nets, world, clips: int, frames: int, window: int, steps: int, overlap
         inside = [d for i, d in enumerate(diffs) if i not in boundary]
         return float(np.mean(diffs[boundary]) / np.mean(inside))
 
+    def mean(values: list[float]) -> float:
+        return round(float(np.mean(values)), 2)
+
     out: dict = {}
     for overlap in overlaps:
         windows = plan_windows(frames, window, overlap)
         # a window's new frames start where the one before it ends: the pair across that boundary
         boundary = sorted({e0 - 1 for (_, e0) in windows[:-1]})
-        got_ratios, input_ratios = [], []
+        got_ratios, input_ratios, got_peaks, input_peaks = [], [], [], []
         for k in range(clips):
             clip = world.clip("test", 1000 + k, frames)
             rgb = to_uint8(clip.rgb)
             request = EditVideoRequest(prompt=clip.caption, steps=steps, window=window, overlap=overlap, seed=k)
             got: list[np.ndarray] = []
             edit_video(request, lambda rgb=rgb: iter(rgb), got.append, *nets)
-            got_ratios.append(ratio(pair_diffs(np.stack(got)), boundary))
-            input_ratios.append(ratio(pair_diffs(rgb), boundary))
-        out[f"overlap={overlap}"] = {"boundary_over_interior": round(float(np.mean(got_ratios)), 2),
-                                     "input_at_the_same_pairs": round(float(np.mean(input_ratios)), 2),
-                                     "windows": len(windows), "boundary_pairs": boundary}  # fmt: skip
+            got_diffs, input_diffs = pair_diffs(np.stack(got)), pair_diffs(rgb)
+            got_ratios.append(ratio(got_diffs, boundary))
+            input_ratios.append(ratio(input_diffs, boundary))
+            got_peaks.append(float(got_diffs.max() / np.median(got_diffs)))
+            input_peaks.append(float(input_diffs.max() / np.median(input_diffs)))
+        out[f"overlap={overlap}"] = {"boundary_over_interior": mean(got_ratios),
+                                     "input_at_the_same_pairs": mean(input_ratios),
+                                     "largest_pair_over_median": mean(got_peaks), "input_largest_over_median":
+                                     mean(input_peaks), "windows": len(windows),
+                                     "plans": len(window_plans(frames, window, overlap)),
+                                     "boundary_pairs": boundary}  # fmt: skip
         print(json.dumps({f"seams overlap={overlap}": out[f"overlap={overlap}"]}), flush=True)
     return out
 

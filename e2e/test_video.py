@@ -22,7 +22,7 @@ FRAMES = 6
 
 
 def edit(video: str, prompts=("a red cube",), content_image: str = "", steps: int = 2) -> pb.PipelineRequest:
-    """edit_video at 32 x 32 in windows of 4 frames sharing 2: two windows over the clip."""
+    """edit_video at 32 x 32 in windows of 4 frames sharing 2, sampled together over the clip."""
     request = pb.PipelineRequest(pipeline="edit_video", prompts=list(prompts), steps=steps, seed=7, width=32,
                                  height=32)  # fmt: skip
     request.options.update({"window": 4, "overlap": 2, "structure": 0.2, "temporal_guidance": 1.5})
@@ -59,7 +59,7 @@ def test_a_clip_is_edited_as_a_job_into_one_mp4(kinema, clip) -> None:
     done = snapshots[-1]
     assert done.state == C, done.error
     steps = [s.progress.step for s in snapshots if s.HasField("progress")]
-    assert steps == sorted(steps) and (done.progress.step, done.progress.total) == (4, 4)  # 2 windows x 2 steps
+    assert steps == sorted(steps) and (done.progress.step, done.progress.total) == (2, 2)  # a step covers every window
     (output,) = done.outputs
     assert output.artifact.media_type == "video/mp4" and output.seed == 7
     assert output.provenance.pipeline == "edit_video" and list(output.provenance.parent_sha256) == [sha]

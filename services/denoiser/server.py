@@ -26,6 +26,7 @@ from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput
 from kinema.nn.text import TextEmbedding
 from kinema.nn.video import VideoMMDiTParams
+from kinema.pipelines.edit_video import check_window
 from kinema.pipelines.local import SAMPLERS, LocalDenoiser, LocalVideoDenoiser
 from kinema.pipelines.protocols import SampleSpec, VideoSpec
 from kinema.rpc import tensors
@@ -120,11 +121,8 @@ def _clip(t: common_pb2.Tensor, field: str, shape: tuple[int, ...] | None = None
 
 
 def _fits(noise: torch.Tensor, p: VideoMMDiTParams) -> None:
-    """The clip fits the video model: frames, channels, latent size."""
-    _, f, c, h, w = noise.shape
-    if f > p.max_frames:
-        raise InvalidInput(f"noise has {f} frames, the model takes at most {p.max_frames} per call (a window)",
-                           reason="OUT_OF_RANGE", field="noise")  # fmt: skip
+    """The clip fits the video model: channels, latent size (frames: `_window`)."""
+    _, _, c, h, w = noise.shape
     if c != p.in_channels:
         raise InvalidInput(f"noise needs {p.in_channels} channels, got {c}", reason="INVALID_SHAPE", field="noise")
     if h % p.patch_size or w % p.patch_size or max(h, w) > p.patch_size * p.pos_embed_max_size:
@@ -181,24 +179,17 @@ def _structure(request: pb.SampleVideoRequest, noise: torch.Tensor, p: VideoMMDi
     return torch.from_numpy(s)
 
 
-def _known(request: pb.SampleVideoRequest, noise: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The request's known latents and their per-frame weights, both or neither."""
-    has_known, has_weight = request.HasField("known"), request.HasField("known_weight")
-    if has_known != has_weight:
-        missing = "known_weight" if has_known else "known"
-        raise InvalidInput("known and known_weight go together: the latents to keep and how much of each frame",
-                           reason="MISSING", field=missing)  # fmt: skip
-    if not has_known:
-        return None, None
-    known = _clip(request.known, "known", tuple(noise.shape))
+def _window(request: pb.SampleVideoRequest, noise: torch.Tensor, p: VideoMMDiTParams) -> tuple[int, int]:
+    """The request's window and overlap: 0 (one window of the whole clip, at most max_frames) or a valid window."""
     f = noise.shape[1]
-    weight = tensors.decode(request.known_weight, "known_weight", np.float32, ndim=1, writable=True)  # (F,)
-    if weight.shape != (f,):
-        raise InvalidInput(f"known_weight must have shape ({f},), one weight per frame, got {weight.shape}",
-                           reason="INVALID_SHAPE", field="known_weight")  # fmt: skip
-    if (weight < 0).any() or (weight > 1).any():
-        raise InvalidInput("known_weight values must be in [0, 1]", reason="OUT_OF_RANGE", field="known_weight")
-    return known, torch.from_numpy(weight)
+    if request.window == 0:
+        if f > p.max_frames:
+            raise InvalidInput(f"noise has {f} frames, the model takes at most {p.max_frames} at once: set window "
+                               f"(2..{p.max_frames}) and overlap to sample the clip in blended windows",
+                               reason="OUT_OF_RANGE", field="window")  # fmt: skip
+        return 0, 0
+    check_window(request.window, request.overlap, p.max_frames)
+    return request.window, request.overlap
 
 
 def _wrong_kind(name: str, kind: str, rpc: str) -> InvalidInput:
@@ -286,7 +277,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
         init_latents = None
         if request.HasField("init_latents"):
             init_latents = _clip(request.init_latents, "init_latents", tuple(noise.shape))  # (1, F, C, h, w)
-        known, known_weight = _known(request, noise)
+        window, overlap = _window(request, noise, params)
         deadline = time.monotonic() + remaining_seconds(context, self.video.settings)
         network = RunnerVideoNetwork(self.video.runner, name, version, deadline, params)
         denoiser = LocalVideoDenoiser(network, info.sha256)
@@ -300,7 +291,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
 
         def sample(callback: StepCallback) -> torch.Tensor:
             return denoiser.sample_clip(noise, content, uncond, structure, spec, callback, init_latents=init_latents,
-                                        known=known, known_weight=known_weight)  # fmt: skip
+                                        window=window, overlap=overlap)  # fmt: skip
 
         def finish(latents: torch.Tensor) -> pb.SampleVideoResponse:
             return pb.SampleVideoResponse(result=pb.SampleVideoResult(latents=tensors.encode(latents), model=info))

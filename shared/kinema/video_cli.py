@@ -123,7 +123,7 @@ def cmd_edit_video(args: argparse.Namespace) -> None:
             option = _OPTION.get(e.field, "")
             raise CliError(f"{option}: {e}" if option else str(e)) from None
     print(args.output)
-    print(f"{result.frames} frames in {len(result.windows)} windows", file=sys.stderr)
+    print(f"{result.frames} frames in {len(result.windows[0])} windows", file=sys.stderr)
 
 
 def _server_error(e, args: argparse.Namespace):

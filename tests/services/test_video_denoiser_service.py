@@ -2,9 +2,9 @@
 `services` fixtures: the session's Triton loads `video_denoiser` with every other SERVED_MODELS entry).
 
 A served clip must equal `LocalVideoDenoiser` over the VideoMMDiT in this process for the same inputs (<= 1e-5, as
-the image denoiser's Sample), for text content through raw gRPC and for reference-frame content with SDEdit and known
-frames through `RemoteVideoDenoiser`; `edit_video` over the four gRPC clients (`connect_video`) equals the embedded
-run.
+the image denoiser's Sample), for text content through raw gRPC and for reference-frame content with SDEdit over a
+clip longer than the window through `RemoteVideoDenoiser`; `edit_video` over the four gRPC clients (`connect_video`)
+equals the embedded run.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _text(length: int, real: int, seed: int) -> TextEmbedding:
     return TextEmbedding(torch.randn(1, length, 384, generator=g), mask, torch.randn(1, 384, generator=g), [False])
 
 
-def _structure(seed: int = 5) -> torch.Tensor:
-    return torch.rand(1, F, 1, *SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (1, F, 1, h, w)
+def _structure(seed: int = 5, frames: int = F) -> torch.Tensor:
+    return torch.rand(1, frames, 1, *SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (1, F, 1, h, w)
 
 
 def _conditioning(e: TextEmbedding) -> denoiser_pb2.Conditioning:
@@ -98,24 +98,26 @@ def test_sample_video_equals_the_in_process_loop_and_streams_progress(stub, loca
     assert (model.name, model.version, model.sha256) == ("video_denoiser", "1", local.fingerprint())
 
 
-def test_remote_client_samples_reference_content_with_sdedit_and_known_frames(channel, local):
-    """RemoteVideoDenoiser (the pipelines' client) = LocalVideoDenoiser for a continued window of an edit."""
+def test_remote_client_samples_reference_content_with_sdedit_in_windows(channel, local):
+    """RemoteVideoDenoiser (the pipelines' client) = LocalVideoDenoiser for a clip longer than its window."""
     remote = RemoteVideoDenoiser(channel)
     assert (remote.latent_channels, remote.max_frames) == (local.latent_channels, local.max_frames)
     assert remote.fingerprint() == local.fingerprint()
-    noise = initial_noise((1, F, 4, *SIZE), 7)
+    frames = 7
+    noise = initial_noise((1, frames, 4, *SIZE), 7)
     reference = initial_noise((1, 4, *SIZE), 8)  # a content frame's latent
-    init, known = initial_noise((1, F, 4, *SIZE), 9), initial_noise((1, F, 4, *SIZE), 10)
-    weight = torch.tensor([0.0, 0.5, 1.0, 1.0])  # keep frame 0, cross-fade frame 1, generate the rest
+    init = initial_noise((1, frames, 4, *SIZE), 9)
     spec = VideoSpec(steps=4, guidance=3.0, temporal_guidance=1.0, structure_level=0.0, shift=2.0, start_step=1)
     steps = []
-    kwargs = {"init_latents": init, "known": known, "known_weight": weight}
-    got = remote.sample_clip(noise, reference, UNCOND, _structure(6), spec, lambda i, n, x: steps.append((i, n, x)),
+    kwargs = {"init_latents": init, "window": 4, "overlap": 2}
+    structure = _structure(6, frames)
+    got = remote.sample_clip(noise, reference, UNCOND, structure, spec, lambda i, n, x: steps.append((i, n, x)),
                              **kwargs)  # fmt: skip
-    want = local.sample_clip(noise, reference, UNCOND, _structure(6), spec, None, **kwargs)
+    want = local.sample_clip(noise, reference, UNCOND, structure, spec, None, **kwargs)
     assert steps == [(0, 3, None), (1, 3, None), (2, 3, None)]  # steps - start_step
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[:, 0], known[:, 0], rtol=0, atol=1e-6)  # weight 0: the known frame exactly
+    whole = local.sample_clip(noise, reference, UNCOND, structure, spec, None, init_latents=init)
+    assert not torch.allclose(got, whole, atol=1e-3)  # the window was used, not the whole clip at once
 
 
 def test_list_models_lists_the_video_model_with_its_params(stub):
@@ -146,8 +148,12 @@ BAD = [
     ({"noise": _t(np.zeros((2, F, 4, *SIZE)))}, "INVALID", "noise", "one clip"),
     ({"noise": _t(np.zeros((1, F, 3, *SIZE)))}, "INVALID", "noise", "4 channels"),
     ({"noise": _t(np.zeros((1, F, 4, 8, 7)))}, "INVALID", "noise", "multiple of 2"),
-    ({"noise": _t(np.zeros((1, 65, 4, 2, 2))), "structure": _t(np.zeros((1, 65, 1, 2, 2)))}, "INVALID", "noise",
+    ({"noise": _t(np.zeros((1, 65, 4, 2, 2))), "structure": _t(np.zeros((1, 65, 1, 2, 2)))}, "INVALID", "window",
      "at most 64"),
+    ({"window": 65}, "INVALID", "window", "2..64"),
+    ({"window": 1}, "INVALID", "window", "2..64"),
+    ({"window": 4, "overlap": 4}, "INVALID", "overlap", "0..window-1"),
+    ({"window": 4, "overlap": -1}, "INVALID", "overlap", "0..window-1"),
     ({"structure": _t(np.zeros((1, F, 1, 8, 6)))}, "INVALID", "structure", "shape"),
     ({"structure": common_pb2.Tensor()}, "INVALID", "structure", "dtype"),
     ({"structure_level": 1.5}, "INVALID", "structure_level", "[0, 1]"),
@@ -157,11 +163,6 @@ BAD = [
     ({"guidance": float("nan")}, "INVALID", "guidance", "guidance"),
     ({"start_step": 1}, "INVALID", "init_latents", "init_latents"),
     ({"start_step": 1, "init_latents": _t(np.zeros((1, F, 4, 8, 6)))}, "INVALID", "init_latents", "must agree"),
-    ({"known": _t(np.zeros(CLIP))}, "INVALID", "known_weight", "known_weight"),
-    ({"known_weight": _t(np.ones(F))}, "INVALID", "known", "known"),
-    ({"known": _t(np.zeros(CLIP)), "known_weight": _t(np.ones(F + 1))}, "INVALID", "known_weight", f"({F},)"),
-    ({"known": _t(np.zeros(CLIP)), "known_weight": _t(np.full(F, 2.0))}, "INVALID", "known_weight", "[0, 1]"),
-    ({"known": _t(np.full(CLIP, np.nan)), "known_weight": _t(np.ones(F))}, "INVALID", "known", "NaN"),
     ({"cond": None}, "INVALID", "cond", "content"),
     ({"cond": None, "reference_latent": _t(np.zeros((1, 3, *SIZE)))}, "INVALID", "reference_latent", "(1, 4"),
     ({"cond": _conditioning(TextEmbedding(torch.zeros(1, 3, 10), torch.ones(1, 3, dtype=torch.bool),
@@ -268,7 +269,8 @@ def test_edit_video_over_grpc_equals_the_embedded_run(services, depth_service, c
         for client in remote:
             client.close()
     (got, got_frames, got_steps), (want, want_frames, want_steps) = outputs
-    assert got_frames.shape == (6, 32, 32, 3) and got.windows == want.windows == [(0, 4), (2, 6)]
+    assert got_frames.shape == (6, 32, 32, 3)
+    assert got.windows == want.windows == [[(0, 4), (2, 6)], [(0, 4), (1, 5), (2, 6)]]  # stride 2: offsets 0, 1
     assert np.abs(got_frames.astype(int) - want_frames.astype(int)).max() <= 1
-    assert got_steps == want_steps == [(i, 4) for i in range(4)]
+    assert got_steps == want_steps == [(0, 2), (1, 2)]  # steps over the whole clip, every window in each
     assert got.models == want.models and all(len(h) == 64 for h in got.models.values())

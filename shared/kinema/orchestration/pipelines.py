@@ -574,15 +574,16 @@ class EditVideoPipeline:
             description=(
                 "Edits a video from a prompt or a content image while keeping its structure (Gen-1, Esser et al. "
                 "2023): per-frame depth (MiDaS-style, degraded to the structure level t_s) conditions a video "
-                "MMDiT with temporal layers, sampled with classifier-free and temporal guidance in overlapping "
-                "windows that share their noise and blend their overlap. One H.264 MP4 at the input's frame rate."
+                "MMDiT with temporal layers, sampled with classifier-free and temporal guidance; a clip longer than "
+                "the window is sampled whole, its overlapping windows' velocities blended at every step, so no seam "
+                "shows. One H.264 MP4 at the input's frame rate."
             ),
             inputs=list(self.inputs),
             parameters=[
                 _param("prompts", "one prompt: what the video should show; leave empty with inputs.content_image"),
                 _param("negative_prompt", "the prompt guidance steers away from", d.negative_prompt),
                 _param("seed", f"noise seed in [0, {self.seed_limit}); unset: drawn by the server"),
-                _param("steps", "sampling steps of the full schedule per window, 1..1000", d.steps),
+                _param("steps", "sampling steps of the full schedule, 1..1000", d.steps),
                 _param("guidance", "classifier-free guidance scale omega in [0, 30] (1: none)", d.guidance),
                 _param(
                     "strength",
@@ -602,7 +603,7 @@ class EditVideoPipeline:
                     "temporal guidance omega_t in [0, 10]: 0 samples each frame alone, 1 as a video, more is steadier",
                     d.temporal_guidance,
                 ),
-                _param("options.window", "frames per denoiser call, 2 to the video model's max_frames", d.window),
+                _param("options.window", "frames the video model sees at once, 2 to its max_frames", d.window),
                 _param(
                     "options.overlap",
                     "frames two neighbouring windows share, 0..window-1; unset: half the window",

@@ -2,21 +2,17 @@
 
     frames ──fit──> depth ──> structure (1, N, 1, h, w), normalised once over the whole clip
     content: the prompt's text embedding, or a reference image's latent (keyframe propagation)
-    windows of `window` frames, `overlap` shared with the window before ──> video denoiser ──> decode ──> sink
+    noise per frame ──> video denoiser (windows of `window` frames, `overlap` shared, all each step) ──> decode
 
-The input is read twice as a stream of frames (`FrameSource`): the first pass estimates depth and keeps only the
-structure at the latent size (h x w floats a frame); the second, run only for strength < 1, encodes the input frames
-a window at a time as SDEdit's starting latents. Output frames are decoded and handed to `sink` as soon as no later
-window can change them, so memory stays flat in the video's length apart from that per-frame structure map.
+The input is read as a stream of frames (`FrameSource`), twice at most: the first pass estimates depth and keeps
+only the structure at the latent size (h x w floats a frame); the second, run only for strength < 1, encodes the
+input frames as SDEdit's starting latents. Sampling holds the latents of the whole clip (C x h x w floats a frame,
+4 KiB at 64 px) and the network sees one window at a time, so memory grows only by those small per-frame maps.
 
-Long videos have no seam between windows:
-
-- shared noise: a frame's noise depends only on (seed, frame index), so a frame two windows share starts from the
-  same noise in both;
-- blended overlap: a window's first frames are the ones the window before it already sampled; each step blends them
-  towards those latents (noised to the step's time) with a weight that ramps from the old window to the new one
-  (`kinema.sampling.edit.sample_masked` with a fractional mask), so at t = 0 the overlap is a cross-fade between the
-  two windows' samples and the new window's temporal attention sees the frames it continues.
+Long videos have no seam between windows (`kinema.sampling.windows`): every step evaluates every window on the
+current latents of the whole clip and blends the windows' velocities where they overlap, with weights that fall
+towards each window's edges. The windows move together from noise to the clean clip, so they agree where they meet;
+a frame's noise also depends only on (seed, frame index), so a clip reproduces whatever its window.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ from kinema.pipelines.protocols import Autoencoder, DepthEstimator, TextEncoder,
 from kinema.pipelines.text_to_image import check_side
 from kinema.sampling.edit import start_step
 from kinema.sampling.samplers import Callback, initial_noise
+from kinema.sampling.windows import window_plans
 
 # A fresh iterator over the input's frames, (H, W, 3) uint8 each, every time it is called.
 FrameSource = Callable[[], Iterable[np.ndarray]]
@@ -53,8 +50,8 @@ class EditVideoRequest:
     layout); temporal_guidance: omega_t (0 samples every frame on its own, 1 as a video, more is steadier);
     guidance: classifier-free guidance omega over the content; strength: 1 samples from noise, less starts from the
     input frames noised part-way (SDEdit) and keeps more of their appearance. width x height: the output's size; the
-    input is centre-cropped to its aspect and resized. window / overlap: frames per denoiser call and frames two
-    neighbouring calls share (the default, half the window: `default_overlap`).
+    input is centre-cropped to its aspect and resized. window / overlap: frames the network sees at once and frames
+    two neighbouring windows share (the default, half the window: `default_overlap`).
     """
 
     prompt: str = ""
@@ -95,49 +92,35 @@ class EditVideoRequest:
                                field="seed")  # fmt: skip
         check_side(self.width, patch, "width")
         check_side(self.height, patch, "height")
-        if not 2 <= self.window <= max_window:
-            raise InvalidInput(f"window must be in 2..{max_window} frames, got {self.window}", reason="OUT_OF_RANGE",
-                               field="window")  # fmt: skip
-        if not 0 <= self.overlap < self.window:
-            raise InvalidInput(f"overlap must be in 0..window-1 = {self.window - 1}, got {self.overlap}",
-                               reason="OUT_OF_RANGE", field="overlap")  # fmt: skip
+        check_window(self.window, self.overlap, max_window)
 
 
 @dataclass(frozen=True)
 class EditVideoResult:
     frames: int  # frames written to the sink
-    windows: list[tuple[int, int]]  # the [start, end) frame ranges sampled, in order
+    windows: list[list[tuple[int, int]]]  # the window plans ([start, end) frames) the steps cycled through
     truncated: bool  # the prompt was cut at the text encoder's token limit
     models: dict[str, str] = field(default_factory=dict)  # name -> sha256
 
 
+def check_window(window: int, overlap: int, max_frames: int) -> None:
+    """A window of 2..max_frames frames and an overlap of 0..window-1 (`VideoDenoiser.sample_clip`)."""
+    if not 2 <= window <= max_frames:
+        raise InvalidInput(f"window must be in 2..{max_frames} frames, got {window}", reason="OUT_OF_RANGE",
+                           field="window")  # fmt: skip
+    if not 0 <= overlap < window:
+        raise InvalidInput(f"overlap must be in 0..window-1 = {window - 1}, got {overlap}", reason="OUT_OF_RANGE",
+                           field="overlap")  # fmt: skip
+
+
 def default_overlap(window: int) -> int:
-    """The overlap a request that leaves it unset gets: half the window (bench/video.py: the jump at a window
-    boundary falls from 12x an ordinary frame step without overlap to 3.6x at 2 of 8 frames and 2.4x at 4)."""
+    """The overlap a request that leaves it unset gets: half the window (bench/video.py, seams)."""
     return window // 2
 
 
-def plan_windows(frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of `window` frames that cover 0..frames-1, each sharing at least `overlap` frames with
-    the one before; the last is moved back to end at the last frame (it may overlap more). One range if it fits."""
-    if frames <= window:
-        return [(0, frames)]
-    stride = window - overlap
-    starts = [*range(0, frames - window, stride), frames - window]
-    return [(s, s + window) for s in starts]
-
-
 def frame_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
-    """The starting noise of frame `index` for `seed`: the same in every window that holds the frame."""
+    """The starting noise of frame `index` for `seed`: the same whatever the clip's length or windows."""
     return initial_noise(shape, seed * NOISE_STRIDE + index)
-
-
-def overlap_weights(window: int, known: int) -> Tensor:
-    """(window,) blend weights, 1 = the new window's sample: k/(known+1) for the k-th of the `known` first frames
-    (k = 1..known), so the cross-fade starts near the old window's frames and ends near the new one's."""
-    w = torch.ones(window)
-    w[:known] = torch.arange(1, known + 1, dtype=torch.float32) / (known + 1)
-    return w
 
 
 def to_pixels(frames: list[np.ndarray]) -> Tensor:
@@ -178,35 +161,9 @@ def estimate_structure(
     return ((disp - lo) / max(hi - lo, 1e-8) * 2 - 1)[None]  # (1, N, 1, h, w)
 
 
-class _InitLatents:
-    """The input frames' latents for SDEdit, encoded a window at a time from a second pass over the input."""
-
-    def __init__(self, frames: Iterable[np.ndarray], autoencoder: Autoencoder) -> None:
-        self.frames, self.autoencoder = iter(frames), autoencoder
-        self.cache: dict[int, Tensor] = {}
-        self.read = 0
-
-    def window(self, start: int, end: int) -> Tensor:
-        """(1, end - start, C, h, w); frames before `start` are dropped (windows only move forward)."""
-        self.cache = {i: z for i, z in self.cache.items() if i >= start}
-        need = []
-        while self.read < end:
-            frame = next(self.frames, None)
-            if frame is None:  # the first pass counted more frames: the file changed under the run
-                raise InvalidInput(f"the video ended at frame {self.read} on the second read, after more frames on "
-                                   "the first; was it changed during the edit?", reason="NOT_A_VIDEO",
-                                   field="video")  # fmt: skip
-            need.append(frame)
-            self.read += 1
-        if need:
-            z = self.autoencoder.encode(to_pixels(need))  # (B, C, h, w)
-            self.cache.update({self.read - len(need) + i: z[i] for i in range(len(need))})
-        return torch.stack([self.cache[i] for i in range(start, end)])[None]
-
-
-def _offset(callback: Callback, done: int, total: int) -> Callback:
-    """A window's step callback that reports progress over the whole clip."""
-    return lambda i, _n, x: callback(done + i, total, x)
+def encode_frames(frames: Iterable[np.ndarray], autoencoder: Autoencoder, batch: int) -> Tensor:
+    """(1, N, C, h, w) latents of fitted frames, encoded `batch` frames at a time (SDEdit's starting latents)."""
+    return torch.cat([autoencoder.encode(to_pixels(chunk)) for chunk in _batches(frames, batch)])[None]
 
 
 def edit_video(
@@ -221,7 +178,7 @@ def edit_video(
 ) -> EditVideoResult:
     """Edit every frame of `source` (frames of any size, fitted to the request's) into `sink`, in order.
 
-    The callback gets (i, n, x) once per sampling step over all windows (n = windows x steps run). The same request
+    The callback gets (i, n, x) once per sampling step of the whole clip (n = steps run). The same request
     and input reproduce bit for bit on a CPU. InvalidInput for a bad request or an empty video; whatever raises
     mid-way leaves the caller to discard what the sink got (`edit_video_file` writes nothing then).
     """
@@ -248,31 +205,23 @@ def edit_video(
     first = start_step(request.steps, request.strength)
     spec = VideoSpec(steps=request.steps, guidance=request.guidance, temporal_guidance=request.temporal_guidance,
                      structure_level=request.structure, shift=request.shift, start_step=first)  # fmt: skip
-    init = _InitLatents(fitted(), autoencoder) if first else None
-    windows = plan_windows(n, request.window, request.overlap)
-    per_window = request.steps - first
-    total = per_window * len(windows)
+    init = None
+    if first:
+        init = encode_frames(fitted(), autoencoder, request.window)
+        if init.shape[1] != n:  # the first pass counted other frames: the file changed under the run
+            raise InvalidInput(f"the video has {init.shape[1]} frames on the second read and {n} on the first; was "
+                               "it changed during the edit?", reason="NOT_A_VIDEO", field="video")  # fmt: skip
     latent_shape = (denoiser.latent_channels, *size)
-    pending: Tensor | None = None  # latents of frames [pending_from, produced): sampled, not yet final
-    pending_from = produced = written = 0
-    for k, (s, e) in enumerate(windows):
-        noise = torch.stack([frame_noise(request.seed, i, latent_shape) for i in range(s, e)])[None]  # (1, F, C, h, w)
-        known = weight = None
-        n_known = produced - s
-        if n_known > 0:
-            known = torch.zeros_like(noise)
-            known[:, :n_known] = pending[:, s - pending_from : produced - pending_from]
-            weight = overlap_weights(e - s, n_known)
-        step_cb = None if callback is None else _offset(callback, k * per_window, total)
-        z = denoiser.sample_clip(noise, content, uncond, structure[:, s:e], spec, step_cb,
-                                 init_latents=init.window(s, e) if init else None, known=known,
-                                 known_weight=weight)  # fmt: skip
-        final_end = windows[k + 1][0] if k + 1 < len(windows) else e
-        for frame in to_frames(autoencoder.decode(z[0, : final_end - s])):
+    noise = torch.stack([frame_noise(request.seed, i, latent_shape) for i in range(n)])[None]  # (1, N, C, h, w)
+    z = denoiser.sample_clip(noise, content, uncond, structure, spec, callback, init_latents=init,
+                             window=request.window, overlap=request.overlap)  # fmt: skip
+    written = 0
+    for s in range(0, n, request.window):
+        for frame in to_frames(autoencoder.decode(z[0, s : s + request.window])):
             sink(frame)
             written += 1
-        pending, pending_from, produced = z[:, final_end - s :], final_end, e
     models = model_fingerprints(text_encoder, depth, denoiser, autoencoder)
+    windows = window_plans(n, request.window, request.overlap)
     return EditVideoResult(frames=written, windows=windows, truncated=truncated, models=models)
 
 

@@ -116,7 +116,7 @@ class DepthEstimator(Protocol):
 
 @dataclass(frozen=True)
 class VideoSpec:
-    """What the video denoiser needs to sample one window of a clip (Gen-1, `kinema.sampling.temporal`).
+    """What the video denoiser needs to sample a clip (Gen-1, `kinema.sampling.temporal`).
 
     guidance: classifier-free guidance omega over the content; temporal_guidance: omega_t, from the frame-wise
     prediction (0) to the video prediction (1) and beyond; structure_level: t_s in [0, 1], how far the depth
@@ -138,10 +138,11 @@ class VideoDenoiser(Protocol):
     `content` is a text embedding, or a reference frame's latent (1, C, h, w) (content from an image, keyframe
     propagation); `uncond` is the empty prompt's embedding for classifier-free guidance. `structure` (1, F, 1, h, w)
     in [-1, 1] is the clip's normalised disparity at the latent size (`kinema.nn.video.structure_input`), not yet
-    degraded: the denoiser degrades it to `spec.structure_level`. With `known` (1, F, C, h, w) and `known_weight`
-    (F,) in [0, 1] (1 = generate, 0 = keep), every step blends frames towards the known latents noised to the step's
-    time (`kinema.sampling.edit.sample_masked`): how a window continues the one before it. `init_latents` are what
-    a run with `spec.start_step` > 0 starts from. At most `max_frames` frames per call.
+    degraded: the denoiser degrades it to `spec.structure_level`. `init_latents` are what a run with
+    `spec.start_step` > 0 starts from. The network sees at most `max_frames` frames at once: a longer clip needs
+    `window` (2..max_frames) and `overlap` (0..window-1), and every step then evaluates all windows of
+    `kinema.sampling.windows.plan_windows` and blends their velocities where they overlap
+    (`kinema.sampling.windows.windowed_predictor`), so windows agree where they meet. window 0: one window of F.
     """
 
     latent_channels: int
@@ -157,8 +158,8 @@ class VideoDenoiser(Protocol):
         callback: Callback | None,
         *,
         init_latents: Tensor | None = None,
-        known: Tensor | None = None,
-        known_weight: Tensor | None = None,
+        window: int = 0,
+        overlap: int = 0,
     ) -> Tensor: ...
 
     def fingerprint(self) -> str: ...

@@ -346,8 +346,8 @@ class RemoteVideoDenoiser(_Client):
         callback: Callback | None,
         *,
         init_latents: Tensor | None = None,
-        known: Tensor | None = None,
-        known_weight: Tensor | None = None,
+        window: int = 0,
+        overlap: int = 0,
     ) -> Tensor:
         request = denoiser_pb2.SampleVideoRequest(
             model=self._ref,
@@ -360,6 +360,8 @@ class RemoteVideoDenoiser(_Client):
             structure_level=spec.structure_level,
             shift=spec.shift,
             start_step=spec.start_step,
+            window=window,
+            overlap=overlap,
         )
         if isinstance(content, TextEmbedding):
             request.cond.CopyFrom(_conditioning(content))
@@ -367,10 +369,6 @@ class RemoteVideoDenoiser(_Client):
             request.reference_latent.CopyFrom(tensors.encode(content))  # (1, C, h, w)
         if init_latents is not None:
             request.init_latents.CopyFrom(tensors.encode(init_latents))  # (1, F, C, h, w)
-        if known is not None:
-            request.known.CopyFrom(tensors.encode(known))  # (1, F, C, h, w)
-        if known_weight is not None:  # (F,); float32 on the wire, as LocalVideoDenoiser casts it to the latents'
-            request.known_weight.CopyFrom(tensors.encode(known_weight.to(torch.float32)))
 
         def on_progress(progress: common_pb2.Progress) -> None:
             if callback is not None:

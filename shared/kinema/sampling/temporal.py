@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from kinema.sampling.edit import sample_masked, start_latents, start_step
+from kinema.sampling.edit import start_latents, start_step
 from kinema.sampling.guidance import cfg_velocity
 from kinema.sampling.samplers import Callback, VelocityFn, sample_euler
 from kinema.sampling.schedule import get_schedule
@@ -117,17 +117,13 @@ def sample_video(
     temporal_guidance: float,
     sampler: Sampler = sample_euler,
     init_latents: Tensor | None = None,
-    known: Tensor | None = None,
-    known_mask: Tensor | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Sample clips (B, F, C, h, w) with classifier-free and temporal guidance from `noise` of that shape.
 
     With `init_latents` the run starts from them noised with `noise` to `schedule[0]` (SDEdit; see
-    `video_schedule`), otherwise from `noise`; a schedule that does not start at 1 needs init latents.
-    With `known` (B, F, C, h, w) and `known_mask` (broadcasting, in [0, 1], 1 = generate) every step ends blended
-    towards `known` noised with `noise` to the step's end time (`kinema.sampling.edit.sample_masked`): a window
-    that overlaps frames already sampled continues them, and a fractional mask cross-fades the overlap.
+    `video_schedule`), otherwise from `noise`; a schedule that does not start at 1 needs init latents. A clip
+    longer than the network's window samples through a `kinema.sampling.windows.windowed_predictor`.
     """
     if noise.dim() != 5:
         raise ValueError(f"noise must be (B, F, C, h, w), got shape {tuple(noise.shape)}")
@@ -136,9 +132,4 @@ def sample_video(
     if init_latents is not None and init_latents.shape != noise.shape:
         raise ValueError(f"init_latents {tuple(init_latents.shape)} and noise {tuple(noise.shape)} differ in shape")
     x = start_latents(noise, schedule[0], init_latents)
-    velocity = temporal_guided(predict, guidance, temporal_guidance)
-    if known is None:
-        return sampler(velocity, x, schedule, callback=callback)
-    if known.shape != noise.shape or known_mask is None:
-        raise ValueError(f"known latents must be {tuple(noise.shape)} and come with a known_mask")
-    return sample_masked(sampler, velocity, x, schedule, known=known, noise=noise, mask=known_mask, callback=callback)
+    return sampler(temporal_guided(predict, guidance, temporal_guidance), x, schedule, callback=callback)

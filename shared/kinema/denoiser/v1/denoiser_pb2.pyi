@@ -62,7 +62,7 @@ class SampleResult(_message.Message):
     def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
 
 class SampleVideoRequest(_message.Message):
-    __slots__ = ("model", "noise", "cond", "reference_latent", "uncond", "steps", "guidance", "temporal_guidance", "structure", "structure_level", "shift", "start_step", "init_latents", "known", "known_weight")
+    __slots__ = ("model", "noise", "cond", "reference_latent", "uncond", "steps", "guidance", "temporal_guidance", "structure", "structure_level", "shift", "start_step", "init_latents", "window", "overlap")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     COND_FIELD_NUMBER: _ClassVar[int]
@@ -76,8 +76,8 @@ class SampleVideoRequest(_message.Message):
     SHIFT_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     INIT_LATENTS_FIELD_NUMBER: _ClassVar[int]
-    KNOWN_FIELD_NUMBER: _ClassVar[int]
-    KNOWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     noise: _common_pb2.Tensor
     cond: Conditioning
@@ -91,9 +91,9 @@ class SampleVideoRequest(_message.Message):
     shift: float
     start_step: int
     init_latents: _common_pb2.Tensor
-    known: _common_pb2.Tensor
-    known_weight: _common_pb2.Tensor
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[Conditioning, _Mapping]] = ..., reference_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., temporal_guidance: _Optional[float] = ..., structure: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., structure_level: _Optional[float] = ..., shift: _Optional[float] = ..., start_step: _Optional[int] = ..., init_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., known: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., known_weight: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    window: int
+    overlap: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., noise: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., cond: _Optional[_Union[Conditioning, _Mapping]] = ..., reference_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., uncond: _Optional[_Union[Conditioning, _Mapping]] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., temporal_guidance: _Optional[float] = ..., structure: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., structure_level: _Optional[float] = ..., shift: _Optional[float] = ..., start_step: _Optional[int] = ..., init_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., window: _Optional[int] = ..., overlap: _Optional[int] = ...) -> None: ...
 
 class SampleVideoResponse(_message.Message):
     __slots__ = ("progress", "result")
