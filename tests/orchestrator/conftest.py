@@ -20,9 +20,11 @@ from kinema.storage.s3server import S3Server
 WORKER_APP = "services.orchestrator.worker:app"
 
 
-def start_orchestrator(log_dir: Path, artifacts: Path, addresses: dict[str, str]) -> ServiceProcess:
+def start_orchestrator(log_dir: Path, artifacts: Path, addresses: dict[str, str], **extra: str) -> ServiceProcess:
+    """An orchestrator over the model services at `addresses` (capability -> host:port), artifacts in a local folder;
+    `extra`: more KINEMA_* settings (a Redis for jobs, limits)."""
     env = {f"KINEMA_{cap.upper()}_URL": address for cap, address in addresses.items()}
-    return ServiceProcess("orchestrator", log_dir, KINEMA_ARTIFACTS=artifacts.as_uri(), **env).start()
+    return ServiceProcess("orchestrator", log_dir, KINEMA_ARTIFACTS=artifacts.as_uri(), **env, **extra).start()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.rpc.process import ServiceProcess
 from kinema.rpc.status import RETRY_AFTER_KEY, from_rpc_error, parse_error_detail
 
-from .conftest import stub_of
+from .conftest import start_orchestrator, stub_of
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,9 @@ PROMPT = "a small red sphere to the left of a blue cube"
 def busy_orchestrator(services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("admission")
     with RedisServer(log_path=root / "redis.log") as redis:
-        env = {f"KINEMA_{name.upper()}_URL": s.address for name, s in services.items()}
-        env |= {"KINEMA_ARTIFACTS": (root / "artifacts").as_uri(), "KINEMA_REDIS_URL": redis.url,
-                "KINEMA_MAX_IN_FLIGHT": "1", "KINEMA_MAX_QUEUED_JOBS": "2"}  # fmt: skip
-        proc = ServiceProcess("orchestrator", root, **env).start()
+        addresses = {name: s.address for name, s in services.items()}
+        proc = start_orchestrator(root, root / "artifacts", addresses, KINEMA_REDIS_URL=redis.url,
+                                  KINEMA_MAX_IN_FLIGHT="1", KINEMA_MAX_QUEUED_JOBS="2")  # fmt: skip
         try:
             yield proc
         finally:

@@ -15,7 +15,7 @@ from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.rpc.process import ServiceProcess, free_port
 from kinema.rpc.status import parse_error_detail
 
-from .conftest import stub_of
+from .conftest import start_orchestrator, stub_of
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,9 @@ OVER = "x" * (LIMIT + 1)
 def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("prompt-limit")
     with RedisServer(log_path=root / "redis.log") as redis:
-        env = {f"KINEMA_{name.upper()}_URL": f"127.0.0.1:{free_port()}"
-               for name in ("text_encoder", "denoiser", "autoencoder", "depth")}  # fmt: skip
-        env |= {"KINEMA_ARTIFACTS": (root / "artifacts").as_uri(), "KINEMA_REDIS_URL": redis.url,
-                "KINEMA_MAX_PROMPT_CHARS": str(LIMIT)}  # fmt: skip
-        proc = ServiceProcess("orchestrator", root, **env).start()
+        down = {name: f"127.0.0.1:{free_port()}" for name in ("text_encoder", "denoiser", "autoencoder", "depth")}
+        proc = start_orchestrator(root, root / "artifacts", down, KINEMA_REDIS_URL=redis.url,
+                                  KINEMA_MAX_PROMPT_CHARS=str(LIMIT))  # fmt: skip
         try:
             yield proc
         finally:
