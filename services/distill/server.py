@@ -7,6 +7,11 @@ embedded mode runs) in a worker thread, one network evaluation per step through 
 default: the student is served as a denoiser network, so `kinema.rpc.denoising.RunnerNetwork` calls it, as the
 denoiser service does).
 Progress streams back as steps finish; a client cancel or an expired deadline stops the loop at the next step.
+
+Distillations (`StartDistillation`, `GetDistillation`, `CancelDistillation`) are jobs: this service checks the request
+and the teacher (a denoiser model its runner serves that is no student), records the job, claims the teacher and
+queues it (`kinema.orchestration.distillation.DistillJobs`); the orchestrator's job worker trains, stores and loads the
+student into Triton, after which `ListModels` lists it. Without KINEMA_REDIS_URL they answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -14,18 +19,28 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import replace
 
+import grpc
 import numpy as np
 import torch
 
 from kinema.common.v1 import common_pb2
 from kinema.distill.v1 import distill_pb2 as pb
 from kinema.distill.v1 import distill_pb2_grpc as pb_grpc
-from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
 from kinema.inference.runner import ServedModel
+from kinema.orchestration.distillation import (
+    DistillationSpec,
+    DistillJobs,
+    DistillJobSettings,
+    check_teacher,
+    distillation_message,
+)
 from kinema.pipelines.local import LocalStudent
 from kinema.pipelines.student import StudentFacts, resolve_timesteps
 from kinema.rpc import tensors
+from kinema.rpc.auth import tenant_of
 from kinema.rpc.denoising import RunnerNetwork, conditioning
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
@@ -82,8 +97,9 @@ def _seeds(request: pb.SampleRequest, batch: int) -> list[int]:
 
 
 class DistillServicer(pb_grpc.DistillServicer):
-    def __init__(self, family: ModelFamily) -> None:
+    def __init__(self, family: ModelFamily, jobs: DistillJobs | None = None) -> None:
         self.family = family
+        self.jobs = jobs
 
     def _resolve(self, ref: common_pb2.ModelRef) -> tuple[str, str]:
         if ref.name == FAMILY:  # the family's own name is the teacher's, which ModelFamily would call "no denoiser"
@@ -126,17 +142,77 @@ class DistillServicer(pb_grpc.DistillServicer):
                 yield event
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        models = await self.family.list_models(request.model)  # the teacher and other non-students left out
+        names = await self.family.run_blocking(self.family.runner.models)
+        if self.jobs is not None:  # students distillations loaded: Triton's repository index does not list them
+            names += await self.family.run_blocking(self.jobs.students)
+        members = sorted({n for n in names if self.family.member(n)})
+        models = await self.family.list_models(request.model, members)  # the teacher and other non-students left out
         return pb.ListModelsResponse(models=models, default_model=self.family.default)
+
+    # -- distillation jobs ------------------------------------------------------------------------------
+
+    async def _job_backend(self, context) -> DistillJobs:
+        if self.jobs is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "distillation jobs are off on this server: set "
+                                "KINEMA_REDIS_URL (redis://host:port/db) and run a job worker "
+                                "(python -m services.orchestrator.worker); Sample works without them")  # fmt: skip
+        return self.jobs
+
+    def _teacher(self, spec: DistillationSpec) -> common_pb2.ModelInfo:
+        """The served teacher (NOT_FOUND: unknown, not served, or a student itself)."""
+        check_teacher(spec.teacher)
+        try:
+            served = self.family.runner.describe(spec.teacher, spec.teacher_version)
+        except NotFound:
+            raise NotFound(f"teacher {spec.teacher!r} (version {spec.teacher_version or 'latest'}) is not served; the "
+                           "denoiser service's ListModels shows the denoiser models", reason="MODEL_NOT_FOUND",
+                           field="teacher.name") from None  # fmt: skip
+        try:
+            is_student = StudentFacts.from_parameters(served.parameters) is not None
+        except ValueError:
+            is_student = True
+        if is_student:
+            raise NotFound(f"model {spec.teacher!r} is a distilled student, not a teacher; distil the denoiser it was "
+                           "distilled from", reason="MODEL_NOT_FOUND", field="teacher.name")  # fmt: skip
+        return common_pb2.ModelInfo(name=served.name, version=served.version, sha256=served.sha256,
+                                    params_json=served.params_json)  # fmt: skip
+
+    async def StartDistillation(self, request: pb.StartDistillationRequest, context) -> pb.StartDistillationResponse:
+        jobs = await self._job_backend(context)
+        tenant = tenant_of(context)
+        spec = DistillationSpec.from_request(request)  # INVALID_ARGUMENT before anything is looked up
+
+        def start():
+            teacher = self._teacher(spec)
+            if spec.name and spec.name in self.family.runner.models():
+                raise AlreadyExists(f"a model named {spec.name!r} is served already; choose another name",
+                                    reason="MODEL_EXISTS", field="name")  # fmt: skip
+            return jobs.start(tenant, replace(spec, teacher_version=teacher.version), teacher)
+
+        job = await self.family.run_blocking(start)
+        return pb.StartDistillationResponse(distillation=distillation_message(job))
+
+    async def GetDistillation(self, request: pb.GetDistillationRequest, context) -> pb.GetDistillationResponse:
+        jobs = await self._job_backend(context)
+        job = await self.family.run_blocking(jobs.get, tenant_of(context), request.id)
+        return pb.GetDistillationResponse(distillation=distillation_message(job))
+
+    async def CancelDistillation(self, request: pb.CancelDistillationRequest, context) -> pb.CancelDistillationResponse:
+        jobs = await self._job_backend(context)
+        job = await self.family.run_blocking(jobs.cancel, tenant_of(context), request.id)
+        return pb.CancelDistillationResponse(distillation=distillation_message(job))
 
 
 def build_server(settings: ServiceSettings) -> KinemaServer:
+    """The distill service; distillation jobs on when KINEMA_REDIS_URL is set (`DistillJobSettings`)."""
+    job_settings = DistillJobSettings.from_env()
+    jobs = DistillJobs(job_settings) if job_settings.redis_url else None
     return build_model_server(
         settings,
         name="distill",
         service=SERVICE,
         add_to_server=pb_grpc.add_DistillServicer_to_server,
-        servicer=DistillServicer,
+        servicer=lambda family: DistillServicer(family, jobs),
         default_model=DEFAULT_MODEL,
         family=FAMILY,
         info=student_info,

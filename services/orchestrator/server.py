@@ -57,19 +57,17 @@ from kinema.orchestration.worker import enqueue, job_store, make_job_app
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from kinema.pipelines.text_to_image import check_prompts
-from kinema.rpc.auth import TENANT_KEY, authenticated_tenant
+from kinema.rpc.auth import tenant_of
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.server import Binding, KinemaServer, make_server, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 from kinema.rpc.status import ERROR_DETAIL_KEY, error_detail
 from kinema.rpc.tls import internal_credentials
 from kinema.storage.artifacts import (
-    DEFAULT_TENANT,
     MAX_EXPIRY,
     Artifact,
     ArtifactStore,
     check_sha256,
-    check_tenant,
     store_from_uri,
 )
 
@@ -85,21 +83,6 @@ T = TypeVar("T")
 
 class _Stopped(Exception):
     """Raised inside a run's worker thread once its client went away."""
-
-
-def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The caller's tenant: its API key's when the server checks keys (kinema.rpc.auth), else the `kinema-tenant`
-    metadata, else "default"."""
-    tenant = authenticated_tenant()
-    if tenant is not None:
-        return tenant
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_KEY:
-            try:
-                return check_tenant(value)
-            except InvalidInput as e:
-                raise InvalidInput(str(e), reason=e.reason, field=TENANT_KEY) from None
-    return DEFAULT_TENANT
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):

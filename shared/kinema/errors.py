@@ -41,6 +41,11 @@ class FailedPrecondition(KinemaError):
     """The request is well formed but what it names is not ready for it: a model not fitted (FAILED_PRECONDITION)."""
 
 
+class AlreadyExists(KinemaError):
+    """What the request would create exists already, or is being made: a reused idempotency key, a second
+    distillation of a teacher while one runs (ALREADY_EXISTS); `metadata` names the existing one."""
+
+
 class Unavailable(KinemaError):
     """A dependency is down or not ready (UNAVAILABLE)."""
 

@@ -348,7 +348,10 @@ class _Launch:
         self.wait("s3", s3.wait_ready, t0)
 
         backend = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
-        services = {name: ServiceProcess(name, self.logs, log_name=f"{name}.log", detached=True, **backend)
+        # The distill service records distillation jobs in Redis (docs/distill.md, "Distillation as a job").
+        jobs = {"distill": {"KINEMA_REDIS_URL": redis.url}}
+        services = {name: ServiceProcess(name, self.logs, log_name=f"{name}.log", detached=True,
+                                         **backend | jobs.get(name, {}))
                     for name in MODEL_SERVICES}  # fmt: skip
         # The environment the orchestrator and its worker share, as tests/orchestrator/conftest.py `jobs_env`: the
         # address of each model service the orchestrator calls, the KINEMA_<NAME>_URL its settings read (distill's
@@ -361,6 +364,10 @@ class _Launch:
         # (kinema.jobs.metrics) is on a port of its own, as every service's.
         worker_metrics = free_ports(HOST, 1)[0]
         worker_env = env | {"KINEMA_METRICS_PORT": str(worker_metrics)}
+        # A distillation job reads its teacher from the repository Triton serves, trains in the stack's data folder
+        # and loads the student into Triton.
+        worker_env |= {"KINEMA_MODELS": str(s.models), "KINEMA_TRITON_URL": triton.grpc_url,
+                       "KINEMA_DISTILL_DIR": str(self.data / "distill")}  # fmt: skip
         worker_settings = WorkerSettings(app=WORKER_APP, broker_url=redis.url, backend_url=redis.url,
                                          concurrency=s.worker_concurrency, name=WORKER_NAME, pythonpath=(REPO,),
                                          env=worker_env, startup_timeout=timeout)  # fmt: skip

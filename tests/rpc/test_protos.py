@@ -153,9 +153,23 @@ def test_every_rpc_has_its_own_request_and_response(svc: str) -> None:
         assert rpc.input_type.file is rpc.output_type.file is rpc.containing_service.file, rpc.full_name
 
 
+# Job RPCs of a model service (the distill service's distillations): a start names its input model as the field its
+# role says (`teacher`), reads and cancels name the job by `id`; the job they answer names its models by role.
+JOB_RPCS = {("distill", "StartDistillation"): "teacher", ("distill", "GetDistillation"): "id",
+            ("distill", "CancelDistillation"): "id"}  # fmt: skip
+
+
 @pytest.mark.parametrize("svc", SERVICES)
 def test_every_request_selects_a_model_and_every_response_echoes_it(svc: str) -> None:
     for rpc in _service(svc).methods:
+        if (svc, rpc.name) in JOB_RPCS:
+            field = rpc.input_type.fields_by_name[JOB_RPCS[svc, rpc.name]]
+            kind = field.message_type.full_name if field.message_type else field.type
+            assert (field.number, kind) in ((1, "kinema.common.v1.ModelRef"), (1, FieldDescriptor.TYPE_STRING))
+            job = rpc.output_type.fields_by_name["distillation"].message_type
+            for role in ("teacher", "student"):
+                assert job.fields_by_name[role].message_type.full_name == "kinema.common.v1.ModelInfo", rpc.full_name
+            continue
         model = rpc.input_type.fields_by_name.get("model")
         assert model is not None, f"{rpc.full_name}: request has no model field"
         assert (model.number, model.message_type.full_name) == (1, "kinema.common.v1.ModelRef"), rpc.full_name

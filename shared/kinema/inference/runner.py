@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from kinema.inference.model_config import latest_version, parameters, read_config
 from kinema.inference.networks import Network, load_network, run_batch
 
@@ -213,6 +214,26 @@ class TritonRunner:
             sha, published = params.get("weights_sha256", ""), params.get("params_json", "")
             self._described[key] = ServedModel(model, served_version, sha, published, parameters=params)
         return self._described[key]
+
+    def load(self, model: str, config_json: str, files: Mapping[str, bytes], timeout: float | None = None) -> None:
+        """Load (or reload) `model` from a JSON ModelConfig and its files, keyed "file:<path in the model folder>"
+        (e.g. "file:1/model.py"): Triton's override load, which needs --model-control-mode=explicit. Returns once the
+        model is ready. `Unavailable` while Triton is unreachable; `FailedPrecondition` when it refuses the model."""
+        from tritonclient.utils import InferenceServerException
+
+        _check_name(model)
+        try:
+            timeout = timeout or self.timeout
+            self._client.load_model(model, config=config_json, files=dict(files), client_timeout=timeout)
+        except InferenceServerException as e:
+            error = self._error(model, e)
+            if isinstance(error, Unavailable) and "unreachable" not in str(error):
+                text = str(e.message() or e)
+                raise FailedPrecondition(f"Triton at {self.url} did not load {model!r}: {text.splitlines()[0][:300]}",
+                                         reason="MODEL_LOAD_FAILED") from None  # fmt: skip
+            raise error from None
+        finally:  # the name may have served other weights before: describe it afresh
+            self._described = {k: v for k, v in self._described.items() if k[0] != model}
 
     def models(self) -> list[str]:
         from tritonclient.utils import InferenceServerException

@@ -39,7 +39,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from kinema.common.v1 import common_pb2
-from kinema.errors import InvalidInput, KinemaError, NotFound, Unavailable
+from kinema.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 from kinema.storage.artifacts import check_tenant
 
@@ -54,10 +54,6 @@ UNAVAILABLE_CODE = 14  # google.rpc.Code UNAVAILABLE, as JobError.code carries i
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,128}")
-
-
-class AlreadyExists(KinemaError):
-    """An idempotency key was reused with a different request (ALREADY_EXISTS)."""
 
 
 def check_job_id(job_id: object) -> str:

@@ -7,8 +7,10 @@ store and Redis just as the server does.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kinema.rpc.settings import ServiceSettings
@@ -39,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "max_queued_jobs": "KINEMA_MAX_QUEUED_JOBS",
     "video_max_frames": "KINEMA_VIDEO_MAX_FRAMES",
     "video_max_seconds": "KINEMA_VIDEO_MAX_SECONDS",
+    "distill_dir": "KINEMA_DISTILL_DIR",
 }
 
 
@@ -113,6 +116,9 @@ class OrchestratorSettings:
     # before any sampling; frames larger than upload_max_image_side per side are refused too.
     video_max_frames: int = DEFAULT_MAX_FRAMES
     video_max_seconds: float = DEFAULT_MAX_SECONDS
+    # Distillation jobs (kinema.orchestration.distillation): the worker's folder for teacher latents (kept and reused
+    # per teacher) and each job's checkpoints (a retried job resumes from them); "": <system temp>/kinema-distill.
+    distill_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("text_encoder_url", "denoiser_url", "autoencoder_url", "artifacts"):
@@ -150,6 +156,10 @@ class OrchestratorSettings:
         """The limits every input image and video is checked against, at upload and when a run reads it."""
         return MediaLimits(max_side=self.upload_max_image_side, max_frames=self.video_max_frames,
                            max_seconds=self.video_max_seconds)  # fmt: skip
+
+    @property
+    def distill_path(self) -> Path:
+        return Path(self.distill_dir) if self.distill_dir else Path(tempfile.gettempdir()) / "kinema-distill"
 
     @property
     def jobs_enabled(self) -> bool:

@@ -239,6 +239,10 @@ def make_job_app(settings: OrchestratorSettings, registry: Registry = REGISTRY) 
                 runner.jobs.cancelled(*args)
 
     task_revoked.connect(revoked, weak=False)
+    from kinema.orchestration.distillation import job_queues, register_distillation  # it builds on this module
+
+    app.conf.task_queues = job_queues(app.conf.task_default_queue)  # a worker takes both unless told `--queues`
+    register_distillation(app, settings)  # on its own queue, `distill` (DISTILL_QUEUE)
     return app
 
 

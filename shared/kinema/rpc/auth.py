@@ -22,8 +22,12 @@ import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kinema.errors import InvalidInput, PermissionDenied, Unauthenticated
+
+if TYPE_CHECKING:
+    import grpc
 
 AUTHORIZATION_KEY = "authorization"
 TENANT_KEY = "kinema-tenant"
@@ -47,6 +51,23 @@ def key_hash(key: str) -> str:
 def authenticated_tenant() -> str | None:
     """The tenant whose key authenticated the current call, or None (no keys file, or outside a call)."""
     return _TENANT_OF_CALL.get()
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant: its API key's when the server checks keys, else the `kinema-tenant` metadata, else
+    "default" (the orchestrator's and the distill service's jobs and artifacts belong to it)."""
+    from kinema.storage.artifacts import DEFAULT_TENANT, check_tenant
+
+    tenant = authenticated_tenant()
+    if tenant is not None:
+        return tenant
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_KEY:
+            try:
+                return check_tenant(value)
+            except InvalidInput as e:
+                raise InvalidInput(str(e), reason=e.reason, field=TENANT_KEY) from None
+    return DEFAULT_TENANT
 
 
 class ApiKeys:

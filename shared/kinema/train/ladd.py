@@ -25,6 +25,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from kinema.train.runtime import add_runtime_args, resolve_device
 from kinema.train.state import ema_update, load_train_state, save_train_state
 
 SHARD = 256  # teacher latents per file: generation resumes shard by shard
+# Called as (stage, done, total): stage "data" after each batch of teacher latents (done of teacher_samples), "train"
+# after each iteration (done of cfg.steps). It may raise to stop the run (a job's cancel); the last checkpoint stays.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def generate_teacher_latents(
     cfg: LADDConfig,
     downscale: int,
     batch: int = 32,
+    progress: Progress | None = None,
 ) -> None:
     """Sample `cfg.teacher_samples` latents with the teacher (Euler, CFG) into shards of `SHARD`; skips done shards.
 
@@ -124,6 +129,8 @@ def generate_teacher_latents(
             noise = torch.cat([initial_noise((1, teacher.params.in_channels, side, side), cfg.seed + first + i + j)
                                for j in range(len(caps))])  # fmt: skip
             parts.append(denoiser.sample(noise, encoder.encode(caps), uncond, spec, None))  # (b, C, h, w)
+            if progress is not None:
+                progress("data", first + i + len(caps), cfg.teacher_samples)
         meta = {"captions": json.dumps(captions), "first": str(first), "teacher_sha256": teacher_sha256,
                 "teacher_steps": str(cfg.teacher_steps), "teacher_guidance": str(cfg.teacher_guidance)}  # fmt: skip
         tmp = path.with_suffix(".tmp")
@@ -213,19 +220,25 @@ def train(
     device: torch.device | None = None,
     max_seconds: float | None = None,
     data_only: bool = False,
+    teacher: str = "denoiser",
+    progress: Progress | None = None,
 ) -> tuple[MMDiT, MMDiT] | None:
-    """Make the teacher data if missing, then train (or resume); returns (student, EMA student) on the CPU."""
+    """Make the teacher data if missing, then train (or resume); returns (student, EMA student) on the CPU.
+
+    `teacher`: the repository's denoiser model to distil; `progress`: see `Progress`.
+    """
     from kinema.repository import load_autoencoder, load_denoiser, load_text_encoder_default
     from kinema.train.flow import Conditioning, text_cache
 
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    teacher, teacher_sha = load_denoiser(models_dir)
+    teacher_name = teacher
+    teacher, teacher_sha = load_denoiser(models_dir, name=teacher_name)
     encoder = load_text_encoder_default()
     folder = teacher_data_dir(data_root, teacher_sha, cfg)
     t0 = time.perf_counter()
     downscale = load_autoencoder(models_dir)[0].params.downscale
-    generate_teacher_latents(teacher, teacher_sha, encoder, folder, cfg, downscale)
+    generate_teacher_latents(teacher, teacher_sha, encoder, folder, cfg, downscale, progress=progress)
     print(json.dumps({"teacher_data": str(folder), "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     if data_only:
         return None
@@ -248,8 +261,9 @@ def train(
             print(f"note: discriminator heads from step {d_counters['step']}, student from {counters['step']}")
         print(f"resumed at step {counters['step']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "teacher_sha256": teacher_sha,
-                                                 "teacher_data": str(folder)}, indent=2))  # fmt: skip
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "teacher": teacher_name,
+                                                 "teacher_sha256": teacher_sha, "teacher_data": str(folder)},
+                                                indent=2))  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + counters["step"])
     n_student, n_heads = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (student, disc.heads))
     print(f"LADD: student {n_student:.2f}M, discriminator heads {n_heads:.2f}M, {len(latents)} teacher latents",
@@ -317,6 +331,8 @@ def train(
                 f.write(json.dumps(row) + "\n")
         if counters["step"] % cfg.checkpoint_every == 0 or counters["step"] == cfg.steps:
             save_checkpoints(g_path, d_path, student, disc, opt_g, opt_d, ema, counters)
+        if progress is not None:
+            progress("train", counters["step"], cfg.steps)
     if sums:  # the log's last row is where the run ended
         with log.open("a") as f:
             f.write(json.dumps({**counters, **{k: round(v / (counters["step"] % cfg.log_every), 4)
@@ -374,6 +390,19 @@ def export_student(
     return path
 
 
+def run_card(cfg: LADDConfig, out: Path) -> dict:
+    """The model card's facts of a finished run in `out`: config, data, teacher, how far it got (its log's last row)."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {"student_steps": cfg.student_steps, "config": dataclasses.asdict(cfg), "seed": cfg.seed,
+            "data": f"{cfg.teacher_samples} teacher latents ({cfg.teacher_steps} Euler steps, CFG "
+                    f"{cfg.teacher_guidance}) of train-split captions 0..{cfg.teacher_samples - 1}",
+            "teacher_sha256": json.loads((out / "config.json").read_text())["teacher_sha256"],
+            "steps_done": log[-1]["step"], "samples_seen": log[-1]["samples"],
+            "train_seconds": round(log[-1]["seconds"], 1),
+            "last_losses": {k: v for k, v in log[-1].items() if k in ("g_adv", "d_loss", "d_real", "d_fake",
+                                                                       "g_distill")}}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = LADDConfig()
@@ -416,13 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     _, ema = result
     from kinema.nn.checkpoint import save_checkpoint
 
-    log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
-    card = {"student_steps": cfg.student_steps, "config": dataclasses.asdict(cfg), "seed": cfg.seed,
-            "data": f"{cfg.teacher_samples} teacher latents ({cfg.teacher_steps} Euler steps, CFG "
-                    f"{cfg.teacher_guidance}) of train-split captions 0..{cfg.teacher_samples - 1}",
-            "teacher_sha256": json.loads((args.out / "config.json").read_text())["teacher_sha256"],
-            "steps_done": log[-1]["step"], "samples_seen": log[-1]["samples"],
-            "train_seconds": round(log[-1]["seconds"], 1)}  # fmt: skip
+    card = run_card(cfg, args.out)
     if args.eval_n:
         card["metrics"] = quick_accuracy(ema, args.models, args.eval_n, cfg.student_steps)
         print(json.dumps(card["metrics"]), flush=True)

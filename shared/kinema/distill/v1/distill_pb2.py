@@ -22,27 +22,47 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from kinema.common.v1 import common_pb2 as kinema_dot_common_dot_v1_dot_common__pb2
 from kinema.denoiser.v1 import denoiser_pb2 as kinema_dot_denoiser_dot_v1_dot_denoiser__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkinema/distill/v1/distill.proto\x12\x11kinema.distill.v1\x1a\x1dkinema/common/v1/common.proto\x1a!kinema/denoiser/v1/denoiser.proto\"\xd2\x01\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x11\n\ttimesteps\x18\x05 \x03(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05seeds\x18\x07 \x03(\x04\"|\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kinema.distill.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"x\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x11\n\ttimesteps\x18\x03 \x03(\x02\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xb5\x01\n\x07\x44istill\x12O\n\x06Sample\x12 .kinema.distill.v1.SampleRequest\x1a!.kinema.distill.v1.SampleResponse0\x01\x12Y\n\nListModels\x12$.kinema.distill.v1.ListModelsRequest\x1a%.kinema.distill.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkinema/distill/v1/distill.proto\x12\x11kinema.distill.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dkinema/common/v1/common.proto\x1a!kinema/denoiser/v1/denoiser.proto\"\xd2\x01\n\rSampleRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\'\n\x05noise\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12.\n\x04\x63ond\x18\x03 \x01(\x0b\x32 .kinema.denoiser.v1.Conditioning\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x11\n\ttimesteps\x18\x05 \x03(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05seeds\x18\x07 \x03(\x04\"|\n\x0eSampleResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ProgressH\x00\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kinema.distill.v1.SampleResultH\x00\x42\x07\n\x05\x65vent\"x\n\x0cSampleResult\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x11\n\ttimesteps\x18\x03 \x03(\x02\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\xe2\x01\n\x18StartDistillationRequest\x12+\n\x07teacher\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12\x15\n\rstudent_steps\x18\x02 \x01(\x05\x12\x13\n\x0btrain_steps\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fteacher_samples\x18\x05 \x01(\x05\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04name\x18\x08 \x01(\t\x12\x14\n\x0c\x65val_prompts\x18\t \x01(\x05\"R\n\x19StartDistillationResponse\x12\x35\n\x0c\x64istillation\x18\x01 \x01(\x0b\x32\x1f.kinema.distill.v1.Distillation\"$\n\x16GetDistillationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"P\n\x17GetDistillationResponse\x12\x35\n\x0c\x64istillation\x18\x01 \x01(\x0b\x32\x1f.kinema.distill.v1.Distillation\"\'\n\x19\x43\x61ncelDistillationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"S\n\x1a\x43\x61ncelDistillationResponse\x12\x35\n\x0c\x64istillation\x18\x01 \x01(\x0b\x32\x1f.kinema.distill.v1.Distillation\"a\n\x11\x44istillationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x06\x64\x65tail\x18\x03 \x01(\x0b\x32\x1d.kinema.common.v1.ErrorDetail\"\xe5\x04\n\x0c\x44istillation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.kinema.distill.v1.DistillationState\x12<\n\x07request\x18\x03 \x01(\x0b\x32+.kinema.distill.v1.StartDistillationRequest\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.kinema.common.v1.Progress\x12,\n\x07teacher\x18\x05 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12,\n\x07student\x18\x06 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\tartifacts\x18\x08 \x03(\x0b\x32\x1d.kinema.common.v1.ArtifactRef\x12\x33\n\x05\x65rror\x18\t \x01(\x0b\x32$.kinema.distill.v1.DistillationError\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x18\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08*\xd9\x01\n\x11\x44istillationState\x12\"\n\x1e\x44ISTILLATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISTILLATION_STATE_QUEUED\x10\x01\x12\x1e\n\x1a\x44ISTILLATION_STATE_RUNNING\x10\x02\x12 \n\x1c\x44ISTILLATION_STATE_COMPLETED\x10\x03\x12\x1d\n\x19\x44ISTILLATION_STATE_FAILED\x10\x04\x12 \n\x1c\x44ISTILLATION_STATE_CANCELLED\x10\x05\x32\x82\x04\n\x07\x44istill\x12O\n\x06Sample\x12 .kinema.distill.v1.SampleRequest\x1a!.kinema.distill.v1.SampleResponse0\x01\x12Y\n\nListModels\x12$.kinema.distill.v1.ListModelsRequest\x1a%.kinema.distill.v1.ListModelsResponse\x12n\n\x11StartDistillation\x12+.kinema.distill.v1.StartDistillationRequest\x1a,.kinema.distill.v1.StartDistillationResponse\x12h\n\x0fGetDistillation\x12).kinema.distill.v1.GetDistillationRequest\x1a*.kinema.distill.v1.GetDistillationResponse\x12q\n\x12\x43\x61ncelDistillation\x12,.kinema.distill.v1.CancelDistillationRequest\x1a-.kinema.distill.v1.CancelDistillationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinema.distill.v1.distill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLEREQUEST']._serialized_start=121
-  _globals['_SAMPLEREQUEST']._serialized_end=331
-  _globals['_SAMPLERESPONSE']._serialized_start=333
-  _globals['_SAMPLERESPONSE']._serialized_end=457
-  _globals['_SAMPLERESULT']._serialized_start=459
-  _globals['_SAMPLERESULT']._serialized_end=579
-  _globals['_LISTMODELSREQUEST']._serialized_start=581
-  _globals['_LISTMODELSREQUEST']._serialized_end=643
-  _globals['_LISTMODELSRESPONSE']._serialized_start=645
-  _globals['_LISTMODELSRESPONSE']._serialized_end=733
-  _globals['_DISTILL']._serialized_start=736
-  _globals['_DISTILL']._serialized_end=917
+  _globals['_DISTILLATIONSTATE']._serialized_start=2073
+  _globals['_DISTILLATIONSTATE']._serialized_end=2290
+  _globals['_SAMPLEREQUEST']._serialized_start=184
+  _globals['_SAMPLEREQUEST']._serialized_end=394
+  _globals['_SAMPLERESPONSE']._serialized_start=396
+  _globals['_SAMPLERESPONSE']._serialized_end=520
+  _globals['_SAMPLERESULT']._serialized_start=522
+  _globals['_SAMPLERESULT']._serialized_end=642
+  _globals['_LISTMODELSREQUEST']._serialized_start=644
+  _globals['_LISTMODELSREQUEST']._serialized_end=706
+  _globals['_LISTMODELSRESPONSE']._serialized_start=708
+  _globals['_LISTMODELSRESPONSE']._serialized_end=796
+  _globals['_STARTDISTILLATIONREQUEST']._serialized_start=799
+  _globals['_STARTDISTILLATIONREQUEST']._serialized_end=1025
+  _globals['_STARTDISTILLATIONRESPONSE']._serialized_start=1027
+  _globals['_STARTDISTILLATIONRESPONSE']._serialized_end=1109
+  _globals['_GETDISTILLATIONREQUEST']._serialized_start=1111
+  _globals['_GETDISTILLATIONREQUEST']._serialized_end=1147
+  _globals['_GETDISTILLATIONRESPONSE']._serialized_start=1149
+  _globals['_GETDISTILLATIONRESPONSE']._serialized_end=1229
+  _globals['_CANCELDISTILLATIONREQUEST']._serialized_start=1231
+  _globals['_CANCELDISTILLATIONREQUEST']._serialized_end=1270
+  _globals['_CANCELDISTILLATIONRESPONSE']._serialized_start=1272
+  _globals['_CANCELDISTILLATIONRESPONSE']._serialized_end=1355
+  _globals['_DISTILLATIONERROR']._serialized_start=1357
+  _globals['_DISTILLATIONERROR']._serialized_end=1454
+  _globals['_DISTILLATION']._serialized_start=1457
+  _globals['_DISTILLATION']._serialized_end=2070
+  _globals['_DISTILL']._serialized_start=2293
+  _globals['_DISTILL']._serialized_end=2807
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,21 @@ class DistillStub:
                 request_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.StartDistillation = channel.unary_unary(
+                '/kinema.distill.v1.Distill/StartDistillation',
+                request_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationRequest.SerializeToString,
+                response_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationResponse.FromString,
+                _registered_method=True)
+        self.GetDistillation = channel.unary_unary(
+                '/kinema.distill.v1.Distill/GetDistillation',
+                request_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationRequest.SerializeToString,
+                response_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationResponse.FromString,
+                _registered_method=True)
+        self.CancelDistillation = channel.unary_unary(
+                '/kinema.distill.v1.Distill/CancelDistillation',
+                request_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationRequest.SerializeToString,
+                response_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationResponse.FromString,
+                _registered_method=True)
 
 
 class DistillServicer:
@@ -70,6 +85,37 @@ class DistillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartDistillation(self, request, context):
+        """Queues a distillation job: a Celery worker trains a LADD student of `teacher` within the
+        request's budget, stores its weights, model card and config in the artifact store (caller's
+        tenant) and loads it into Triton, after which ListModels lists it and Sample serves it. The
+        teacher must be a denoiser model Triton serves that is not itself a student (else NOT_FOUND);
+        out-of-range fields are INVALID_ARGUMENT naming the field; a student name Triton already
+        serves is ALREADY_EXISTS. One distillation per teacher at a time: while one is queued or
+        running, another start for the same teacher weights is ALREADY_EXISTS (reason
+        "DISTILLATION_RUNNING") and its ErrorDetail.metadata["distillation_id"] names the running one.
+        Without a job store (KINEMA_REDIS_URL) it answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDistillation(self, request, context):
+        """The distillation as it is now: state, progress, and once COMPLETED its metrics, student and
+        artifacts. Another tenant's or an expired one is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelDistillation(self, request, context):
+        """Stops a distillation: a QUEUED one is CANCELLED at once, a RUNNING one stops within one
+        training step (nothing stored, nothing loaded); a finished one is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DistillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +128,21 @@ def add_DistillServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsRequest.FromString,
                     response_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'StartDistillation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartDistillation,
+                    request_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationRequest.FromString,
+                    response_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationResponse.SerializeToString,
+            ),
+            'GetDistillation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDistillation,
+                    request_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationRequest.FromString,
+                    response_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationResponse.SerializeToString,
+            ),
+            'CancelDistillation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelDistillation,
+                    request_deserializer=kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationRequest.FromString,
+                    response_serializer=kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +200,87 @@ class Distill:
             '/kinema.distill.v1.Distill/ListModels',
             kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsRequest.SerializeToString,
             kinema_dot_distill_dot_v1_dot_distill__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartDistillation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.distill.v1.Distill/StartDistillation',
+            kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationRequest.SerializeToString,
+            kinema_dot_distill_dot_v1_dot_distill__pb2.StartDistillationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDistillation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.distill.v1.Distill/GetDistillation',
+            kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationRequest.SerializeToString,
+            kinema_dot_distill_dot_v1_dot_distill__pb2.GetDistillationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelDistillation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.distill.v1.Distill/CancelDistillation',
+            kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationRequest.SerializeToString,
+            kinema_dot_distill_dot_v1_dot_distill__pb2.CancelDistillationResponse.FromString,
             options,
             channel_credentials,
             insecure,
