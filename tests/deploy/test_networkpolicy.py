@@ -39,7 +39,7 @@ def expected_edges(docs: list[dict]) -> set[tuple[str, str, int]]:
     services = by_kind(docs, "Service")
     edges = set()
     for d in by_kind(docs, "Deployment").values():
-        for c in containers(d):
+        for c in containers(d) + d["spec"]["template"]["spec"].get("initContainers", []):
             values = [_resolve(docs, e) for e in c.get("env", [])]
             values += [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--model-repository=")]
             for value in filter(None, values):
@@ -174,3 +174,41 @@ def test_the_distill_service_is_called_by_the_orchestrator_and_worker_only():
     assert "kin-kinema-distill" not in by_kind(without, "NetworkPolicy")
     edges, _, one_sided = allowed_edges(without)
     assert not [e for e in edges if "distill" in e[:2]] and not one_sided
+
+
+DISTILLATION = ("distillation.enabled=true",)
+
+
+@pytest.mark.parametrize("values", PROFILES, ids=lambda p: p.name.removesuffix("-values.yaml"))
+def test_policies_allow_exactly_the_real_paths_with_distillation(values):
+    # gpu runs two autoscaled Triton pods, which the chart refuses with distillation (one pod holds a student)
+    one_triton = ("triton.autoscaling.enabled=false", "triton.replicaCount=1") if "gpu" in values.name else ()
+    docs = render(values, sets=DISTILLATION + one_triton)
+    allowed, _, one_sided = allowed_edges(docs)
+    expected = expected_edges(docs)
+    assert allowed == expected, f"missing: {sorted(expected - allowed)}; extra: {sorted(allowed - expected)}"
+    assert not one_sided, f"allowed at one end only: {sorted(one_sided)}"
+
+
+@pytest.mark.parametrize("source", ["image", "s3"])
+def test_distillation_adds_worker_to_triton_and_distill_to_redis_and_nothing_else(source):
+    """The worker loads students into Triton (KINEMA_TRITON_URL) and the distill service records distillation jobs in
+    Redis (KINEMA_REDIS_URL): two paths more, and none when distillation is off. With the repository in S3 the
+    worker's init container reads it through the S3 path the worker already has."""
+    sets = (f"triton.modelRepository.source={source}",)
+    before, _, _ = allowed_edges(render(CI_VALUES[0], sets=sets))
+    docs = render(CI_VALUES[0], sets=sets + DISTILLATION)
+    after, outside, _ = allowed_edges(docs)
+    assert after - before == {("worker", "triton", 8001), ("distill", "redis", 6379)}
+    assert before <= after and after == expected_edges(docs)
+    assert outside == allowed_edges(render(CI_VALUES[0], sets=sets))[1], "nothing more is open to outside"
+    if source == "s3":
+        assert ("worker", "minio", 9000) in after and ("triton", "minio", 9000) in after
+
+
+def test_an_external_redis_is_reached_by_the_distill_service_on_its_port_only():
+    docs = render(CHART / "ci" / "external-s3-values.yaml", sets=DISTILLATION)
+    egress = by_kind(docs, "NetworkPolicy")["kin-kinema-distill"]["spec"]["egress"]
+    external = {(p["ipBlock"]["cidr"], port["port"]) for r in egress for p in r["to"] if "ipBlock" in p
+                for port in r["ports"]}  # fmt: skip
+    assert external == {("10.0.0.0/8", 6380), ("52.219.0.0/16", 6380)}

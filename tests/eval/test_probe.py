@@ -111,3 +111,19 @@ def test_single_object_has_no_relation_and_aggregate_skips_it() -> None:
 def test_truth_rejects_repeated_colours() -> None:
     with pytest.raises(ValueError, match="distinct"):
         Truth((("red", "cube"), ("red", "cone")))
+
+
+def test_the_probe_is_read_from_kinema_models_when_it_is_set(tmp_path, monkeypatch):
+    """A worker or image with a mounted model repository reads the probe there, not beside the package."""
+    import shutil
+
+    from kinema.eval.probe import default_weights
+
+    (tmp_path / "probe").mkdir()
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "probe" / "probe.safetensors")
+    monkeypatch.setenv("KINEMA_MODELS", str(tmp_path))
+    assert default_weights() == tmp_path / "probe" / "probe.safetensors"
+    assert Probe.from_file() is not None
+    monkeypatch.setenv("KINEMA_MODELS", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        Probe.from_file()

@@ -204,16 +204,149 @@ affinity:
       name: {{ include "kinema.s3SecretName" . }}
       key: {{ include "kinema.s3SecretKeyKey" . }}
 {{- if .Values.jobs.enabled }}
-- name: KINEMA_REDIS_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "kinema.redisSecretName" . }}
-      key: {{ include "kinema.redisUrlKey" . }}
+{{ include "kinema.redisUrlEnv" . }}
 {{- end }}
 - name: KINEMA_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: OMP_NUM_THREADS
   value: "1"
+{{- end -}}
+
+{{/* KINEMA_REDIS_URL from the Redis Secret: the orchestrator, its workers and, with distillation, the distill service
+     record jobs in the same Redis. */}}
+{{- define "kinema.redisUrlEnv" -}}
+- name: KINEMA_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kinema.redisSecretName" . }}
+      key: {{ include "kinema.redisUrlKey" . }}
+{{- end -}}
+
+{{/* host:port of Triton's gRPC port, as the model services and (distillation) the workers call it. */}}
+{{- define "kinema.tritonUrl" -}}
+{{- printf "%s:%s" (include "kinema.componentName" (dict "ctx" . "component" "triton")) (include "kinema.tritonGrpcPort" .) -}}
+{{- end -}}
+
+{{/* Distillation as a job (docs/distill.md): "true" when distillation.enabled, after refusing what cannot work. A
+     student is loaded into the Triton pod the worker's channel reaches, not written into the repository, so more
+     than one Triton pod would serve it from one pod only; the worker presents the internal certificate to every
+     server it calls (kinema.rpc.tls.internal_credentials), Triton included. */}}
+{{- define "kinema.distillation" -}}
+{{- $d := .Values.distillation -}}
+{{- if $d.enabled -}}
+{{- if not .Values.jobs.enabled -}}
+{{- fail "distillation.enabled needs jobs.enabled: the job workers train the students" -}}
+{{- end -}}
+{{- $svc := get .Values.services "distill" -}}
+{{- if not (and $svc $svc.enabled) -}}
+{{- fail "distillation.enabled needs services.distill.enabled: the distill service answers StartDistillation" -}}
+{{- end -}}
+{{- if or .Values.triton.autoscaling.enabled (ne (int .Values.triton.replicaCount) 1) -}}
+{{- fail "distillation.enabled needs one Triton pod (triton.replicaCount=1, triton.autoscaling.enabled=false): a student is loaded into the pod the worker reaches, not into the model repository" -}}
+{{- end -}}
+{{- if and .Values.internalTls.existingSecret (not .Values.internalTls.triton) -}}
+{{- fail "distillation.enabled with internalTls.existingSecret needs internalTls.triton=true: the worker loads students over mTLS, which Triton's gRPC port speaks only then" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Where the worker holds the model repository (KINEMA_MODELS) and its scratch folder (KINEMA_DISTILL_DIR). */}}
+{{- define "kinema.distillModelsDir" -}}/var/lib/kinema/models{{- end -}}
+{{- define "kinema.distillScratchDir" -}}/var/lib/kinema/distill{{- end -}}
+
+{{/* The worker's distillation settings, as `kinema stack up` gives them (stack.py). */}}
+{{- define "kinema.distillationWorkerEnv" -}}
+- name: KINEMA_TRITON_URL
+  value: {{ include "kinema.tritonUrl" . | quote }}
+- name: KINEMA_MODELS
+  value: {{ include "kinema.distillModelsDir" . | quote }}
+- name: KINEMA_DISTILL_DIR
+  value: {{ include "kinema.distillScratchDir" . | quote }}
+{{- end -}}
+
+{{- define "kinema.distillationMounts" -}}
+- name: distill-models
+  mountPath: {{ include "kinema.distillModelsDir" . }}
+  readOnly: true
+  {{- if and .Values.distillation.models.existingClaim .Values.distillation.models.subPath }}
+  subPath: {{ .Values.distillation.models.subPath }}
+  {{- end }}
+- name: distill-scratch
+  mountPath: {{ include "kinema.distillScratchDir" . }}
+{{- end -}}
+
+{{- define "kinema.distillScratchClaim" -}}
+{{- $p := .Values.distillation.scratch.persistence -}}
+{{- $p.existingClaim | default (printf "%s-distill" (include "kinema.componentName" (dict "ctx" . "component" "worker"))) -}}
+{{- end -}}
+
+{{- define "kinema.distillationVolumes" -}}
+{{- $d := .Values.distillation -}}
+- name: distill-models
+  {{- if $d.models.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ $d.models.existingClaim }}
+    readOnly: true
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ $d.models.sizeLimit }}
+  {{- end }}
+- name: distill-scratch
+  {{- if $d.scratch.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "kinema.distillScratchClaim" . }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ $d.scratch.sizeLimit }}
+  {{- end }}
+{{- end -}}
+
+{{/* The init container that gives the worker a copy of the repository Triton serves, from the same source: the
+     Triton image's folder (triton.modelRepository.source=image), or its bucket and prefix (source=s3; kinema's
+     loaders read local paths only, so the worker image copies them with `python -m kinema.storage.model_repository`,
+     given Triton's own --model-repository argument and S3 keys). */}}
+{{- define "kinema.distillationInitContainer" -}}
+{{- $t := .Values.triton -}}
+{{- $dir := include "kinema.distillModelsDir" . -}}
+- name: models
+  {{- if eq $t.modelRepository.source "s3" }}
+  image: {{ include "kinema.image" (dict "ctx" . "image" .Values.worker.image) }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - python
+    - -m
+    - kinema.storage.model_repository
+    - --model-repository=s3://{{ include "kinema.s3Endpoint" . }}/{{ $t.modelRepository.bucket }}/{{ $t.modelRepository.prefix }}
+    - {{ $dir }}
+    - --secure
+    - {{ include "kinema.s3Secure" . | quote }}
+  env:
+    - name: AWS_ACCESS_KEY_ID
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "kinema.s3SecretName" . }}
+          key: {{ include "kinema.s3AccessKeyKey" . }}
+    - name: AWS_SECRET_ACCESS_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "kinema.s3SecretName" . }}
+          key: {{ include "kinema.s3SecretKeyKey" . }}
+    - name: AWS_DEFAULT_REGION
+      value: {{ .Values.artifacts.region | default "us-east-1" | quote }}
+  {{- else }}
+  image: {{ include "kinema.image" (dict "ctx" . "image" $t.image) }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["cp", "-R", "{{ $t.modelRepository.path }}/.", "{{ $dir }}/"]
+  {{- end }}
+  resources:
+    {{- toYaml .Values.distillation.models.resources | nindent 4 }}
+  securityContext:
+    {{- include "kinema.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    {{- include "kinema.tmpMount" . | nindent 4 }}
+    - name: distill-models
+      mountPath: {{ $dir }}
 {{- end -}}
 
 {{/* A gRPC server's own address and /metrics, as ServiceProcess starts it (on every address in a pod). */}}
@@ -261,7 +394,7 @@ affinity:
 - name: KINEMA_BACKEND
   value: triton
 - name: KINEMA_TRITON_URL
-  value: {{ printf "%s:%s" (include "kinema.componentName" (dict "ctx" . "component" "triton")) (include "kinema.tritonGrpcPort" .) | quote }}
+  value: {{ include "kinema.tritonUrl" . | quote }}
 - name: KINEMA_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: OMP_NUM_THREADS

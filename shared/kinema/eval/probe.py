@@ -13,6 +13,7 @@ judge generated images (`kinema.eval.probe_train`). Scoring against captions is 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,14 @@ from torch import nn
 
 from kinema.data.scene import COLOURS, SHAPES
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "probe" / "probe.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[3] / "models" / "probe" / "probe.safetensors"  # the checkout's
+
+
+def default_weights() -> Path:
+    """The probe in `KINEMA_MODELS` when it is set (an image, a worker with a mounted repository), else the
+    checkout's `models/probe/probe.safetensors`."""
+    models = os.environ.get("KINEMA_MODELS")
+    return Path(models) / "probe" / "probe.safetensors" if models else DEFAULT_WEIGHTS
 
 
 def hue_degrees(rgb: np.ndarray) -> np.ndarray:
@@ -201,8 +209,9 @@ class Probe:
         self.params = params
 
     @classmethod
-    def from_file(cls, path: Path = DEFAULT_WEIGHTS) -> Probe:
-        """Load weights and parameters from safetensors (never pickle)."""
+    def from_file(cls, path: Path | None = None) -> Probe:
+        """Load weights and parameters from safetensors (never pickle); `path` None: `default_weights()`."""
+        path = default_weights() if path is None else path
         if not Path(path).exists():
             raise FileNotFoundError(f"no probe weights at {path}; run `python -m kinema.eval.probe --train`")
         with safe_open(str(path), framework="pt") as f:
