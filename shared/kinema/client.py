@@ -36,7 +36,7 @@ from kinema.rpc.status import from_rpc_error
 from kinema.storage.media import media_type_of
 
 # The request metadata the orchestrator reads the tenant from. Deliberately the same literal as
-# services/orchestrator/server.py's TENANT_KEY (the library never imports services/); a test keeps them equal.
+# kinema.rpc.auth.TENANT_KEY (which the servers' `tenant_of` reads); a test keeps them equal.
 TENANT_KEY = "kinema-tenant"
 UNARY_TIMEOUT_SECONDS = 60.0  # unary calls when the client has no timeout: a hung server never blocks forever
 DOWNLOAD_TIMEOUT_SECONDS = 60.0  # per socket operation of a download

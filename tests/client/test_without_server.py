@@ -64,7 +64,7 @@ def test_request_building_and_job_states() -> None:
 
 
 def test_the_tenant_key_is_the_servers() -> None:
-    from services.orchestrator.server import TENANT_KEY as SERVER_KEY
+    from kinema.rpc.auth import TENANT_KEY as SERVER_KEY  # what the servers' `tenant_of` reads
 
     assert TENANT_KEY == SERVER_KEY
 
