@@ -15,8 +15,8 @@ so windows agree where they meet long before t = 0.
 
 Blending alone still leaves a faint seam where the same frames sit at window edges at every step. The steps
 therefore cycle through the plan shifted by every offset in the stride (`window_plans`, `cycling`): each pair of
-neighbouring frames is at a window's edge at as many steps as any other, and the temporal layers see across every
-boundary at most steps.
+neighbouring frames is at a window's edge at few of the steps, and the temporal layers see across every boundary at
+most steps.
 
 The blend is linear, so it commutes with classifier- and temporal-guidance (both linear in the branches): blending
 each branch, as `windowed_predictor` does, equals blending the guided velocities.
@@ -46,8 +46,8 @@ def plan_windows(frames: int, window: int, overlap: int, offset: int = 0) -> lis
 
 def window_plans(frames: int, window: int, overlap: int) -> list[list[tuple[int, int]]]:
     """The window plans the steps of a run cycle through (`cycling`): `plan_windows` at every offset
-    0..stride-1, so each pair of neighbouring frames straddles a window edge at as many steps as any other and no
-    boundary stays in one place for the whole run. One plan when the clip fits one window."""
+    0..stride-1, so past the first window (in every plan) each pair of neighbouring frames is at a window's end in
+    one plan only, and no boundary stays in one place for the whole run. One plan when the clip fits one window."""
     plans: list[list[tuple[int, int]]] = []
     for offset in range(window - overlap):
         plan = plan_windows(frames, window, overlap, offset)
@@ -91,6 +91,6 @@ def windowed_predictor(windows: Sequence[tuple[tuple[int, int], BranchPredictor]
 
 def cycling(predictors: Sequence[BranchPredictor]) -> BranchPredictor:
     """A predictor that answers with predictors[k % len] on its k-th call: with windows planned at different
-    offsets, a window boundary at one step is the middle of a window at the next."""
+    offsets, a window boundary at one step is inside a window at the others."""
     calls = itertools.count()
     return lambda x, t, branches: predictors[next(calls) % len(predictors)](x, t, branches)
