@@ -42,6 +42,7 @@ pytestmark = pytest.mark.slow
 SERVICE = "kinema.distill.v1.Distill"
 MODELS = default_models_dir()
 STUDENT_SHA = sha256_file(MODELS / "denoiser_4step/1/mmdit.safetensors")
+STUDENT2_SHA = sha256_file(MODELS / "denoiser_2step/1/mmdit.safetensors")
 TEACHER_SHA = sha256_file(MODELS / "denoiser/1/mmdit.safetensors")
 
 
@@ -138,10 +139,16 @@ def test_per_row_seeds_make_a_row_independent_of_its_batch(stub):
 def test_list_models_shows_the_students_with_their_teacher_and_schedule(stub):
     reply = stub.ListModels(distill_pb2.ListModelsRequest(), timeout=10)
     assert reply.default_model == "denoiser_4step"
-    assert [(m.name, m.version, m.sha256) for m in reply.models] == [("denoiser_4step", "1", STUDENT_SHA)]
-    params = json.loads(reply.models[0].params_json)  # under Triton: the student facts (no network params)
+    listed = {m.name: m for m in reply.models}
+    assert {name: (m.version, m.sha256) for name, m in listed.items()} == {
+        "denoiser_4step": ("1", STUDENT_SHA),
+        "denoiser_2step": ("1", STUDENT2_SHA),
+    }
+    params = json.loads(listed["denoiser_4step"].params_json)  # under Triton: the student facts (no network params)
     assert params == {"student_steps": 4, "timesteps": [1.0, 0.75, 0.5, 0.25], "teacher": "denoiser",
                       "teacher_sha256": TEACHER_SHA}  # fmt: skip
+    params = json.loads(listed["denoiser_2step"].params_json)  # trained as a 2-step student, not a 4-step one cut
+    assert (params["student_steps"], params["timesteps"], params["teacher_sha256"]) == (2, [1.0, 0.5], TEACHER_SHA)
     none = stub.ListModels(distill_pb2.ListModelsRequest(model=common_pb2.ModelRef(name="denoiser_none")), timeout=10)
     assert list(none.models) == []
 
@@ -224,8 +231,9 @@ def test_local_backend_serves_the_same_results(stub, tmp_path):
         want = list(stub.Sample(request, timeout=120))[-1].result
         np.testing.assert_allclose(tensors.decode(got.latents, "x"), tensors.decode(want.latents, "x"), atol=1e-5)
         assert got.model.sha256 == want.model.sha256 == STUDENT_SHA
-        assert [m.name for m in listed.models] == ["denoiser_4step"]  # the teacher is in the repository, not listed
-        params = json.loads(listed.models[0].params_json)
+        names = [m.name for m in listed.models]
+        assert sorted(names) == ["denoiser_2step", "denoiser_4step"]  # the teacher is in the repository, not listed
+        params = json.loads(listed.models[names.index("denoiser_4step")].params_json)
         assert params["in_channels"] == 4 and params["student_steps"] == 4  # network params and student facts
     finally:
         local.stop()

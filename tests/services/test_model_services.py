@@ -181,7 +181,7 @@ def test_list_models(stubs):
         ("autoencoder", "vae", ["vae_encoder", "vae_decoder"]),
         # Every denoiser_* model Triton serves, the few-step student too (its sampling is the distill service's), and
         # the video model (SampleVideo; ListModelsResponse.default_video_model).
-        ("denoiser", "denoiser", ["denoiser", "denoiser_4step", "video_denoiser"]),
+        ("denoiser", "denoiser", ["denoiser", "denoiser_4step", "denoiser_2step", "video_denoiser"]),
     ]:
         reply = stubs[name].ListModels(_list_request(name), timeout=10)
         assert reply.default_model == default

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[3]
 # The Triton models the text_encoder, autoencoder, denoiser, distill, depth and interpret services call (distill: the
 # 4-step student; the denoiser: video_denoiser too, for SampleVideo; interpret also calls the autoencoder's
 # vae_encoder / vae_decoder, for images).
-SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser_4step", "video_denoiser", "depth",
-                 "iin_factor", "iin_net2net", "iin_invariance")  # fmt: skip
+SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser_4step", "denoiser_2step",
+                 "video_denoiser", "depth", "iin_factor", "iin_net2net", "iin_invariance")  # fmt: skip
 
 
 def free_port() -> int:
