@@ -105,6 +105,13 @@ weights: $(STAMP)
 	# Video denoiser (Gen-1) from the image denoiser above: about an hour on the CPU at 1 thread.
 	$(BIN)/python -m kinema.train.video --frames 8 --clips 800 --images 2000 --clip-batch 4 --image-batch 8 \
 		--steps $(VIDEO_STEPS) --threads 1 --eval-clips 8 --out runs/video --export models
+	# Few-step LADD students of the denoiser above (docs/distill.md; ~25 minutes each on the CPU at 1 thread): the
+	# teacher's latents once, then each student (the export keeps each model folder's config.pbtxt and 1/model.py).
+	$(BIN)/python -m kinema.train.ladd --data-only --teacher-samples 1024 --threads 1
+	$(BIN)/python -m kinema.train.ladd --student-steps 4 --teacher-samples 1024 --max-seconds 1320 \
+		--checkpoint-every 25 --eval-n 200 --threads 1 --out runs/ladd-4step --export models
+	$(BIN)/python -m kinema.train.ladd --student-steps 2 --teacher-samples 1024 --max-seconds 1320 \
+		--checkpoint-every 25 --eval-n 200 --threads 1 --out runs/ladd-2step --export models
 	# Interpretation networks over the autoencoder latent (CPU, minutes each; bench/results/iin.md, docs/interpret.md).
 	$(BIN)/python -m kinema.train.iin --kind factor --factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 \
 		--edit-n 100 --out runs/iin_factor --export models --results bench/results/iin_factor.json
