@@ -26,7 +26,7 @@ from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput
 from kinema.nn.text import TextEmbedding
 from kinema.nn.video import VideoMMDiTParams
-from kinema.pipelines.edit_video import check_window
+from kinema.pipelines.edit_video import resolve_window
 from kinema.pipelines.local import SAMPLERS, LocalDenoiser, LocalVideoDenoiser
 from kinema.pipelines.protocols import SampleSpec, VideoSpec
 from kinema.rpc import tensors
@@ -180,15 +180,8 @@ def _structure(request: pb.SampleVideoRequest, noise: torch.Tensor, p: VideoMMDi
 
 
 def _window(request: pb.SampleVideoRequest, noise: torch.Tensor, p: VideoMMDiTParams) -> tuple[int, int]:
-    """The request's window and overlap: 0 (one window of the whole clip, at most max_frames) or a valid window."""
-    f = noise.shape[1]
-    if request.window == 0:
-        if f > p.max_frames:
-            raise InvalidInput(f"noise has {f} frames, the model takes at most {p.max_frames} at once: set window "
-                               f"(2..{p.max_frames}) and overlap to sample the clip in blended windows",
-                               reason="OUT_OF_RANGE", field="window")  # fmt: skip
-        return 0, 0
-    check_window(request.window, request.overlap, p.max_frames)
+    """The request's window and overlap, checked before the stream starts (`resolve_window`, as the loop checks)."""
+    resolve_window(noise.shape[1], request.window, request.overlap, p.max_frames)
     return request.window, request.overlap
 
 

@@ -113,6 +113,19 @@ def check_window(window: int, overlap: int, max_frames: int) -> None:
                            field="overlap")  # fmt: skip
 
 
+def resolve_window(frames: int, window: int, overlap: int, max_frames: int) -> int:
+    """The window a clip of `frames` frames is sampled in (`VideoDenoiser.sample_clip`): `window` once checked, or
+    for window 0 the whole clip, which must then fit the model."""
+    if window:
+        check_window(window, overlap, max_frames)
+        return window
+    if frames > max_frames:
+        raise InvalidInput(f"the clip has {frames} frames, the model takes at most {max_frames} at once: sample it in "
+                           f"windows of 2..{max_frames} frames (window, overlap)", reason="OUT_OF_RANGE",
+                           field="window")  # fmt: skip
+    return frames
+
+
 def default_overlap(window: int) -> int:
     """The overlap a request that leaves it unset gets: half the window (bench/video.py, seams)."""
     return window // 2

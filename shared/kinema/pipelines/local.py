@@ -203,17 +203,12 @@ class LocalVideoDenoiser:
         overlap: int = 0,
     ) -> Tensor:
         from kinema.nn.video import branch_predictor, degrade_structure
-        from kinema.pipelines.edit_video import check_window
+        from kinema.pipelines.edit_video import resolve_window
         from kinema.sampling.temporal import sample_video
         from kinema.sampling.windows import cycling, window_plans, windowed_predictor
 
         b, f = noise.shape[:2]
-        if window == 0 and f > self.max_frames:
-            raise InvalidInput(f"{f} frames exceed the video denoiser's {self.max_frames} per window: sample them in "
-                               f"windows of 2..{self.max_frames} frames", reason="OUT_OF_RANGE",
-                               field="window")  # fmt: skip
-        if window:
-            check_window(window, overlap, self.max_frames)
+        window = resolve_window(f, window, overlap, self.max_frames)
         if isinstance(content, TextEmbedding):
             cond = (content.tokens, content.mask, content.pooled)
         else:  # a reference frame's latent (B, C, h, w)
@@ -223,7 +218,7 @@ class LocalVideoDenoiser:
         degraded = degrade_structure(structure, level)  # (B, F, 1, h, w)
         plans = [windowed_predictor([((s, e), branch_predictor(self.model, cond, null, degraded[:, s:e], level))
                                      for s, e in plan], f)
-                 for plan in window_plans(f, window or f, overlap)]  # fmt: skip
+                 for plan in window_plans(f, window, overlap)]  # fmt: skip
         schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
         return sample_video(cycling(plans), noise, schedule, guidance=spec.guidance,
                             temporal_guidance=spec.temporal_guidance, init_latents=init_latents,
