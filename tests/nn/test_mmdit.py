@@ -228,3 +228,81 @@ def test_no_grad_after_inference_mode_in_the_same_thread(one_thread):
     with torch.no_grad():
         second = model(*inputs)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def _token_times(p: MMDiTParams, t: torch.Tensor, h: int = 8, w: int = 8, seed: int = 1) -> torch.Tensor:
+    """Per-token times (B, N): each sample's t, with about a third of its tokens at another time."""
+    g = torch.Generator().manual_seed(seed)
+    n = (h // p.patch_size) * (w // p.patch_size)
+    other = torch.rand(t.shape[0], generator=g)
+    return torch.where(torch.rand(t.shape[0], n, generator=g) < 0.3, other[:, None], t[:, None])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_token_times_all_equal_are_the_per_sample_time(variant, one_thread):
+    model = _randomized(VARIANTS[variant])
+    x, t, ctx, pooled = _inputs(model.params)
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled)
+        per_token = model(x, t[:, None].expand(-1, 16).contiguous(), ctx, pooled)
+    torch.testing.assert_close(per_token, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_token_modulations_gathered_by_time_equal_one_row_per_token(variant, monkeypatch, one_thread):
+    model = _randomized(VARIANTS[variant])
+    x, t, ctx, pooled = _inputs(model.params)
+    tt = _token_times(model.params, t)
+    with torch.no_grad():
+        gathered = model(x, tt, ctx, pooled)
+
+        def one_row_per_token(rows, dim, return_inverse):  # every token conditioned on its own row
+            return rows, torch.arange(rows.shape[0])
+
+        monkeypatch.setattr(mmdit.torch, "unique", one_row_per_token)
+        direct = model(x, tt, ctx, pooled)
+    torch.testing.assert_close(gathered, direct, atol=1e-5, rtol=1e-5)
+    # and the second time matters: the same tokens at the per-sample time give another output
+    assert (gathered - model(x, t, ctx, pooled).detach()).abs().max() > 1e-3
+
+
+def test_per_token_times_keep_samples_independent(one_thread):
+    model = _randomized(TINY)
+    x, t, ctx, pooled = _inputs(TINY, b=3)
+    tt = _token_times(TINY, t)
+    with torch.no_grad():
+        batch = model(x, tt, ctx, pooled)
+        alone = model(x[1:2], tt[1:2], ctx[1:2], pooled[1:2])
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_times_reach_the_time_embedder_gradients(one_thread):
+    model = _randomized(TINY).train()
+    x, t, ctx, pooled = _inputs(TINY)
+    model(x, _token_times(TINY, t), ctx, pooled).square().mean().backward()
+    assert model.t_embedder.linear_1.weight.grad.abs().sum() > 0
+    assert model.blocks[0].img_mod.weight.grad.abs().sum() > 0
+
+
+def test_forward_features_are_the_image_stream_after_each_block(one_thread):
+    model = _randomized(VARIANTS["sd3.5"])
+    x, t, ctx, pooled = _inputs(model.params)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o[0].clone())) for b in model.blocks]
+    with torch.no_grad():
+        v, feats = model.forward_features(x, t, ctx, pooled, layers=(1, 3))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(v, model(x, t, ctx, pooled))
+    assert len(feats) == 2
+    torch.testing.assert_close(feats[0], seen[0])
+    torch.testing.assert_close(feats[1], seen[2])
+
+
+def test_bad_per_token_times_or_feature_layers_raise():
+    model = MMDiT(TINY)
+    x, t, ctx, pooled = _inputs(TINY)
+    with pytest.raises(ValueError, match="per-token times have shape"):
+        model(x, torch.rand(2, 15), ctx, pooled)
+    with pytest.raises(ValueError, match=r"outside 1\.\.2"):
+        model.forward_features(x, t, ctx, pooled, layers=(3,))

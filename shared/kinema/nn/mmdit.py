@@ -8,6 +8,8 @@ operation for operation; `kinema.nn.sd3_loader` maps its checkpoints onto this m
 layout differences are fused QKV projections and a patch embedding written as a linear layer).
 
 The network predicts the rectified-flow velocity v = eps - x0 for x_t = (1 - t) x0 + t eps, t in [0, 1].
+For Self-Flow training (`kinema.train.self_flow`) t may also be given per image token: the image stream's
+adaLN modulations are then computed token by token from each token's own time.
 """
 
 from __future__ import annotations
@@ -201,6 +203,22 @@ def _modulation(layer: nn.Linear, vec: Tensor) -> tuple[Tensor, ...]:
     return out[:, None].chunk(layer.out_features // vec.shape[-1], dim=-1)
 
 
+@dataclass(frozen=True)
+class TokenConditioning:
+    """Per-image-token conditioning: token (b, n) is conditioned on vec[index[b, n]].
+
+    Per-token times take few distinct values per sample (two under Self-Flow), so the modulations are computed
+    once per distinct (sample, time) row and gathered, not once per token.
+    """
+
+    vec: Tensor  # (U, D), SiLU(conditioning) of each distinct (sample, time)
+    index: Tensor  # (B, N) long, row of vec for each image token
+
+    def modulation(self, layer: nn.Linear) -> tuple[Tensor, ...]:
+        """layer(vec) gathered to the tokens and split into (B, N, D) chunks."""
+        return layer(self.vec)[self.index].chunk(layer.out_features // self.vec.shape[-1], dim=-1)
+
+
 def _modulate(h: Tensor, shift: Tensor, scale: Tensor, inplace: bool) -> Tensor:
     """adaLN: h * (1 + scale) + shift for normalised h (B, S, D) and (B, 1, D) modulations; `inplace` overwrites h."""
     return torch.addcmul(shift, h, 1 + scale, out=h if inplace else None)
@@ -250,9 +268,14 @@ class JointBlock(nn.Module):
         """Attention of q (B, H, S, d) over k, v (B, H, S', d) -> (B, S, H*d), a view of SDPA's output."""
         return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), "b h s d -> b s (h d)")
 
-    def forward(self, x: Tensor, ctx: Tensor, vec: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """x (B, N, D) image tokens, ctx (B, L, D) text tokens, vec (B, D) = SiLU(conditioning)."""
-        im = _modulation(self.img_mod, vec)  # 6 or 9 x (B, 1, D)
+    def forward(
+        self, x: Tensor, ctx: Tensor, vec: Tensor, attn_mask: Tensor | None, tokens: TokenConditioning | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, N, D) image tokens, ctx (B, L, D) text tokens, vec (B, D) = SiLU(conditioning).
+
+        `tokens`, if given, conditions the image tokens one by one (per-token flow times); vec the text.
+        """
+        im = _modulation(self.img_mod, vec) if tokens is None else tokens.modulation(self.img_mod)
         tm = _modulation(self.txt_mod, vec)  # 6 or 2 x (B, 1, D)
 
         # Without autograd on CPU, results overwrite this block's own temporaries and MLPs reuse buffers.
@@ -331,30 +354,67 @@ class MMDiT(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Tensor | None = None
     ) -> Tensor:
-        """Velocity for latents x (B, C, H, W) at flow times t (B,) given context (B, L, Dc), pooled (B, Dp).
+        """Velocity for latents x (B, C, H, W) at flow times t given context (B, L, Dc), pooled (B, Dp).
 
-        context_mask (B, L) bool marks real text tokens; padded ones are excluded as attention keys.
+        t is (B,) (or broadcastable to it), or (B, N) with one time per image token in raster order of the
+        patch grid (N = H*W / patch_size^2). context_mask (B, L) bool marks real text tokens; padded ones are
+        excluded as attention keys.
+        """
+        return self.forward_features(x, t, context, pooled, context_mask)[0]
+
+    def forward_features(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        pooled: Tensor,
+        context_mask: Tensor | None = None,
+        layers: tuple[int, ...] = (),
+    ) -> tuple[Tensor, list[Tensor]]:
+        """(velocity, image tokens (B, N, D) after each block count in `layers`), as `forward` takes its inputs.
+
+        Layer k is the image stream after the first k blocks (1..depth): what Self-Flow aligns.
         """
         p = self.params
         b, _, h, w = x.shape
         if h % p.patch_size or w % p.patch_size:
             raise ValueError(f"latent size {h}x{w} is not a multiple of patch_size {p.patch_size}")
+        if bad := [k for k in layers if not 1 <= k <= p.depth]:
+            raise ValueError(f"feature layers {bad} are outside 1..{p.depth}")
         hp, wp = h // p.patch_size, w // p.patch_size
         patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p.patch_size, q=p.patch_size)  # (B, N, C*p*p)
         img = (self.x_embedder(patches) + self.pos_embed(hp, wp)).to(x.dtype)  # (B, N, D), sum in fp32 as diffusers
         ctx = self.context_embedder(context)  # (B, L, D)
+        y = self.y_embedder(pooled)  # (B, D)
+        per_token = None
+        if t.dim() == 2:  # one time per image token; the text stream sees their mean
+            if t.shape != (b, hp * wp):
+                raise ValueError(f"per-token times have shape {tuple(t.shape)}, expected {(b, hp * wp)}")
+            sample = torch.arange(b, device=t.device, dtype=t.dtype)[:, None].expand_as(t)  # (B, N)
+            rows, index = torch.unique(torch.stack([sample, t], dim=-1).view(-1, 2), dim=0, return_inverse=True)
+            t_rows = timestep_embedding(rows[:, 1] * p.timestep_scale, TIME_FREQ_DIM).to(x.dtype)  # (U, 256)
+            row_vec = F.silu(self.t_embedder(t_rows) + y[rows[:, 0].long()])  # (U, D)
+            per_token = TokenConditioning(row_vec, index.view(b, hp * wp))
+            t = t.mean(dim=1)  # (B,)
         t_freq = timestep_embedding(t.expand(b) * p.timestep_scale, TIME_FREQ_DIM).to(x.dtype)  # (B, 256)
-        vec = F.silu(self.t_embedder(t_freq) + self.y_embedder(pooled))  # (B, D), SiLU shared by all modulations
+        vec = F.silu(self.t_embedder(t_freq) + y)  # (B, D), SiLU shared by all modulations
 
         attn_mask = None
         if context_mask is not None:
             keep_img = torch.ones(b, hp * wp, dtype=torch.bool, device=x.device)
             attn_mask = torch.cat([keep_img, context_mask.bool()], dim=1)[:, None, None]  # (B, 1, 1, N+L)
 
-        for block in self.blocks:
-            img, ctx = block(img, ctx, vec, attn_mask)  # (B, N, D), (B, L, D) or None after the last block
+        features = []
+        for k, block in enumerate(self.blocks, start=1):
+            img, ctx = block(img, ctx, vec, attn_mask, per_token)  # (B, N, D), (B, L, D) or None after the last block
+            if k in layers:
+                features.append(img)
 
-        scale, shift = _modulation(self.final_mod, vec)  # (B, 1, D) each
+        if per_token is None:
+            scale, shift = _modulation(self.final_mod, vec)  # (B, 1, D) each
+        else:
+            scale, shift = per_token.modulation(self.final_mod)  # (B, N, D) each
         img = torch.addcmul(shift, _layer_norm(img, _norm_weight(img)), 1 + scale)  # (B, N, D)
         img = self.final_proj(img)  # (B, N, p*p*C_out)
-        return rearrange(img, "b (h w) (p q c) -> b c (h p) (w q)", h=hp, p=p.patch_size, q=p.patch_size)
+        v = rearrange(img, "b (h w) (p q c) -> b c (h p) (w q)", h=hp, p=p.patch_size, q=p.patch_size)
+        return v, features

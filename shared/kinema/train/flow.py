@@ -4,7 +4,8 @@
 
 x_t = (1 - t) x_0 + t eps with t ~ logit-normal(m, s) optionally shifted (SD3 sec. 3.1, eq. 23),
 loss = || v_theta(x_t, t, c) - (eps - x_0) ||^2, text dropped to the empty prompt for CFG,
-EMA weights. Latents and text states of the training scenes are computed once and cached, and
+EMA weights. `--self-flow` adds Self-Flow's dual-timestep scheduling and EMA-teacher feature prediction
+(`kinema.train.self_flow`). Latents and text states of the training scenes are computed once and cached, and
 live on the training device with the batches drawn there. Checkpoints as it goes and resumes from
 them; EMA snapshots feed the learning curve; `--max-seconds` ends a run on a time budget.
 """
@@ -29,6 +30,7 @@ from kinema.nn.checkpoint import save_checkpoint
 from kinema.nn.mmdit import PRESETS, MMDiT
 from kinema.sampling.schedule import logit_normal_t, shift_sigmas
 from kinema.train.runtime import add_runtime_args, resolve_device
+from kinema.train.self_flow import FeatureHead, SelfFlowConfig, self_flow_loss, token_times
 from kinema.train.state import ema_update, load_train_state, save_train_state
 
 CACHE = Path(".cache/kinema")
@@ -50,6 +52,7 @@ class FlowTrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     snapshot_every: int = 2000
+    self_flow: SelfFlowConfig | None = None  # None = plain rectified flow
 
 
 @dataclass
@@ -158,11 +161,16 @@ def train(
         params = dataclasses.replace(params, in_channels=latents.shape[1], out_channels=latents.shape[1])
     model = MMDiT(params)
     ema = copy.deepcopy(model).requires_grad_(False)
+    # What the optimiser trains: the MMDiT, and with Self-Flow its feature head (kept in the training state only).
+    trainable: torch.nn.Module = model
+    if cfg.self_flow is not None:
+        cfg.self_flow.check(params.depth)
+        trainable = torch.nn.ModuleDict({"denoiser": model, "head": FeatureHead(params.hidden_size)})
     counters = {"step": 0, "samples": 0, "seconds": 0.0}
     state_path, log = out / "state.safetensors", out / "log.jsonl"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=0.0)
     if state_path.exists():
-        counters = load_train_state(state_path, model, opt, ema)
+        counters = load_train_state(state_path, trainable, opt, ema)
         print(f"resumed at step {counters['step']}", flush=True)
     elif init is not None:
         # Warm start from shipped EMA weights (optimizer moments are not shipped): how a later
@@ -176,7 +184,7 @@ def train(
         counters["samples"] = int(card.get("samples_seen", 0))
         counters["seconds"] = float(card.get("train_seconds", 0.0))
         print(f"warm start from {init} ({counters['samples']} samples seen)", flush=True)
-    model.to(device)
+    trainable.to(device)
     ema.to(device)
     for state in opt.state.values():  # moments restored on the CPU follow their parameters
         for k, v in state.items():
@@ -186,6 +194,7 @@ def train(
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + counters["step"])
     n_params = sum(p.numel() for p in model.parameters())
+    n_tokens = (latents.shape[2] // params.patch_size) * (latents.shape[3] // params.patch_size)
     print(f"MMDiT {cfg.preset}: {n_params / 1e6:.2f}M parameters, {len(latents)} training latents", flush=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     t0 = time.perf_counter() - counters["seconds"]
@@ -199,17 +208,26 @@ def train(
         drop = (torch.rand(cfg.batch, generator=gen) < cfg.text_dropout).to(device)
         t = shift_sigmas(logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, generator=gen), cfg.shift)
         noise = torch.randn((cfg.batch, *latents.shape[1:]), generator=gen)
+        if cfg.self_flow is not None:  # drawn after the plain run's draws: both see the same batches
+            s = shift_sigmas(logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, generator=gen), cfg.shift)
+            t_tokens = token_times(t, s, n_tokens, cfg.self_flow.mask_ratio, gen).to(device)
+            s = s.to(device)
         idx, t, noise = idx.to(device), t.to(device), noise.to(device)
         x0 = latents[idx]
         tokens, mask, pooled = cond.take(cap_idx[idx])
         tokens = torch.where(drop[:, None, None], null_tokens, tokens)
         mask = torch.where(drop[:, None], null_mask, mask)
         pooled = torch.where(drop[:, None], null_pooled, pooled)
+        parts = {}
         with autocast:
-            loss = flow_loss(model, x0, t, (tokens, mask, pooled), noise)
+            if cfg.self_flow is None:
+                loss = flow_loss(model, x0, t, (tokens, mask, pooled), noise)
+            else:
+                loss, parts = self_flow_loss(model, ema, trainable["head"], x0, t, s, (tokens, mask, pooled), noise,
+                                             t_tokens, cfg.self_flow)  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
         opt.step()
         counters["step"] += 1
         counters["samples"] += cfg.batch
@@ -218,17 +236,18 @@ def train(
         if counters["step"] % 50 == 0:
             rate = 50 * cfg.batch / (time.perf_counter() - window)
             window = time.perf_counter()
-            row = {**counters, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1)}
+            row = {**counters, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1),
+                   **{k: round(v, 5) for k, v in parts.items()}}  # fmt: skip
             print(json.dumps(row), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if counters["step"] % cfg.checkpoint_every == 0 or counters["step"] == cfg.steps:
-            save_train_state(state_path, model, opt, counters, ema)
+            save_train_state(state_path, trainable, opt, counters, ema)
         if counters["step"] % cfg.snapshot_every == 0:
             snap = out / "snapshots" / f"ema-{counters['samples']:09d}.safetensors"
             save_checkpoint(snap, ema.state_dict(), ema.params, {"counters": counters})
     if counters["step"] % 50:  # the log's last row is where the run ended
-        save_train_state(state_path, model, opt, counters, ema)
+        save_train_state(state_path, trainable, opt, counters, ema)
         with log.open("a") as f:
             f.write(json.dumps({**counters, "loss": round(loss.item(), 5)}) + "\n")
     return model.cpu(), ema.cpu()
@@ -249,11 +268,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser"))
     ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the shipped EMA weights into")
     ap.add_argument("--init", type=Path, default=None, help="warm start from these EMA weights (a shipped mmdit)")
+    sf = SelfFlowConfig()
+    ap.add_argument("--self-flow", action="store_true", help="train with Self-Flow (kinema.train.self_flow)")
+    ap.add_argument("--mask-ratio", type=float, default=sf.mask_ratio, help="Self-Flow: share of tokens at time s")
+    ap.add_argument("--self-flow-weight", type=float, default=sf.weight, help="Self-Flow: representation loss weight")
+    ap.add_argument("--student-layer", type=int, default=sf.student_layer, help="Self-Flow: student feature block")
+    ap.add_argument("--teacher-layer", type=int, default=sf.teacher_layer, help="Self-Flow: EMA teacher feature block")
     add_runtime_args(ap)
     args = ap.parse_args(argv)
     device = resolve_device(args)
+    self_flow = None
+    if args.self_flow:
+        self_flow = SelfFlowConfig(mask_ratio=args.mask_ratio, weight=args.self_flow_weight,
+                                   student_layer=args.student_layer, teacher_layer=args.teacher_layer)  # fmt: skip
     cfg = FlowTrainConfig(preset=args.preset, steps=args.steps, samples=args.samples, batch=args.batch, seed=args.seed,
-                          lr=args.lr, snapshot_every=args.snapshot_every,
+                          lr=args.lr, snapshot_every=args.snapshot_every, self_flow=self_flow,
                           checkpoint_every=args.checkpoint_every or FlowTrainConfig.checkpoint_every)  # fmt: skip
     _, ema = train(cfg, args.out, args.models, args.init, device, args.amp, args.max_seconds, args.workers)
     if args.export:
