@@ -11,7 +11,9 @@ Progress streams back as steps finish; a client cancel or an expired deadline st
 Distillations (`StartDistillation`, `GetDistillation`, `CancelDistillation`) are jobs: this service checks the request
 and the teacher (a denoiser model its runner serves that is no student), records the job, claims the teacher and
 queues it (`kinema.orchestration.distillation.DistillJobs`); the orchestrator's job worker trains, stores and loads the
-student into Triton, after which `ListModels` lists it. Without KINEMA_REDIS_URL they answer UNIMPLEMENTED.
+student into Triton, after which `ListModels` lists it. Without KINEMA_REDIS_URL they answer UNIMPLEMENTED. With the
+artifact store too (KINEMA_ARTIFACTS), the service loads stored students Triton has dropped (a restart) back into it
+every KINEMA_STUDENT_RESTORE_SECONDS (`StudentRestorer`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kinema.orchestration.distillation import (
     DistillationSpec,
     DistillJobs,
     DistillJobSettings,
+    StudentRestorer,
     check_teacher,
     distillation_message,
 )
@@ -207,12 +210,24 @@ def build_server(settings: ServiceSettings) -> KinemaServer:
     """The distill service; distillation jobs on when KINEMA_REDIS_URL is set (`DistillJobSettings`)."""
     job_settings = DistillJobSettings.from_env()
     jobs = DistillJobs(job_settings) if job_settings.redis_url else None
+
+    def servicer(family: ModelFamily) -> DistillServicer:
+        # Students loaded with their files are gone after a Triton restart: load the stored ones again.
+        restores = job_settings.artifacts and job_settings.restore_seconds and settings.backend == "triton"
+        if jobs is not None and restores:
+            from kinema.storage.artifacts import store_from_uri
+
+            store = store_from_uri(job_settings.artifacts, job_settings.s3_access_key or None,
+                                   job_settings.s3_secret_key or None)  # fmt: skip
+            StudentRestorer(jobs, family.runner, store).start(job_settings.restore_seconds)
+        return DistillServicer(family, jobs)
+
     return build_model_server(
         settings,
         name="distill",
         service=SERVICE,
         add_to_server=pb_grpc.add_DistillServicer_to_server,
-        servicer=lambda family: DistillServicer(family, jobs),
+        servicer=servicer,
         default_model=DEFAULT_MODEL,
         family=FAMILY,
         info=student_info,

@@ -348,8 +348,10 @@ class _Launch:
         self.wait("s3", s3.wait_ready, t0)
 
         backend = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
-        # The distill service records distillation jobs in Redis (docs/distill.md, "Distillation as a job").
-        jobs = {"distill": {"KINEMA_REDIS_URL": redis.url}}
+        # The distill service records distillation jobs in Redis and loads stored students back into a restarted
+        # Triton from the artifact store (docs/distill.md, "Distillation as a job").
+        jobs = {"distill": {"KINEMA_REDIS_URL": redis.url, "KINEMA_ARTIFACTS": f"s3://{BUCKET}?endpoint={s3.endpoint}",
+                            ENV_ACCESS_KEY: access_key, ENV_SECRET_KEY: secret_key}}  # fmt: skip
         services = {name: ServiceProcess(name, self.logs, log_name=f"{name}.log", detached=True,
                                          **backend | jobs.get(name, {}))
                     for name in MODEL_SERVICES}  # fmt: skip

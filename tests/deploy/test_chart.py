@@ -539,7 +539,8 @@ def test_distillation_is_off_by_default_and_the_distill_service_then_has_no_redi
     """Without distillation.enabled nothing of it is rendered: the distill service's distillation RPCs answer
     UNIMPLEMENTED (no KINEMA_REDIS_URL) and the worker has no Triton, repository or scratch folder."""
     docs = render(CI_VALUES[0])
-    assert "KINEMA_REDIS_URL" not in env_of(containers(_workload(docs, "distill"))[0])
+    distill = env_of(containers(_workload(docs, "distill"))[0])
+    assert not {"KINEMA_REDIS_URL", "KINEMA_ARTIFACTS", "KINEMA_STUDENT_RESTORE_SECONDS"} & set(distill)
     worker = _workload(docs, "worker")
     assert not DISTILL_WORKER_VARS & set(env_of(containers(worker)[0]))
     assert "initContainers" not in _pod(worker)
@@ -557,7 +558,15 @@ def test_distillation_gives_the_distill_service_the_jobs_redis_and_the_worker_wh
     services = by_kind(docs, "Service")
     distill = env_of(containers(_workload(docs, "distill"))[0])
     for comp in ("orchestrator", "worker"):
-        assert distill["KINEMA_REDIS_URL"] == env_of(containers(_workload(docs, comp))[0])["KINEMA_REDIS_URL"]
+        caller = env_of(containers(_workload(docs, comp))[0])
+        for var in ("KINEMA_REDIS_URL", "KINEMA_ARTIFACTS", ENV_ACCESS_KEY, ENV_SECRET_KEY):  # the same store and keys
+            assert distill[var] == caller[var], var
+    # It loads the students jobs stored back into a Triton that restarted without them.
+    from kinema.orchestration.distillation import DistillJobSettings
+
+    job_settings = DistillJobSettings.from_env(_with_secrets(docs, distill))
+    assert job_settings.artifacts.startswith("s3://")
+    assert job_settings.restore_seconds == 30
     if profile == "cpu":
         env = _with_secrets(docs, env_of(containers(_workload(docs, "distill"))[0]))
         assert component(services[env["KINEMA_REDIS_URL"].rsplit("@", 1)[1].split(":")[0]]) == "redis"

@@ -191,24 +191,26 @@ def test_policies_allow_exactly_the_real_paths_with_distillation(values):
 
 
 @pytest.mark.parametrize("source", ["image", "s3"])
-def test_distillation_adds_worker_to_triton_and_distill_to_redis_and_nothing_else(source):
-    """The worker loads students into Triton (KINEMA_TRITON_URL) and the distill service records distillation jobs in
-    Redis (KINEMA_REDIS_URL): two paths more, and none when distillation is off. With the repository in S3 the
-    worker's init container reads it through the S3 path the worker already has."""
+def test_distillation_adds_worker_to_triton_and_distill_to_redis_and_s3_and_nothing_else(source):
+    """The worker loads students into Triton (KINEMA_TRITON_URL), the distill service records distillation jobs in
+    Redis (KINEMA_REDIS_URL) and loads stored students back from S3 (KINEMA_ARTIFACTS): three paths more, and none
+    when distillation is off. With the repository in S3 the worker's init container reads it through the S3 path the
+    worker already has."""
     sets = (f"triton.modelRepository.source={source}",)
     before, _, _ = allowed_edges(render(CI_VALUES[0], sets=sets))
     docs = render(CI_VALUES[0], sets=sets + DISTILLATION)
     after, outside, _ = allowed_edges(docs)
-    assert after - before == {("worker", "triton", 8001), ("distill", "redis", 6379)}
+    assert after - before == {("worker", "triton", 8001), ("distill", "redis", 6379), ("distill", "minio", 9000)}
     assert before <= after and after == expected_edges(docs)
     assert outside == allowed_edges(render(CI_VALUES[0], sets=sets))[1], "nothing more is open to outside"
     if source == "s3":
         assert ("worker", "minio", 9000) in after and ("triton", "minio", 9000) in after
 
 
-def test_an_external_redis_is_reached_by_the_distill_service_on_its_port_only():
+def test_an_external_redis_and_s3_are_reached_by_the_distill_service_on_their_ports_only():
     docs = render(CHART / "ci" / "external-s3-values.yaml", sets=DISTILLATION)
     egress = by_kind(docs, "NetworkPolicy")["kin-kinema-distill"]["spec"]["egress"]
     external = {(p["ipBlock"]["cidr"], port["port"]) for r in egress for p in r["to"] if "ipBlock" in p
                 for port in r["ports"]}  # fmt: skip
-    assert external == {("10.0.0.0/8", 6380), ("52.219.0.0/16", 6380)}
+    cidrs = ("10.0.0.0/8", "52.219.0.0/16")
+    assert external == {(c, 6380) for c in cidrs} | {(c, 443) for c in cidrs}  # Redis; S3 over TLS

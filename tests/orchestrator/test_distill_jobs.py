@@ -20,10 +20,20 @@ import tritonclient.grpc as grpcclient
 from kinema.common.v1 import common_pb2
 from kinema.distill.v1 import distill_pb2 as dpb
 from kinema.distill.v1 import distill_pb2_grpc as dpb_grpc
+from kinema.inference.runner import TritonRunner
 from kinema.jobs.celery_app import CeleryWorker
 from kinema.jobs.redis_server import RedisServer, RedisSettings
 from kinema.nn.text import TextEmbedding
-from kinema.orchestration.distillation import DistillationSpec, TeacherClaims, record_request
+from kinema.orchestration.distillation import (
+    STUDENTS_KEY,
+    DistillationSpec,
+    DistillJobs,
+    DistillJobSettings,
+    StudentRestorer,
+    TeacherClaims,
+    record_request,
+    student_entry,
+)
 from kinema.orchestration.jobs import JobStore
 from kinema.pipelines.local import LocalStudent
 from kinema.pipelines.student import StudentFacts
@@ -71,8 +81,10 @@ def worker(env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryWork
 
 @pytest.fixture(scope="module")
 def service(env, worker, triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    # Students Triton drops are loaded again within a second (KINEMA_STUDENT_RESTORE_SECONDS).
     proc = ServiceProcess("distill", tmp_path_factory.mktemp("distill-jobs-service"), **env,
-                          KINEMA_MAX_MESSAGE_BYTES=str(4 << 20)).start()  # fmt: skip
+                          KINEMA_MAX_MESSAGE_BYTES=str(4 << 20),
+                          KINEMA_STUDENT_RESTORE_SECONDS="1").start()  # fmt: skip
     yield proc
     proc.stop()
     client = grpcclient.InferenceServerClient(triton.grpc_url)
@@ -87,6 +99,19 @@ def service(env, worker, triton, tmp_path_factory: pytest.TempPathFactory) -> It
 def stub(service) -> Iterator[dpb_grpc.DistillStub]:
     with service.channel() as channel:
         yield dpb_grpc.DistillStub(channel)
+
+
+def _cond(g: torch.Generator, rows: int) -> TextEmbedding:
+    return TextEmbedding(torch.randn(rows, 8, 384, generator=g), torch.ones(rows, 8, dtype=torch.bool),
+                         torch.randn(rows, 384, generator=g), [False] * rows)  # fmt: skip
+
+
+def _wire(g: torch.Generator, rows: int):
+    from kinema.denoiser.v1 import denoiser_pb2
+
+    cond = _cond(g, rows)
+    return denoiser_pb2.Conditioning(tokens=tensors.encode(cond.tokens), mask=tensors.encode(cond.mask),
+                                     pooled=tensors.encode(cond.pooled))  # fmt: skip
 
 
 def _start(stub, **fields) -> dpb.Distillation:
@@ -225,13 +250,9 @@ def test_a_distillation_trains_stores_loads_and_the_service_serves_the_student(
     listed = {m.name: m for m in stub.ListModels(dpb.ListModelsRequest(), timeout=30).models}
     assert listed[STUDENT] == student  # what the distillation reports is what the service lists
     g = torch.Generator().manual_seed(0)
-    cond = TextEmbedding(torch.randn(2, 8, 384, generator=g), torch.ones(2, 8, dtype=torch.bool),
-                         torch.randn(2, 384, generator=g), [False, False])  # fmt: skip
+    cond = _cond(g, 2)
     noise = torch.cat([initial_noise((1, 4, 16, 16), 100 + i) for i in range(2)])
-    from kinema.denoiser.v1 import denoiser_pb2
-
-    wire = denoiser_pb2.Conditioning(tokens=tensors.encode(cond.tokens), mask=tensors.encode(cond.mask),
-                                     pooled=tensors.encode(cond.pooled))  # fmt: skip
+    wire = _wire(torch.Generator().manual_seed(0), 2)
     request = dpb.SampleRequest(model=common_pb2.ModelRef(name=STUDENT), noise=tensors.encode(noise), cond=wire,
                                 seed=3)  # fmt: skip
     events = list(stub.Sample(request, timeout=120))
@@ -269,3 +290,41 @@ def test_cancel_stops_a_running_distillation_and_frees_the_teacher(stub, job_s3)
     nxt = _start(stub, train_steps=100_000, max_seconds=600, **TINY)
     stub.CancelDistillation(dpb.CancelDistillationRequest(id=nxt.id), timeout=30)
     assert _wait(stub, nxt.id, timeout=120)[-1].state == S.Value("DISTILLATION_STATE_CANCELLED")
+
+
+def test_a_student_triton_dropped_is_loaded_again_from_the_store(stub, service, triton):
+    """A Triton restart forgets students loaded with their files; unloading one leaves Triton in that state."""
+    before = {m.name: m for m in stub.ListModels(dpb.ListModelsRequest(), timeout=30).models}
+    assert STUDENT in before, "needs the student the distillation test above loaded"
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        client.unload_model(STUDENT)
+        dropped = time.monotonic()
+        while not client.is_model_ready(STUDENT):
+            assert time.monotonic() - dropped < 60, "the distill service did not load the stored student again"
+            time.sleep(0.2)
+    finally:
+        client.close()
+    print(f"student back in Triton {time.monotonic() - dropped:.1f} s after it was dropped")
+    assert "student restored into Triton" in service.log.read_text()
+    after = {m.name: m for m in stub.ListModels(dpb.ListModelsRequest(), timeout=30).models}
+    assert after[STUDENT] == before[STUDENT]  # the same weights, version and schedule
+    noise = tensors.encode(initial_noise((1, 4, 16, 16), 7))
+    request = dpb.SampleRequest(model=common_pb2.ModelRef(name=STUDENT), noise=noise,
+                                cond=_wire(torch.Generator().manual_seed(1), 1), seed=1)  # fmt: skip
+    assert list(stub.Sample(request, timeout=120))[-1].result.model.sha256 == before[STUDENT].sha256
+
+
+def test_a_restore_skips_a_recorded_student_whose_artifacts_are_gone(triton, job_s3, redis_server):
+    jobs = DistillJobs(DistillJobSettings(redis_url=redis_server.url))
+    gone = {kind: "0" * 64 for kind in ("weights", "card", "config")}
+    jobs.store.redis.hset(STUDENTS_KEY, "denoiser_ladd_gone", student_entry("default", "x", gone, "pass\n"))
+    runner = TritonRunner(triton.grpc_url)
+    store = S3ArtifactStore(job_s3.endpoint, job_s3.access_key, job_s3.secret_key, BUCKET)
+    try:
+        assert StudentRestorer(jobs, runner, store).restore() == []  # logged and left; the round goes on
+        assert not runner.ready("denoiser_ladd_gone")
+    finally:
+        jobs.store.redis.hdel(STUDENTS_KEY, "denoiser_ladd_gone")
+        runner.close()
+        jobs.close()

@@ -191,6 +191,18 @@ affinity:
 - name: KINEMA_{{ upper $name }}_URL
   value: {{ printf "%s:%s" (include "kinema.componentName" (dict "ctx" $ctx "component" $name)) (include "kinema.grpcPort" $ctx) | quote }}
 {{- end }}
+{{ include "kinema.artifactsEnv" . }}
+{{- if .Values.jobs.enabled }}
+{{ include "kinema.redisUrlEnv" . }}
+{{- end }}
+- name: KINEMA_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: OMP_NUM_THREADS
+  value: "1"
+{{- end -}}
+
+{{/* The artifact store and its keys (the S3 Secret), as kinema.storage.artifacts reads them. */}}
+{{- define "kinema.artifactsEnv" -}}
 - name: KINEMA_ARTIFACTS
   value: {{ include "kinema.artifactsUri" . | quote }}
 - name: KINEMA_S3_ACCESS_KEY
@@ -203,13 +215,6 @@ affinity:
     secretKeyRef:
       name: {{ include "kinema.s3SecretName" . }}
       key: {{ include "kinema.s3SecretKeyKey" . }}
-{{- if .Values.jobs.enabled }}
-{{ include "kinema.redisUrlEnv" . }}
-{{- end }}
-- name: KINEMA_LOG_LEVEL
-  value: {{ .Values.logLevel | quote }}
-- name: OMP_NUM_THREADS
-  value: "1"
 {{- end -}}
 
 {{/* KINEMA_REDIS_URL from the Redis Secret: the orchestrator, its workers and, with distillation, the distill service

@@ -235,6 +235,16 @@ class TritonRunner:
         finally:  # the name may have served other weights before: describe it afresh
             self._described = {k: v for k, v in self._described.items() if k[0] != model}
 
+    def ready(self, model: str, version: str = "") -> bool:
+        """Whether Triton serves `model` now (asked every time: a restart forgets models loaded with their files)."""
+        from tritonclient.utils import InferenceServerException
+
+        _check_name(model)
+        try:
+            return self._client.is_model_ready(model, version)
+        except InferenceServerException as e:
+            raise self._error(model, e) from None
+
     def models(self) -> list[str]:
         from tritonclient.utils import InferenceServerException
 

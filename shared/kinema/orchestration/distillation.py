@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shlex
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ from kinema.orchestrator.v1 import orchestrator_pb2 as pb
 if TYPE_CHECKING:
     from celery import Celery
 
+    from kinema.inference.runner import TritonRunner
     from kinema.jobs.celery_app import KinemaTask
     from kinema.orchestration.settings import OrchestratorSettings
+    from kinema.storage.artifacts import ArtifactStore
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,8 +64,10 @@ PROGRESS_EVERY = 1.0  # s between two progress writes (the last step is always w
 CLAIM_MARGIN_SECONDS = 6 * 3600
 _NAME = re.compile(r"denoiser_[a-z0-9_]{1,48}")
 # Triton's repository index lists only the models of its repository folders, not the ones loaded with files (an
-# override load): the names of the students distillations loaded are kept here, for the distill service's ListModels.
+# override load), and forgets those when it restarts. The students distillations loaded are kept here (a hash:
+# name -> JSON `student_entry`), for the distill service's ListModels and to load them again (`StudentRestorer`).
 STUDENTS_KEY = f"{RECORD_PREFIX}:students"
+RESTORE_ENV = "KINEMA_STUDENT_RESTORE_SECONDS"
 
 # field -> (lowest, highest, default for 0)
 LIMITS: dict[str, tuple[float, float, float]] = {
@@ -182,11 +187,16 @@ def distillation_message(job: pb.Job) -> dpb.Distillation:
 class DistillJobSettings:
     """What the distill service needs for distillation jobs, from the orchestrator's variables of the same meaning:
     KINEMA_REDIS_URL (records, claims, Celery results and cancel flags; "" = jobs off), KINEMA_BROKER_URL,
-    KINEMA_JOB_RETENTION_SECONDS."""
+    KINEMA_JOB_RETENTION_SECONDS; and, to load stored students again after Triton dropped them, the artifact store
+    (KINEMA_ARTIFACTS and its S3 keys) and KINEMA_STUDENT_RESTORE_SECONDS (how often to look; 0 = never)."""
 
     redis_url: str = field(default="", repr=False)
     broker_url: str = field(default="", repr=False)
     retention_seconds: int = 7 * 86400
+    artifacts: str = ""
+    s3_access_key: str = field(default="", repr=False)
+    s3_secret_key: str = field(default="", repr=False)
+    restore_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> DistillJobSettings:
@@ -208,6 +218,19 @@ class DistillJobSettings:
             values[ours] = value
         if values.get("broker_url") and not values.get("redis_url"):
             raise ValueError(f"{ENV_VARS['broker_url']} needs {ENV_VARS['redis_url']} (records live there)")
+        from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY
+
+        values["artifacts"] = (environ.get(ENV_VARS["artifacts"]) or "").strip()
+        values["s3_access_key"] = environ.get(ENV_ACCESS_KEY, "")
+        values["s3_secret_key"] = environ.get(ENV_SECRET_KEY, "")
+        raw = (environ.get(RESTORE_ENV) or "").strip()
+        if raw:
+            try:
+                values["restore_seconds"] = float(raw)
+            except ValueError:
+                values["restore_seconds"] = -1.0
+            if not 0 <= values["restore_seconds"] <= 86400:
+                raise ValueError(f"{RESTORE_ENV}: must be seconds between 0 (never) and 86400, got {raw!r}")
         return cls(**values)
 
 
@@ -252,7 +275,7 @@ class DistillJobs:
     def students(self) -> list[str]:
         """Names of the students distillations loaded into Triton (it may have dropped some since: a restart)."""
         with self.store._errors():
-            return sorted(self.store.redis.smembers(STUDENTS_KEY))
+            return sorted(self.store.redis.hkeys(STUDENTS_KEY))
 
     def cancel(self, tenant: str, job_id: str) -> pb.Job:
         """As the orchestrator's CancelJob: the Celery cancel flag and revoke, then the record's change."""
@@ -270,6 +293,73 @@ class DistillJobs:
 
     def close(self) -> None:
         self.store.close()
+
+
+def student_entry(tenant: str, job_id: str, artifacts: Mapping[str, str] | None = None, backend: str = "") -> str:
+    """A student's STUDENTS_KEY value: who distilled it and, once stored, the sha256 of its weights, card and config
+    in the artifact store with the python-backend file Triton runs it with: all a restore needs."""
+    entry: dict[str, Any] = {"tenant": tenant, "distillation_id": job_id}
+    if artifacts:
+        entry |= {"artifacts": dict(artifacts), "backend": backend}
+    return json.dumps(entry, sort_keys=True)
+
+
+class StudentRestorer:
+    """Loads the recorded students Triton no longer serves (it restarted, or a pod was replaced) back into it, from
+    the artifact store, with the files the distillation loaded; the distill service runs `restore` every
+    KINEMA_STUDENT_RESTORE_SECONDS. Triton checks the weights against the config's weights_sha256 as it loads."""
+
+    def __init__(self, jobs: DistillJobs, runner: TritonRunner, store: ArtifactStore) -> None:
+        self.jobs, self.runner, self.store = jobs, runner, store
+
+    def restore(self) -> list[str]:
+        """Load every recorded, stored student Triton does not serve; returns the names loaded. A student whose
+        artifacts are gone, or that Triton refuses, is logged and left for the next round; Triton or the store
+        unreachable raises Unavailable."""
+        with self.jobs.store._errors():
+            entries = self.jobs.store.redis.hgetall(STUDENTS_KEY)
+        loaded = []
+        for name, raw in sorted(entries.items()):
+            entry = json.loads(raw)
+            if "artifacts" not in entry or self.runner.ready(name):
+                continue
+            try:
+                self._load(name, entry)
+            except (NotFound, FailedPrecondition) as e:
+                _LOGGER.warning("student not restored", extra={"model": name, "error": str(e)})
+                continue
+            loaded.append(name)
+            _LOGGER.info("student restored into Triton", extra={"model": name})
+        return loaded
+
+    def start(self, seconds: float) -> threading.Event:
+        """Run `restore` now and then every `seconds` in a daemon thread, until the returned event is set."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.restore()
+                except KinemaError as e:  # Triton, Redis or the store down: the next round tries again
+                    _LOGGER.warning("student restore round failed", extra={"error": str(e)})
+                except Exception:
+                    _LOGGER.exception("student restore round failed")
+                if stop.wait(seconds):
+                    return
+
+        threading.Thread(target=loop, name="student-restore", daemon=True).start()
+        return stop
+
+    def _load(self, name: str, entry: dict) -> None:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        tenant, shas = entry["tenant"], entry["artifacts"]
+        blobs = {kind: self.store.get(shas[kind], tenant) for kind in ("weights", "card", "config")}  # hash-checked
+        config = text_format.Parse(blobs["config"].decode("utf-8"), model_config_pb2.ModelConfig())
+        self.runner.load(name, json_format.MessageToJson(config, preserving_proto_field_name=True),
+                         {"file:1/mmdit.safetensors": blobs["weights"], "file:1/model.py": entry["backend"].encode(),
+                          "file:README.md": blobs["card"]})  # fmt: skip
 
 
 def record_store(settings: OrchestratorSettings) -> JobStore:
@@ -509,7 +599,7 @@ class DistillationRunner(JobRunner):
                      "file:README.md": files["card"]})  # fmt: skip
         served = runner.describe(export.name)
         with self.jobs._errors():
-            self.jobs.redis.sadd(STUDENTS_KEY, export.name)
+            self.jobs.redis.hset(STUDENTS_KEY, export.name, student_entry(tenant, job_id))
         if served.sha256 != sha:
             raise FailedPrecondition(f"Triton serves {export.name!r} with weights {served.sha256[:12]}, not the "
                                      f"distilled {sha[:12]}", reason="MODEL_LOAD_MISMATCH")  # fmt: skip
@@ -543,6 +633,10 @@ class DistillationRunner(JobRunner):
             if artifact.provenance is not None:
                 output.provenance.CopyFrom(provenance_message(artifact.provenance))
             outputs.append(output)
+        stored = {kind: o.artifact.sha256 for kind, o in zip(("weights", "card", "config"), outputs, strict=True)}
+        with self.jobs._errors():  # what a restore loads again, should Triton drop the student
+            self.jobs.redis.hset(STUDENTS_KEY, export.name,
+                                 student_entry(tenant, job_id, stored, model_py.decode("utf-8")))  # fmt: skip
         _LOGGER.info("student stored and loaded", extra={"model": student.name, "sha256": sha})
         return outputs
 
@@ -572,6 +666,7 @@ __all__ = [
     "DistillJobs",
     "DistillationRunner",
     "DistillationSpec",
+    "StudentRestorer",
     "TeacherClaims",
     "distillation_app",
     "distillation_message",
