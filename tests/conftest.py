@@ -14,6 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    # Tiny training steps are op-overhead bound; with a second busy process on the machine, OpenMP
+    # threads spin-waiting on each other make them ~100x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with tiny random networks in the shipped layout (for plumbing tests)."""

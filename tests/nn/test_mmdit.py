@@ -45,16 +45,6 @@ def _randomized(p: MMDiTParams) -> MMDiT:
     return model
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny training steps are op-overhead bound; with a second busy process on the machine, OpenMP
-    # threads spin-waiting on each other make them ~100x slower than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("h", "w"), [(8, 8), (8, 4), (4, 6)])
 def test_forward_shape_and_dtype(variant, h, w):

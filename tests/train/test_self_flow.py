@@ -13,14 +13,6 @@ P = MMDiTParams(sample_size=8, pos_embed_max_size=8, depth=3, hidden_size=32, nu
                 pooled_dim=10)  # fmt: skip
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(b: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(b, 4, 8, 8, generator=g)
