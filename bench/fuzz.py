@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/fuzz.py [--per-service 10000] [--seed 0]
 
-Starts Triton over models/, the three model services and an orchestrator with jobs (real Redis and S3 server; no
-worker, so accepted jobs wait queued), then sends `per-service` requests to each service, spread evenly over its
-RPCs, drawn by `kinema.testing.fuzz.messages` (the strategies tests/services/test_fuzz.py and
-tests/orchestrator/test_fuzz.py sample). Counts each status code per RPC, fails the run if any answer is INTERNAL,
-UNKNOWN or DATA_LOSS, and checks after each service that it still answers health SERVING. Writes
-bench/results/fuzz.{json,md}.
+Starts Triton over models/, the three model services, an orchestrator with jobs (real Redis and S3 server; no worker,
+so accepted jobs wait queued) and the distill service with distillation jobs on (the same Redis; queued likewise, so
+later starts for the same teacher answer ALREADY_EXISTS), then sends `per-service` requests to each service, spread
+evenly over its RPCs, drawn by `kinema.testing.fuzz.messages` (the strategies tests/services/test_fuzz.py,
+tests/services/test_fuzz_distill.py and tests/orchestrator/test_fuzz.py sample). Counts each status code per RPC,
+fails the run if any answer is INTERNAL, UNKNOWN or DATA_LOSS, and checks after each service that it still answers
+health SERVING. Writes bench/results/fuzz.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.orchestrator.conftest import jobs_env
 from tests.orchestrator.test_fuzz import RPCS as ORCHESTRATOR_RPCS  # the same strategies as the CI sample
 from tests.services.test_fuzz import RPCS as MODEL_RPCS
+from tests.services.test_fuzz_distill import RPCS as DISTILL_RPCS
+from tests.services.test_fuzz_distill import requests as distill_requests
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -82,18 +85,22 @@ def main(argv: list[str] | None = None) -> None:
               RedisServer(RedisSettings(), log_path=root / "redis.log") as redis_server,
               S3Server(S3ServerSettings(data_dir=root / "s3"), log_path=root / "s3.log") as s3):  # fmt: skip
             triton.wait_ready()
-            env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
-            services = {name: ServiceProcess(name, root, **env).start()
+            model_env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
+            services = {name: ServiceProcess(name, root, **model_env).start()
                         for name in ("text_encoder", "autoencoder", "denoiser")}  # fmt: skip
             addresses = {name: s.address for name, s in services.items()}
             env = jobs_env(addresses, s3, redis_server.url, "kinema-fuzz")
             orchestrator = ServiceProcess("orchestrator", root, **env).start()
+            distill = ServiceProcess("distill", root, KINEMA_REDIS_URL=redis_server.url, **model_env)
             try:
+                distill.start()
                 plan = [(name, stub, method, messages(request_type), False)
                         for name, stub, method, request_type in MODEL_RPCS]  # fmt: skip
                 plan += [("orchestrator", pb_grpc.OrchestratorStub, method, strategy, streaming)
                          for method, (strategy, streaming) in ORCHESTRATOR_RPCS.items()]  # fmt: skip
-                processes = services | {"orchestrator": orchestrator}
+                plan += [(name, stub, method, distill_requests(method, request_type), False)
+                         for name, stub, method, request_type in DISTILL_RPCS]  # fmt: skip
+                processes = services | {"orchestrator": orchestrator, "distill": distill}
                 for service in processes:
                     rpcs = [p for p in plan if p[0] == service]
                     each = max(1, args.per_service // len(rpcs))
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                             results[f"{service}.{method}"] = r
                             print(f"{service}.{method}: {r}", flush=True)
             finally:
+                distill.stop()
                 orchestrator.stop()
                 for s in services.values():
                     s.stop()

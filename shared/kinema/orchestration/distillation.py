@@ -113,9 +113,9 @@ class DistillationSpec:
         if request.name and not _NAME.fullmatch(request.name):
             raise InvalidInput(f"name must be 'denoiser_' followed by 1-48 of a-z, 0-9, '_', got {request.name!r:.80}",
                                reason="INVALID_NAME", field="name")  # fmt: skip
-        if request.teacher.version and not request.teacher.version.isdigit():
-            raise InvalidInput(f"teacher version must be a positive integer, got {request.teacher.version!r:.40}",
-                               reason="INVALID_VERSION", field="teacher.version")  # fmt: skip
+        from kinema.rpc.models import check_version
+
+        check_version(request.teacher.version, "teacher.version")
         return cls(teacher=request.teacher.name or DEFAULT_TEACHER, teacher_version=request.teacher.version,
                    seed=request.seed, name=request.name, **values)  # fmt: skip
 

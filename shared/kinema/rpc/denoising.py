@@ -88,14 +88,15 @@ class RunnerVideoNetwork(RunnerNetwork):
 
 
 def conditioning(c: pb.Conditioning, field: str) -> TextEmbedding:
-    """A request's text conditioning, checked: tokens (B, L, D), mask (B, L) and pooled (B, P) agree, B > 0."""
+    """A request's text conditioning, checked: tokens (B, L, D), mask (B, L) and pooled (B, P) agree, B, L > 0."""
     tokens = tensors.decode(c.tokens, f"{field}.tokens", np.float32, ndim=3)  # (B, L, D)
     mask = tensors.decode(c.mask, f"{field}.mask", np.bool_, ndim=2)  # (B, L)
     pooled = tensors.decode(c.pooled, f"{field}.pooled", np.float32, ndim=2)  # (B, P)
     b, length = tokens.shape[:2]
-    if mask.shape != (b, length) or pooled.shape[0] != b or b == 0:
+    if mask.shape != (b, length) or pooled.shape[0] != b or b == 0 or length == 0:
         raise InvalidInput(
-            f"{field}: tokens {tokens.shape}, mask {mask.shape} and pooled {pooled.shape} must agree on (B, L), B > 0",
+            f"{field}: tokens {tokens.shape}, mask {mask.shape} and pooled {pooled.shape} must agree on (B, L), with "
+            "B > 0 and L > 0 (the text encoder gives at least one token per prompt)",
             reason="INVALID_SHAPE", field=field,
         )  # fmt: skip
     return TextEmbedding(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(pooled), [False] * b)

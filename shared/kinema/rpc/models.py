@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -34,6 +35,17 @@ MAX_BLOCKING_CALLS = 64
 
 MAX_IMAGE_SIDE = 1024  # longest image side a model service takes
 CHEAP_METHOD = "ListModels"  # the one RPC of a model service that runs no network: never refused for load
+
+
+# A Triton model version: a positive integer in ASCII digits, no leading zero, small enough for Triton's int64.
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def check_version(version: str, field: str) -> None:
+    """INVALID_ARGUMENT naming `field` unless `version` is "" (the latest) or a version number Triton accepts."""
+    if version and not _VERSION.fullmatch(version):
+        raise InvalidInput(f"{field} must be a positive integer such as 1 (or empty for the latest), got "
+                           f"{version!r:.40}", reason="INVALID_VERSION", field=field)  # fmt: skip
 
 
 class ModelFamily:
@@ -64,11 +76,7 @@ class ModelFamily:
                 reason="MODEL_NOT_FOUND",
                 field="model.name",
             )
-        if ref.version and not ref.version.isdigit():
-            raise InvalidInput(
-                f"model version must be a positive integer, got {ref.version!r}", reason="INVALID_VERSION",
-                field="model.version",
-            )  # fmt: skip
+        check_version(ref.version, "model.version")
         return name, ref.version
 
     def member(self, name: str) -> bool:
