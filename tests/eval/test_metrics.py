@@ -84,3 +84,19 @@ def test_flow_matching_val_loss_checks_its_inputs() -> None:
         flow_matching_val_loss(lambda x, t, c: x, x0, t_grid=(1.5,))
     with pytest.raises(ValueError, match="shape"):
         flow_matching_val_loss(lambda x, t, c: x[:, :1], x0)
+
+
+def test_validation_flow_loss_on_a_set_made_once_is_the_loss_made_in_place() -> None:
+    """bench/self_flow.py scores many snapshots on one `validation_set`: the same numbers as encoding each time."""
+    from kinema.eval.generation import validation_flow_loss, validation_set
+    from kinema.repository import default_models_dir, load_autoencoder, load_denoiser, load_text_encoder_default
+
+    models = default_models_dir()
+    autoencoder, _ = load_autoencoder(models)
+    denoiser, _ = load_denoiser(models)
+    text_encoder = load_text_encoder_default()
+    data = validation_set(autoencoder, text_encoder, n=4)
+    assert data[0].shape[0] == 4 and data[1].tokens.shape[0] == 4
+    once = validation_flow_loss(denoiser, autoencoder, text_encoder, data=data)
+    assert once == validation_flow_loss(denoiser, autoencoder, text_encoder, n=4)
+    assert 0 < once["loss"] < 2 and set(once) == {"loss"} | {f"loss@{t:.3f}" for t in DEFAULT_T_GRID}

@@ -9,6 +9,7 @@ import torch
 
 from kinema.data import World
 from kinema.eval.scoring import Truth, evaluate
+from kinema.nn.text import TextEmbedding
 from kinema.pipelines import TextToImageRequest, text_to_image
 from kinema.pipelines.protocols import Autoencoder, Denoiser, TextEncoder
 
@@ -74,14 +75,25 @@ def evaluate_text_to_image(
 
 
 @torch.no_grad()
-def validation_flow_loss(denoiser_model, autoencoder, text_encoder, n: int = 256, split: str = "val") -> dict:
-    """SD3's validation protocol: flow-matching loss on a fixed t grid over held-out latents."""
-    from kinema.eval.metrics import flow_matching_val_loss
+def validation_set(autoencoder, text_encoder, n: int = 256, split: str = "val") -> tuple[torch.Tensor, TextEmbedding]:
+    """The held-out latents (n, C, h, w) and text states of `validation_flow_loss`, to score many models on."""
     from kinema.train.autoencoder import to_tensor
 
     images, captions = World().images(split, 0, n)
     x0 = torch.cat([autoencoder.encode(to_tensor(images[i : i + 128])) for i in range(0, n, 128)])
-    emb = text_encoder.encode(captions)
+    return x0, text_encoder.encode(captions)
+
+
+@torch.no_grad()
+def validation_flow_loss(
+    denoiser_model, autoencoder, text_encoder, n: int = 256, split: str = "val",
+    data: tuple[torch.Tensor, TextEmbedding] | None = None,
+) -> dict:  # fmt: skip
+    """SD3's validation protocol: flow-matching loss on a fixed t grid over held-out latents (`data`: a
+    `validation_set` made before, else made here)."""
+    from kinema.eval.metrics import flow_matching_val_loss
+
+    x0, emb = data if data is not None else validation_set(autoencoder, text_encoder, n, split)
 
     def velocity(x, t, cond):
         return denoiser_model(x, t, emb.tokens, emb.pooled, emb.mask)
