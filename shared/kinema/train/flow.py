@@ -237,7 +237,7 @@ def train(
             rate = 50 * cfg.batch / (time.perf_counter() - window)
             window = time.perf_counter()
             row = {**counters, "loss": round(loss.item(), 5), "samples_per_s": round(rate, 1),
-                   **{k: round(v, 5) for k, v in parts.items()}}  # fmt: skip
+                   **{k: round(v.item(), 5) for k, v in parts.items()}}  # fmt: skip
             print(json.dumps(row), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -80,8 +80,9 @@ def self_flow_loss(
     noise: Tensor,
     t_tokens: Tensor,
     cfg: SelfFlowConfig,
-) -> tuple[Tensor, dict[str, float]]:
-    """(total loss, parts) for one batch: latents x0 (B, C, H, W), times t, s (B,), cond = (tokens, mask, pooled).
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total loss, its two parts detached) for one batch: latents x0 (B, C, H, W), times t, s (B,),
+    cond = (tokens, mask, pooled).
 
     t_tokens (B, N) are the student's per-token times (`token_times` of t and s), noise the shared eps.
     """
@@ -100,4 +101,4 @@ def self_flow_loss(
                                                    layers=(cfg.teacher_layer,))  # fmt: skip
     cosine = F.cosine_similarity(head(h_student), h_teacher, dim=-1).mean()
     rep = 1 - cosine
-    return flow + cfg.weight * rep, {"flow_loss": flow.item(), "rep_loss": rep.item()}
+    return flow + cfg.weight * rep, {"flow_loss": flow.detach(), "rep_loss": rep.detach()}  # no sync per step
