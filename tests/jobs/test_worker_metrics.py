@@ -139,6 +139,7 @@ def test_a_worker_serves_started_finished_durations_and_in_progress_by_task(clie
     assert grew("kinema_worker_jobs_finished_total", pipeline="kinema_test.add", outcome="succeeded") == 1
     assert grew("kinema_worker_jobs_started_total", pipeline="kinema_test.flaky") == 2
     assert grew("kinema_worker_jobs_finished_total", pipeline="kinema_test.flaky", outcome="retried") == 1
+    assert grew("kinema_worker_job_retries_total", pipeline="kinema_test.flaky") == 1
     assert grew("kinema_worker_jobs_finished_total", pipeline="kinema_test.flaky", outcome="succeeded") == 1
     assert grew("kinema_worker_job_seconds_count", pipeline="kinema_test.add", outcome="succeeded") == 1
     assert value(scrape(port), "kinema_worker_jobs_in_progress", pipeline="kinema_test.steps") == 0
@@ -147,6 +148,7 @@ def test_a_worker_serves_started_finished_durations_and_in_progress_by_task(clie
         ("kinema_worker_jobs_started_total", "counter"),
         ("kinema_worker_jobs_finished_total", "counter"),
         ("kinema_worker_job_seconds", "histogram"),
+        ("kinema_worker_job_retries_total", "counter"),
         ("kinema_worker_jobs_in_progress", "gauge"),
     ]:
         assert f"# TYPE {family} {kind}" in families
@@ -191,7 +193,7 @@ def test_the_job_worker_labels_runs_by_pipeline_retries_then_fails_with_the_serv
         enqueue(client, job)
         wait_for(lambda: store.get("acme", job.id).state == pb.JOB_STATE_FAILED, 60, "the job's failure")
         ended = store.get("acme", job.id)
-        assert ended.attempts == 2 and ended.error.code == 14  # UNAVAILABLE, after one retry
+        assert ended.attempts == 2 and ended.error.code == 14  # UNAVAILABLE, after one retry within the run
 
         # A job cancelled while queued: its run finds the record ended and changes nothing.
         cancelled, _ = store.create("acme", request)
@@ -204,8 +206,9 @@ def test_the_job_worker_labels_runs_by_pipeline_retries_then_fails_with_the_serv
         store.close()
         client.close()
     samples = scrape(port)
-    assert value(samples, "kinema_worker_jobs_started_total", **labels) == 3
-    assert value(samples, "kinema_worker_jobs_finished_total", outcome="retried", **labels) == 1
+    assert value(samples, "kinema_worker_jobs_started_total", **labels) == 2  # the failed run, the skipped one
+    assert value(samples, "kinema_worker_job_retries_total", **labels) == 1
+    assert value(samples, "kinema_worker_jobs_finished_total", outcome="retried", **labels) == 0
     assert value(samples, "kinema_worker_jobs_finished_total", outcome="failed", **labels) == 1
     assert value(samples, "kinema_worker_job_seconds_count", outcome="failed", **labels) == 1
     assert value(samples, "kinema_worker_jobs_in_progress", **labels) == 0

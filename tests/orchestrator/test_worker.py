@@ -4,16 +4,19 @@ its end is recorded across a Redis outage (a real redis-server, stopped and star
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
 import pytest
+import redis
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
 from kinema.jobs.redis_server import RedisServer, RedisSettings
 from kinema.orchestration.settings import OrchestratorSettings
 from kinema.orchestration.worker import TASK_NAME, JobRunner, job_error, make_job_app, retry_wait
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
+from kinema.processes import kill_group
 from kinema.rpc.settings import ServiceSettings
 
 BASE = {"text_encoder_url": "te:1", "denoiser_url": "dn:1", "autoencoder_url": "ae:1", "artifacts": "file:///tmp/a"}
@@ -91,42 +94,187 @@ def test_a_job_that_ends_while_redis_is_down_is_recorded_once_redis_is_back(tmp_
         redis_server.stop()
 
 
-class _Retry(Exception):
-    """What the fake task's `retry` raises, as Celery's raises its Retry."""
-
-
 class _FakeTask:
     """The parts of a bound Celery task that JobRunner.run touches."""
 
     def __init__(self, retries: int = 0, max_retries: int = 3) -> None:
-        self.request = type("Request", (), {"retries": retries})()
+        self.request = type("Request", (), {"retries": retries, "id": None})()
         self.max_retries = max_retries
-        self.countdown: float | None = None
 
-    def retry(self, exc: BaseException, countdown: float) -> _Retry:
-        self.countdown = countdown
-        return _Retry(exc)
+    def cancelled(self) -> bool:
+        return False
 
 
-def test_a_busy_model_service_puts_the_job_back_for_at_least_its_hint(tmp_path, monkeypatch) -> None:
+def _waits(runner: JobRunner, monkeypatch, then=None) -> list:
+    """Record each wait before a retry (seconds, the record's state then) instead of sleeping; `then` runs after."""
+    waits: list = []
+
+    def wait(task, seconds: float) -> None:
+        waits.append((seconds, runner.jobs.get("acme", task.job_id).state))
+        if then is not None:
+            then(len(waits))
+
+    monkeypatch.setattr(runner, "_wait_to_retry", wait)
+    return waits
+
+
+def test_a_busy_model_service_makes_the_job_wait_in_its_run_for_at_least_its_hint(monkeypatch) -> None:
     from kinema.errors import ResourceExhausted
 
     with RedisServer(RedisSettings()) as redis_server:
         runner = JobRunner(_settings(redis_url=redis_server.url, job_retry_backoff_seconds=0.1))
         request = pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"])
         busy = ResourceExhausted("denoiser is busy", reason="SERVER_BUSY", retry_after=7.0)
-        monkeypatch.setattr(runner, "_make", lambda *a: (_ for _ in ()).throw(busy))
+        calls: list[int] = []
+
+        def make(task, job, attempt, started):
+            calls.append(attempt)
+            if len(calls) < 3:
+                raise busy
+            return []
+
+        monkeypatch.setattr(runner, "_make", make)
         job, _ = runner.jobs.create("acme", request)
         task = _FakeTask()
-        with pytest.raises(_Retry):
-            runner.run(task, "acme", job.id)
-        assert task.countdown >= 7.0  # the hint, not the 0.05-0.1 s backoff
-        assert runner.jobs.get("acme", job.id).state == pb.JOB_STATE_QUEUED
+        task.job_id = job.id
+        waits = _waits(runner, monkeypatch)
+        assert runner.run(task, "acme", job.id) == "JOB_STATE_COMPLETED"
+        assert calls == [1, 2, 3]  # one run, three attempts
+        # Each wait is at least the hint (not the 0.05-0.2 s backoff), with the record QUEUED meanwhile.
+        assert [state for _, state in waits] == [pb.JOB_STATE_QUEUED] * 2 and min(w for w, _ in waits) >= 7.0
+        assert runner.jobs.get("acme", job.id).attempts == 3
+
+        # Bounded: a service that stays busy ends the job FAILED with its status after max_retries waits.
+        monkeypatch.setattr(runner, "_make", lambda *a: (_ for _ in ()).throw(busy))
+        stuck, _ = runner.jobs.create("acme", request)
+        task.job_id = stuck.id
+        waits.clear()
+        assert runner.run(task, "acme", stuck.id) == "JOB_STATE_FAILED"
+        assert len(waits) == task.max_retries
+        failed = runner.jobs.get("acme", stuck.id)
+        assert failed.attempts == task.max_retries + 1 and failed.error.code == 8
 
         # A limit the request itself breaks (no hint) is final: FAILED with RESOURCE_EXHAUSTED, no retry.
         too_big = ResourceExhausted("batch of 99 is over the limit", reason="BATCH_TOO_LARGE")
         monkeypatch.setattr(runner, "_make", lambda *a: (_ for _ in ()).throw(too_big))
         other, _ = runner.jobs.create("acme", request)
-        assert runner.run(_FakeTask(), "acme", other.id) == "JOB_STATE_FAILED"
+        task.job_id = other.id
+        waits.clear()
+        assert runner.run(task, "acme", other.id) == "JOB_STATE_FAILED" and waits == []
         failed = runner.jobs.get("acme", other.id)
         assert failed.error.code == 8 and failed.error.detail.reason == "BATCH_TOO_LARGE"
+
+
+def test_a_job_cancelled_while_it_waits_for_its_retry_ends_cancelled_without_another_attempt(monkeypatch) -> None:
+    with RedisServer(RedisSettings()) as redis_server:
+        runner = JobRunner(_settings(redis_url=redis_server.url))
+        calls: list[int] = []
+        monkeypatch.setattr(runner, "_make", lambda task, job, attempt, started: calls.append(attempt) or
+                            (_ for _ in ()).throw(Unavailable("denoiser down")))  # fmt: skip
+        job, _ = runner.jobs.create("acme", pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"]))
+        task = _FakeTask()
+        task.job_id = job.id
+        _waits(runner, monkeypatch, then=lambda n: runner.jobs.request_cancel("acme", job.id))
+        assert runner.run(task, "acme", job.id) == "JOB_STATE_CANCELLED"
+        assert calls == [1] and runner.jobs.get("acme", job.id).state == pb.JOB_STATE_CANCELLED
+
+
+def test_the_wait_before_a_retry_outlasts_a_redis_killed_and_restarted(tmp_path) -> None:
+    # The real wait: the job's run sleeps through a Redis that is killed and started again on its data (the
+    # cancel-flag checks fail quietly meanwhile), then carries on: the next attempt completes the job.
+    settings = RedisSettings(data_dir=tmp_path / "redis")
+    redis_server = RedisServer(settings)
+    redis_server.__enter__()
+    try:
+        runner = JobRunner(_settings(redis_url=redis_server.url, job_retry_backoff_seconds=3.0))
+        calls: list[int] = []
+
+        def make(task, job, attempt, started):
+            calls.append(attempt)
+            if attempt == 1:
+                raise Unavailable("denoiser down")
+            return []
+
+        runner._make = make
+        job, _ = runner.jobs.create("acme", pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"]))
+
+        flags = redis.Redis.from_url(redis_server.url, socket_connect_timeout=0.5)
+
+        class Task(_FakeTask):
+            def cancelled(self) -> bool:  # as KinemaTask's: a read of the cancel flag in Redis
+                return bool(flags.exists(f"kinema:cancel:{job.id}"))
+
+        ended: list[str] = []
+        started = time.monotonic()
+        worker = threading.Thread(target=lambda: ended.append(runner.run(Task(), "acme", job.id)))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while runner.jobs.get("acme", job.id).state != pb.JOB_STATE_QUEUED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kill_group(redis_server.pid, signal.SIGKILL)
+        time.sleep(1.0)
+        redis_server = RedisServer(redis_server.resolved_settings)
+        redis_server.__enter__()
+        worker.join(timeout=30)
+        assert ended == ["JOB_STATE_COMPLETED"] and calls == [1, 2]
+        assert 1.5 <= time.monotonic() - started < 20  # waited 1.5-3 s (backoff 3, jittered), no visibility timeout
+        assert runner.jobs.get("acme", job.id).attempts == 2
+    finally:
+        redis_server.stop()
+
+
+@pytest.mark.slow
+def test_a_job_waiting_for_its_retry_when_redis_is_killed_goes_on_once_redis_is_back(tmp_path) -> None:
+    # The orchestrator's job worker (as the stack runs it) with its model services down: every attempt meets
+    # UNAVAILABLE. While the job waits for its first retry, redis-server is killed -9 and started again on its data.
+    # The job's run goes on and ends FAILED after its last retry, seconds later. A retry by Celery countdown message
+    # was dropped with the broker connection and came back only after the visibility timeout (6 h here).
+    from kinema.jobs.celery_app import CeleryWorker, WorkerSettings, make_celery
+    from kinema.orchestration.jobs import JobStore
+    from kinema.orchestration.worker import enqueue
+    from kinema.processes import free_ports
+    from kinema.rpc.process import REPO, free_port
+
+    port = free_ports("127.0.0.1", 1)[0]
+    settings = RedisSettings(port=port, data_dir=tmp_path / "redis")
+    first, again, url = (
+        RedisServer(settings, log_path=tmp_path / "redis.log"),
+        RedisServer(settings),
+        f"redis://127.0.0.1:{port}/0",
+    )
+    down = {f"KINEMA_{cap}_URL": f"127.0.0.1:{free_port()}" for cap in ("TEXT_ENCODER", "DENOISER", "AUTOENCODER")}
+    env = down | {"KINEMA_ARTIFACTS": (tmp_path / "artifacts").as_uri(), "KINEMA_REDIS_URL": url,
+                  "KINEMA_JOB_MAX_RETRIES": "2", "KINEMA_JOB_MAX_ATTEMPTS": "3",
+                  "KINEMA_JOB_RETRY_BACKOFF_SECONDS": "4", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    worker_settings = WorkerSettings(app="services.orchestrator.worker:app", broker_url=url, backend_url=url,
+                                     pythonpath=(REPO,), env=env, startup_timeout=90.0)  # fmt: skip
+    try:
+        with first, CeleryWorker(worker_settings, log_path=tmp_path / "worker.log") as worker:
+            store, client = JobStore(url), make_celery(url, url)
+            try:
+                job, _ = store.create("acme", pb.PipelineRequest(pipeline="text_to_image", prompts=["a cube"], steps=2))
+                enqueue(client, job)
+                deadline = time.monotonic() + 60
+                while (record := store.get("acme", job.id)).state != pb.JOB_STATE_QUEUED or record.attempts != 1:
+                    assert time.monotonic() < deadline, "the first attempt's failure not within 60 s"
+                    time.sleep(0.02)
+                kill_group(first.pid, signal.SIGKILL)  # the job now waits 2-4 s for its first retry
+                time.sleep(1.0)
+                again.start()
+                again.wait_ready()
+                deadline = time.monotonic() + 60
+                while (record := store.get("acme", job.id)).state == pb.JOB_STATE_QUEUED:
+                    assert time.monotonic() < deadline, "the job stayed QUEUED after Redis came back"
+                    time.sleep(0.1)
+                ended = store.get("acme", job.id)
+                while ended.state == pb.JOB_STATE_RUNNING or ended.state == pb.JOB_STATE_QUEUED:
+                    assert time.monotonic() < deadline, f"the job did not end: {pb.JobState.Name(ended.state)}"
+                    time.sleep(0.1)
+                    ended = store.get("acme", job.id)
+                assert ended.state == pb.JOB_STATE_FAILED and ended.attempts == 3 and ended.error.code == 14
+                assert worker.poll() is None
+            finally:
+                store.close()
+                client.close()
+    finally:
+        again.stop()

@@ -19,7 +19,8 @@ The choices, and why:
   steps; the flag reaches prefork children and workers that started after the revoke, which the revoke
   broadcast does not.
 - Bounded retries for transient failures: `KinemaTask` retries `kinema.errors.Unavailable` (a dependency
-  is down) a few times with jittered exponential backoff, then fails with the last error.
+  is down) a few times with jittered exponential backoff, then fails with the last error. The orchestrator's job
+  task retries within its run instead (`kinema.orchestration.worker`) and says so with the `job_retried` signal.
 - A worker outlives Redis restarts: it reconnects for as long as Redis is away (every 2-30 s), running jobs carry
   on and are acknowledged once Redis is back. The broker connection is `kinema.jobs.broker`'s, which keeps Celery
   5.7 / kombu 5.7 from exiting when the connection drops while a job runs.
@@ -48,6 +49,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init
+from celery.utils.dispatch import Signal
 
 from kinema.errors import InvalidInput, Unavailable
 from kinema.jobs import broker
@@ -64,6 +66,10 @@ VISIBILITY_TIMEOUT = 6 * 3600.0
 RESULT_EXPIRES = 7 * 24 * 3600.0  # s job state and results stay in Redis
 CANCEL_KEY = "kinema:cancel:{task_id}"
 LOG_TAIL_LINES = 40
+
+# Sent by a task that retries within its run, as Celery's `task_retry` is for a retry by message:
+# `job_retried.send(sender=task, request=task.request, reason=exc)`. The worker's metrics count both.
+job_retried = Signal(name="job_retried")
 
 
 class KinemaTask(Task):

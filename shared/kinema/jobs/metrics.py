@@ -8,10 +8,12 @@ as `celery inspect`), serves the registry on `settings.host:settings.metrics_por
 Families, by `pipeline` (an orchestrator job's `request.pipeline`, read from its record as the run starts; any other
 task: its task name):
 
-- `kinema_worker_jobs_started_total{pipeline}`: runs begun; a retried job starts again.
+- `kinema_worker_jobs_started_total{pipeline}`: runs begun; a job retried by message (Celery's `retry`) starts again.
 - `kinema_worker_jobs_finished_total{pipeline,outcome}`: runs ended, `outcome` one of `OUTCOMES`: succeeded, failed,
-  cancelled, retried (a transient error; the job went back to the queue) or skipped (a redelivered job whose record
-  had already ended: the run changes nothing).
+  cancelled, retried (a transient error; Celery sent the job back to the queue) or skipped (a redelivered job whose
+  record had already ended: the run changes nothing).
+- `kinema_worker_job_retries_total{pipeline}`: transient errors after which the job waits and tries again, in its run
+  (the orchestrator's jobs, `kinema.jobs.celery_app.job_retried`) or by message (`task_retry`).
 - `kinema_worker_job_seconds{pipeline,outcome}`: wall time of a run (histogram).
 - `kinema_worker_jobs_in_progress{pipeline}`: runs going on now.
 
@@ -35,6 +37,7 @@ from celery.signals import task_failure, task_postrun, task_prerun, task_retry, 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kinema.errors import KinemaError
+from kinema.jobs.celery_app import job_retried
 from kinema.rpc.metrics import MetricsEndpoint, serve_metrics
 from kinema.rpc.settings import ServiceSettings
 
@@ -113,6 +116,10 @@ class WorkerMetrics:
             "kinema_worker_job_seconds", "Wall time of a job run.", ["pipeline", "outcome"], buckets=JOB_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        self.retries = Counter(
+            "kinema_worker_job_retries", "Transient errors after which a job waits and tries again.", ["pipeline"],
+            registry=self.registry,
+        )  # fmt: skip
         self.in_progress = Gauge(
             "kinema_worker_jobs_in_progress", "Job runs going on now.", ["pipeline"], registry=self.registry
         )
@@ -148,6 +155,14 @@ class WorkerMetrics:
     def on_retry(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         if self._ours(sender) and request is not None:
             self._mark(request.id, "retried")
+            self.on_job_retried(sender, request)
+
+    def on_job_retried(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        if not self._ours(sender) or request is None:
+            return
+        with self._lock:
+            run = self._runs.get(request.id)
+        self.retries.labels(run[0].pipeline if run is not None else "unknown").inc()
 
     def on_failure(self, sender: Any = None, task_id: str = "", **_: Any) -> None:
         if self._ours(sender):
@@ -173,13 +188,15 @@ class WorkerMetrics:
         """Count this app's task runs in this process (the handlers ignore other apps' tasks)."""
         task_prerun.connect(self.on_prerun, weak=False)
         task_retry.connect(self.on_retry, weak=False)
+        job_retried.connect(self.on_job_retried, weak=False)
         task_failure.connect(self.on_failure, weak=False)
         task_postrun.connect(self.on_postrun, weak=False)
         return self
 
     def disconnect(self) -> None:
         for signal, handler in ((task_prerun, self.on_prerun), (task_retry, self.on_retry),
-                                (task_failure, self.on_failure), (task_postrun, self.on_postrun)):  # fmt: skip
+                                (job_retried, self.on_job_retried), (task_failure, self.on_failure),
+                                (task_postrun, self.on_postrun)):  # fmt: skip
             signal.disconnect(handler)
 
     def serve(self, host: str, port: int) -> MetricsEndpoint:

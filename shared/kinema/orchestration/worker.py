@@ -11,7 +11,9 @@ with the same request store the same artifact. Along the way:
   a step); nothing is stored after a cancel;
 - retries: `Unavailable` (a model service or the artifact store down), or a model service refusing the call for load
   (`ResourceExhausted` with a retry hint, kinema.rpc.admission), puts the job back to QUEUED and retries it after a
-  jittered exponential wait (at least the hint), at most `job_max_retries` times; any other error ends it FAILED with
+  jittered exponential wait (at least the hint), at most `job_max_retries` times, within the same run: the message
+  stays unacknowledged meanwhile, as while the job runs, so a Redis restart does not strand it (`_wait_to_retry`);
+  any other error ends it FAILED with
   the status a Generate call would have ended with (an unexpected one says only "internal error" and the job id);
 - the end of a job (COMPLETED with its stored outputs, FAILED, CANCELLED) is written to the record again and again,
   with backoff, while Redis is unreachable, for at most `job_record_retry_seconds`: a job that finishes during a
@@ -38,7 +40,7 @@ from celery import Celery
 from celery.signals import task_revoked
 
 from kinema.errors import KinemaError, ResourceExhausted, Unavailable
-from kinema.jobs.celery_app import KinemaTask, make_celery
+from kinema.jobs.celery_app import KinemaTask, job_retried, make_celery
 from kinema.orchestration.capabilities import RemoteCapabilities
 from kinema.orchestration.inputs import NO_INPUTS, resolve_inputs
 from kinema.orchestration.jobs import JobStore
@@ -115,12 +117,23 @@ class JobRunner:
             return False
 
     def run(self, task: KinemaTask, tenant: str, job_id: str) -> str:
-        """Run the job if its record says it should run; the name of the state it ended in (Celery's result)."""
-        job = self.jobs.start(tenant, job_id)
+        """Run the job if its record says it should run, and again after a transient error, waiting in this run
+        (`_wait_to_retry`); the name of the state it ended in (Celery's result)."""
+        retries = task.request.retries  # 0 unless a message from before in-run retries (a Celery retry) came back
+        while True:
+            ended, wait = self._attempt(task, tenant, job_id, retries)
+            if wait is None:
+                return ended
+            self._wait_to_retry(task, wait)
+            retries += 1
+
+    def _attempt(self, task: KinemaTask, tenant: str, job_id: str, retries: int) -> tuple[str, float | None]:
+        """One attempt: (the state the job ended in, None), or ("", seconds to wait) when it goes back to QUEUED."""
+        job = self._record("start", lambda: self.jobs.start(tenant, job_id))  # a retry's wait may end in an outage
         if job is None:  # gone, already finished (a redelivery), cancelled, or out of attempts
             with contextlib.suppress(KinemaError):
-                return pb.JobState.Name(self.jobs.get(tenant, job_id).state)
-            return "GONE"
+                return pb.JobState.Name(self.jobs.get(tenant, job_id).state), None
+            return "GONE", None
         attempt = job.attempts
         started = time.monotonic()
         with bind_request(RequestContext(job_id, SERVICE, "RunJob", started)):
@@ -130,24 +143,41 @@ class JobRunner:
             except JobCancelled:
                 self._record("cancel", lambda: self.jobs.cancelled(tenant, job_id))
                 _LOGGER.info("job cancelled", extra={"tenant": tenant, "attempt": attempt})
-                return pb.JobState.Name(pb.JOB_STATE_CANCELLED)
+                return pb.JobState.Name(pb.JOB_STATE_CANCELLED), None
             except (Unavailable, ResourceExhausted) as e:
                 if isinstance(e, ResourceExhausted) and e.retry_after is None:  # a limit the request itself breaks
-                    return self._fail(tenant, job_id, attempt, e)
-                if task.request.retries < task.max_retries and attempt < self.jobs.max_attempts:
-                    again = self.jobs.requeue(tenant, job_id, attempt)
+                    return self._fail(tenant, job_id, attempt, e), None
+                if retries < task.max_retries and attempt < self.jobs.max_attempts:
+                    again = self._record("retry", lambda: self.jobs.requeue(tenant, job_id, attempt))
                     if again is not None and again.state == pb.JOB_STATE_QUEUED:
-                        wait = retry_wait(task.request.retries, self.settings.job_retry_backoff_seconds)
+                        wait = retry_wait(retries, self.settings.job_retry_backoff_seconds)
                         wait = max(wait, e.retry_after or 0.0)  # a busy service's hint
                         _LOGGER.warning("job will be retried", extra={"error": str(e), "wait_seconds": round(wait, 3)})
-                        raise task.retry(exc=e, countdown=wait) from None
-                    return pb.JobState.Name(again.state if again is not None else pb.JOB_STATE_UNSPECIFIED)
-                return self._fail(tenant, job_id, attempt, e)
+                        job_retried.send(sender=task, request=task.request, reason=e)
+                        return "", wait
+                    return pb.JobState.Name(again.state if again is not None else pb.JOB_STATE_UNSPECIFIED), None
+                return self._fail(tenant, job_id, attempt, e), None
             except Exception as e:
-                return self._fail(tenant, job_id, attempt, e)
+                return self._fail(tenant, job_id, attempt, e), None
             after, recorded = self._record("completion", lambda: self.jobs.complete(tenant, job_id, outputs))
             _LOGGER.info("job finished", extra={"recorded": recorded, "outputs": len(outputs)})
-            return pb.JobState.Name(after.state if after is not None else pb.JOB_STATE_UNSPECIFIED)
+            return pb.JobState.Name(after.state if after is not None else pb.JOB_STATE_UNSPECIFIED), None
+
+    def _wait_to_retry(self, task: KinemaTask, seconds: float) -> None:
+        """Sleep before the next attempt in this run, the job's message still unacknowledged, as while it runs.
+
+        Not a Celery countdown retry: that sends a new message which the worker holds unacknowledged until its time
+        comes, and drops when the broker connection goes; kombu cannot hand it back while Redis is down, so after a
+        Redis restart such a job read QUEUED until the visibility timeout (6 h by default). Waiting here, the job goes
+        on once its time comes, through a Redis outage as a running job does. The price: the wait (at most
+        MAX_RETRY_WAIT) holds a worker slot. A cancel ends the wait early; the next attempt then finds the record
+        CANCELLED and stops.
+        """
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._cancelled(task):
+                return
+            time.sleep(min(1.0, left))
 
     def _fail(self, tenant: str, job_id: str, attempt: int, exc: Exception) -> str:
         error = job_error(exc, job_id)
@@ -159,8 +189,9 @@ class JobRunner:
         return pb.JobState.Name(pb.JOB_STATE_FAILED)
 
     def _record(self, what: str, write: Callable[[], T]) -> T:
-        """`write()` of a job's end, tried again with backoff while Redis is unreachable (`Unavailable`), for at
-        most `job_record_retry_seconds`; then the last `Unavailable` propagates and the message stays unacked."""
+        """`write()` of a job's start, retry or end, tried again with backoff while Redis is unreachable
+        (`Unavailable`), for at most `job_record_retry_seconds`; then the last `Unavailable` propagates and the message
+        stays unacked."""
         deadline = time.monotonic() + self.settings.job_record_retry_seconds
         wait, longest = RECORD_RETRY_WAIT
         while True:
