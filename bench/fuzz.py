@@ -3,12 +3,13 @@
     .venv/bin/python bench/fuzz.py [--per-service 10000] [--seed 0]
 
 Starts Triton over models/, the three model services, an orchestrator with jobs (real Redis and S3 server; no worker,
-so accepted jobs wait queued) and the distill service with distillation jobs on (the same Redis; queued likewise, so
-later starts for the same teacher answer ALREADY_EXISTS), then sends `per-service` requests to each service, spread
-evenly over its RPCs, drawn by `kinema.testing.fuzz.messages` (the strategies tests/services/test_fuzz.py,
-tests/services/test_fuzz_distill.py and tests/orchestrator/test_fuzz.py sample). Counts each status code per RPC,
-fails the run if any answer is INTERNAL, UNKNOWN or DATA_LOSS, and checks after each service that it still answers
-health SERVING. Writes bench/results/fuzz.{json,md}.
+so accepted jobs wait queued), the distill service with distillation jobs on (the same Redis; queued likewise, so
+later starts for the same teacher answer ALREADY_EXISTS) and the depth and interpret services, then sends
+`per-service` requests to each service, spread evenly over its RPCs, drawn by `kinema.testing.fuzz.messages` (the
+strategies tests/services/test_fuzz.py, tests/services/test_fuzz_distill.py,
+tests/services/test_fuzz_depth_interpret.py and tests/orchestrator/test_fuzz.py sample). Counts each status code per
+RPC, fails the run if any answer is INTERNAL, UNKNOWN or DATA_LOSS, and checks after each service that it still
+answers health SERVING. Writes bench/results/fuzz.{json,md} (`--out`: another path, without the suffix).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.orchestrator.conftest import jobs_env
 from tests.orchestrator.test_fuzz import RPCS as ORCHESTRATOR_RPCS  # the same strategies as the CI sample
 from tests.services.test_fuzz import RPCS as MODEL_RPCS
+from tests.services.test_fuzz_depth_interpret import RPCS as DEPTH_INTERPRET_RPCS
+from tests.services.test_fuzz_depth_interpret import requests as depth_interpret_requests
 from tests.services.test_fuzz_distill import RPCS as DISTILL_RPCS
 from tests.services.test_fuzz_distill import requests as distill_requests
 
@@ -92,15 +95,21 @@ def main(argv: list[str] | None = None) -> None:
             env = jobs_env(addresses, s3, redis_server.url, "kinema-fuzz")
             orchestrator = ServiceProcess("orchestrator", root, **env).start()
             distill = ServiceProcess("distill", root, KINEMA_REDIS_URL=redis_server.url, **model_env)
+            # not in `addresses`: the orchestrator is fuzzed as the CI sample starts it, without a depth service
+            others = {name: ServiceProcess(name, root, **model_env) for name in ("depth", "interpret")}
             try:
                 distill.start()
+                for p in others.values():
+                    p.start()
                 plan = [(name, stub, method, messages(request_type), False)
                         for name, stub, method, request_type in MODEL_RPCS]  # fmt: skip
                 plan += [("orchestrator", pb_grpc.OrchestratorStub, method, strategy, streaming)
                          for method, (strategy, streaming) in ORCHESTRATOR_RPCS.items()]  # fmt: skip
                 plan += [(name, stub, method, distill_requests(method, request_type), False)
                          for name, stub, method, request_type in DISTILL_RPCS]  # fmt: skip
-                processes = services | {"orchestrator": orchestrator, "distill": distill}
+                plan += [(name, stub, method, depth_interpret_requests(method, request_type), False)
+                         for name, stub, method, request_type in DEPTH_INTERPRET_RPCS]  # fmt: skip
+                processes = services | {"orchestrator": orchestrator, "distill": distill} | others
                 for service in processes:
                     rpcs = [p for p in plan if p[0] == service]
                     each = max(1, args.per_service // len(rpcs))
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                             results[f"{service}.{method}"] = r
                             print(f"{service}.{method}: {r}", flush=True)
             finally:
+                for p in others.values():
+                    p.stop()
                 distill.stop()
                 orchestrator.stop()
                 for s in services.values():

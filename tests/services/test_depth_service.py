@@ -125,6 +125,11 @@ def test_list_models(stub):
     assert [(m.name, m.version) for m in reply.models] == [("depth", "1")] and len(reply.models[0].sha256) == 64
     none = stub.ListModels(depth_pb2.ListModelsRequest(model=common_pb2.ModelRef(name="depth_none")), timeout=10)
     assert list(none.models) == []
+    # A version Triton would not take is INVALID_ARGUMENT naming the field (Triton's own text was "details: stol").
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListModels(depth_pb2.ListModelsRequest(model=common_pb2.ModelRef(name="depth", version="x1")), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.version must be a positive integer" in (
+        e.value.details())  # fmt: skip
 
 
 def test_bad_input_gets_a_clear_status_and_the_service_stays_up(stub, service):
@@ -143,6 +148,16 @@ def test_bad_input_gets_a_clear_status_and_the_service_stays_up(stub, service):
          "1024"),
         (depth_pb2.EstimateRequest(images=tensors.encode(np.zeros((17, 3, 8, 8), np.float32))), "INVALID",
          "limit of 16"),
+        # 12 KB that the network would run at 64x65536 (~2 GB, ~10 s): refused before it reaches the network
+        (depth_pb2.EstimateRequest(images=tensors.encode(np.zeros((1, 3, 1, 1024), np.float32))), "INVALID",
+         "aspect ratio over 16:1"),
+        (depth_pb2.EstimateRequest(images=tensors.encode(np.zeros((1, 3, 64, 3), np.float32))), "INVALID",
+         "aspect ratio"),
+        # 0..255 pixels, or finite values that overflow in the network: a range the caller can act on
+        (depth_pb2.EstimateRequest(images=tensors.encode(np.full((1, 3, 8, 8), 255, np.float32))), "INVALID",
+         "pixel values must lie in [-1, 1]"),
+        (depth_pb2.EstimateRequest(images=tensors.encode(np.full((1, 3, 8, 8), -3e38, np.float32))), "INVALID",
+         "up to 3e+38"),
         (depth_pb2.EstimateRequest(images=tensors.encode(ok), model=common_pb2.ModelRef(name="midas")),
          "NOT_FOUND", "midas"),
         (depth_pb2.EstimateRequest(images=tensors.encode(ok), model=common_pb2.ModelRef(name="depth", version="9")),
@@ -165,6 +180,7 @@ def test_bad_input_gets_a_clear_status_and_the_service_stays_up(stub, service):
 
     assert service.proc.poll() is None  # still up, still right
     assert tensors.decode(_estimate(stub, ok).depth, "d").shape == (1, 1, 32, 32)
+    assert tensors.decode(_estimate(stub, np.zeros((1, 3, 4, 64), np.float32)).depth, "d").shape == (1, 1, 4, 64)
 
 
 def test_local_backend_serves_the_same_results(stub, tmp_path):

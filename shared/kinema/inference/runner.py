@@ -167,7 +167,7 @@ class TritonRunner:
         if "UNAVAILABLE" in status or "failed to connect" in text.lower() or "connection" in text.lower():
             return Unavailable(f"Triton at {self.url} is unreachable ({text.splitlines()[0][:200]})")
         if "unknown model" in text or "NOT_FOUND" in status or "is not found" in text:
-            return NotFound(f"model {model!r} is not served by Triton at {self.url}")
+            return NotFound(f"model {model!r} is not served here; ListModels names the models that are")  # no address
         if "not ready" in text:
             return Unavailable(f"model {model!r} is not ready in Triton at {self.url}")
         if "INVALID_ARG" in status or "unexpected shape" in text or "unexpected datatype" in text:

@@ -41,6 +41,9 @@ CHEAP_METHOD = "ListModels"  # the one RPC of a model service that runs no netwo
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")
 
 
+MAX_PIXEL = 2.0  # |value| an image tensor may reach: [-1, 1] with room for a decoder's overshoot
+
+
 def check_version(version: str, field: str) -> None:
     """INVALID_ARGUMENT naming `field` unless `version` is "" (the latest) or a version number Triton accepts."""
     if version and not _VERSION.fullmatch(version):
@@ -99,6 +102,10 @@ class ModelFamily:
                 f"{field}: expected (B, 3, H, W) with 0 < H, W <= {max_side}, got {tuple(images.shape)}",
                 reason="INVALID_SHAPE", field=field,
             )  # fmt: skip
+        peak = float(np.abs(images).max())
+        if peak > MAX_PIXEL:  # far outside [-1, 1] is not an image (e.g. 0..255), and overflows in the networks
+            raise InvalidInput(f"{field}: pixel values must lie in [-1, 1] (e.g. uint8 / 127.5 - 1), got |value| up "
+                               f"to {peak:.3g}", reason="OUT_OF_RANGE", field=field)  # fmt: skip
         return images
 
     async def call(
@@ -117,8 +124,11 @@ class ModelFamily:
     ) -> list[common_pb2.ModelInfo]:
         """ModelInfo of the family's loaded models (or the given runner model names), filtered by `ref`.
 
-        A filter that matches nothing gives an empty list, not an error.
+        A filter that matches nothing gives an empty list, not an error; a version Triton would not take is
+        INVALID_ARGUMENT, under either backend.
         """
+        if ref is not None:
+            check_version(ref.version, "model.version")
         if members is None:
             names = await self.run_blocking(self.runner.models)
             members = [n for n in names if self.member(n)]
