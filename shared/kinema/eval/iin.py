@@ -224,11 +224,13 @@ def conditional_metrics(
     return out
 
 
-def evaluate(model, kind: str, train, test, edges: torch.Tensor, models_dir: Path, n: int = 200, seed: int = 0) -> dict:
-    """Every metric that applies to `kind`, as a JSON-able dict."""
+def evaluate(
+    model, kind: str, train, test, edges: torch.Tensor, models_dir: Path, n: int = 200, seed: int = 0,
+    representation: str = "vae",
+) -> dict:  # fmt: skip
+    """Every metric that applies to `kind`, as a JSON-able dict; edits and samples decoded by `representation`."""
     from kinema.eval.probe import Probe
-    from kinema.repository import load_autoencoder
-    from kinema.train.iin import conditions
+    from kinema.train.iin import conditions, load_representation
 
     cond = conditions(kind, test)
     out = {"likelihood": likelihood_metrics(model, test, cond)}
@@ -236,7 +238,7 @@ def evaluate(model, kind: str, train, test, edges: torch.Tensor, models_dir: Pat
         out["factors"] = factor_metrics(model, train, test, edges)
     if n <= 0:
         return out
-    autoencoder, _ = load_autoencoder(models_dir)
+    autoencoder = load_representation(representation, models_dir)
     probe = Probe.from_file()
     if kind == "factor":
         out["edits"] = edit_metrics(model, autoencoder, probe, test, edges, n, seed)

@@ -295,6 +295,9 @@ class InterpretationParams:
     # Per factor, the names of its values (e.g. colour -> red, ...): `edit` sets z_F to their prototypes.
     factor_values: tuple[tuple[str, ...], ...] = ()
     seed: int = 0
+    # Whose code of an image this interprets (kinema.train.iin.REPRESENTATIONS): images go through the autoencoder
+    # of that name (served: `<representation>_encoder` / `_decoder`).
+    representation: str = "vae"
 
     def flow_params(self) -> FlowParams:
         return FlowParams(

@@ -68,37 +68,72 @@ class FactorData:
         )
 
 
-def render_single_objects(split: str, start: int, count: int) -> dict:
-    """`count` single-object scenes of `split` (indices start.. ) with labels; deterministic."""
+def render_single_objects(split: str, start: int, count: int, masks: bool = False) -> dict:
+    """`count` single-object scenes of `split` (indices start.. ) with labels (and object masks); deterministic."""
     world = World()
     images = np.empty((count, 64, 64, 3), np.uint8)
+    mask = np.empty((count, 64, 64), np.uint8) if masks else None
     colour, shape, size, u, captions = [], [], [], [], []
     for i in range(count):
         s = world.sample_from_scene(world.scene(split, start + i, n_objects=1))
         images[i] = np.round(s.rgb * 255).astype(np.uint8)
+        if mask is not None:
+            mask[i] = s.instances > 0
         o = s.objects[0]
         colour.append(COLOUR_NAMES.index(o.colour))
         shape.append(SHAPES.index(o.shape))
         size.append(list(SIZES).index(o.size))
         u.append(o.image_position[0])
         captions.append(s.caption)
-    return {"images": images, "colour": colour, "shape": shape, "size": size, "u": u, "captions": captions}
+    out = {"images": images, "colour": colour, "shape": shape, "size": size, "u": u, "captions": captions}
+    return out if mask is None else out | {"masks": mask}
+
+
+REPRESENTATIONS: tuple[str, ...] = ("vae", "vector_ae")  # what an IIN interprets: an autoencoder's code of the image
+
+
+def representation_fingerprint(representation: str, models_dir: Path) -> str:
+    """A short hash of the representation's encoder weights: cached codes are keyed by it."""
+    from kinema.nn.checkpoint import sha256_file
+    from kinema.repository import AUTOENCODER_FILES
+    from kinema.train.vector_ae import FOLDER, WEIGHTS
+
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
+    path = models_dir / (AUTOENCODER_FILES[0] if representation == "vae" else Path(FOLDER, "1", WEIGHTS))
+    return sha256_file(path)[:12]
+
+
+def load_representation(representation: str, models_dir: Path):
+    """The autoencoder whose code an IIN interprets: `encode(images in [-1, 1])` and `decode(codes)`.
+
+    `vae`: the LDM autoencoder, normalised (4, 16, 16) latents; `vector_ae`: `kinema.nn.vector_ae`, (dim,) codes.
+    """
+    if representation == "vae":
+        from kinema.repository import load_autoencoder
+
+        return load_autoencoder(models_dir)[0]
+    if representation == "vector_ae":
+        from kinema.train.vector_ae import load_vector_autoencoder
+
+        return load_vector_autoencoder(models_dir)
+    raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
 
 
 @torch.no_grad()
-def factor_data(split: str, count: int, models_dir: Path, cache: Path = CACHE) -> FactorData:
-    """Renders, labels and latents of `count` single-object scenes, computed once and cached."""
-    from kinema.nn.checkpoint import sha256_file
-    from kinema.repository import AUTOENCODER_FILES, load_autoencoder
+def factor_data(
+    split: str, count: int, models_dir: Path, cache: Path = CACHE, representation: str = "vae"
+) -> FactorData:
+    """Renders, labels and codes (`FactorData.latents`) of `count` single-object scenes, computed once and cached."""
     from kinema.train.autoencoder import to_tensor
 
-    enc_sha = sha256_file(models_dir / AUTOENCODER_FILES[0])[:12]
+    enc_sha = representation_fingerprint(representation, models_dir)
     key = hashlib.sha256(json.dumps(["iin-single-v1", split, count, enc_sha]).encode()).hexdigest()[:16]
     path = cache / f"iin-{split}-{count}-{key}.safetensors"
     if not path.exists():
         t0 = time.perf_counter()
         raw = render_single_objects(split, 0, count)
-        autoencoder, _ = load_autoencoder(models_dir)
+        autoencoder = load_representation(representation, models_dir)
         images = raw.pop("images")
         latents = torch.cat([autoencoder.encode(to_tensor(images[i : i + 64])) for i in range(0, count, 64)])
         tensors = {
@@ -287,6 +322,7 @@ def conditions(kind: str, data: FactorData, cache: Path = CACHE) -> torch.Tensor
 @dataclass(frozen=True)
 class IINTrainConfig:
     kind: str = "factor"
+    representation: str = "vae"  # REPRESENTATIONS: whose code of the image the IIN interprets
     samples: int = 8000  # single-object training renders
     components: int = 128  # principal components of the latent the flow sees
     blocks: int = 8
@@ -306,6 +342,8 @@ class IINTrainConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"unknown representation {self.representation!r}; expected one of {REPRESENTATIONS}")
         if self.factor_dims and len(self.factor_dims) != len(FACTORS):
             raise ValueError(f"factor_dims needs one entry per factor {FACTORS}, got {self.factor_dims}")
         if not 0.0 < self.rho < 1.0:
@@ -339,6 +377,7 @@ def build_model(cfg: IINTrainConfig, data: FactorData, cond: torch.Tensor | None
         factor_dims=dims,
         factor_values=tuple(FACTOR_VALUES[n] for n in names),
         seed=cfg.seed,
+        representation=cfg.representation,
     )
     model = InterpretationNet(params)
     model.basis.load_state_dict(basis.state_dict())
@@ -397,7 +436,7 @@ def train(
     from kinema.train.state import load_train_state, save_train_state
 
     torch.manual_seed(cfg.seed)
-    data = data if data is not None else factor_data("train", cfg.samples, models_dir, cache)
+    data = data if data is not None else factor_data("train", cfg.samples, models_dir, cache, cfg.representation)
     if cond is None:
         cond = conditions(cfg.kind, data, cache)
     state_path, log, meta_path = out / "state.safetensors", out / "log.jsonl", out / "model.json"
@@ -532,6 +571,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kind", default=IINTrainConfig.kind, choices=KINDS)
+    ap.add_argument(
+        "--representation",
+        default=IINTrainConfig.representation,
+        choices=REPRESENTATIONS,
+        help="the autoencoder code the IIN interprets: vae (4x16x16 latent) or vector_ae (a vector)",
+    )
     ap.add_argument("--steps", type=int, default=IINTrainConfig.steps)
     ap.add_argument("--samples", type=int, default=IINTrainConfig.samples)
     ap.add_argument("--components", type=int, default=IINTrainConfig.components)
@@ -570,6 +615,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = IINTrainConfig(
         kind=args.kind,
+        representation=args.representation,
         steps=args.steps,
         samples=args.samples,
         components=args.components,
@@ -589,8 +635,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_dtype == "float16":
         round_to_half(model)  # the metrics below are those of the weights that ship
     set_prototypes(model, data, edges)
-    test = factor_data("test", args.eval_n, args.models)
-    metrics = evaluate(model, cfg.kind, data, test, edges, args.models, args.edit_n, seed=cfg.seed)
+    test = factor_data("test", args.eval_n, args.models, representation=cfg.representation)
+    metrics = evaluate(
+        model, cfg.kind, data, test, edges, args.models, args.edit_n, seed=cfg.seed, representation=cfg.representation
+    )
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     card = {
         "config": dataclasses.asdict(cfg),

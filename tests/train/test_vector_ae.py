@@ -1,0 +1,72 @@
+"""The vector autoencoder (kinema.nn.vector_ae) and its trainer on a few real renders: shapes and errors, a short run
+that learns, export and load (safetensors), and the IIN's use of it as its representation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kinema.nn.vector_ae import VectorAutoencoder, VectorAutoencoderParams
+from kinema.train import vector_ae
+from kinema.train.iin import FactorData, IINTrainConfig, factor_data, load_representation, representation_fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+SMALL = VectorAutoencoderParams(channels=(8, 16, 16, 16), dim=12)
+
+
+def test_codes_and_images_have_the_stated_shapes_and_wrong_ones_are_refused() -> None:
+    model = VectorAutoencoder(SMALL).eval()
+    code = model.encode(torch.zeros(2, 3, 64, 64))
+    assert code.shape == (2, 12)
+    assert model.decode(code).shape == (2, 3, 64, 64) and model.decode_all(code).shape == (2, 4, 64, 64)
+    assert torch.equal(model.decode(code), model.decode_all(code)[:, :3])  # the silhouette is dropped
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, 64, 64\)"):
+        model.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"codes must be \(B, 12\)"):
+        model.decode(torch.zeros(1, 13))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        VectorAutoencoderParams(image_size=40)
+
+
+def test_a_short_run_lowers_the_loss_resumes_exports_and_loads_back(tmp_path: Path) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cfg = vector_ae.VectorAETrainConfig(samples=64, dim=12, batch=16, steps=30, lr=3e-3, checkpoint_every=10)
+    first = vector_ae.train(vector_ae.VectorAETrainConfig(**{**cfg.__dict__, "steps": 10}), out, cache=cache)
+    assert (out / "state.safetensors").is_file()
+    model = vector_ae.train(cfg, out, cache=cache)  # resumes at step 10
+    rows = [line for line in (out / "log.jsonl").read_text().splitlines()]
+    assert '"step": 1,' in rows[0] and '"step": 30,' in rows[-1]
+    data = vector_ae.renders("train", 64, cache)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        before, _ = vector_ae.batch_loss(first, cfg, data["images"][:32], data["masks"][:32], gen)
+        after, _ = vector_ae.batch_loss(model, cfg, data["images"][:32], data["masks"][:32], gen)
+    assert after < before
+
+    models = tmp_path / "models"
+    path = vector_ae.export(model, models / vector_ae.FOLDER, {"seed": 0}, "python -m kinema.train.vector_ae ...")
+    assert path.suffix == ".safetensors" and (models / vector_ae.FOLDER / "README.md").is_file()
+    loaded = vector_ae.load_vector_autoencoder(models)
+    x = vector_ae.as_input(data["images"][:4])
+    assert torch.equal(loaded.encode(x), model.encode(x)) and torch.equal(loaded.decode(model.encode(x)),
+                                                                           model.decode(model.encode(x)))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"python -m kinema\.train\.vector_ae"):
+        vector_ae.load_vector_autoencoder(tmp_path / "nowhere")
+
+    # The IIN's data through this representation: (N, dim) codes, cached under the encoder's hash.
+    assert load_representation("vector_ae", models).params.dim == 12
+    fd = factor_data("test", 8, models, tmp_path / "iin-cache", representation="vector_ae")
+    assert isinstance(fd, FactorData) and fd.latents.shape == (8, 12)
+    assert torch.allclose(fd.latents, loaded.encode(vector_ae.as_input(fd.images)), atol=1e-5)
+    assert len(representation_fingerprint("vector_ae", models)) == 12
+    with pytest.raises(ValueError, match="unknown representation"):
+        IINTrainConfig(representation="pixels")
+    with pytest.raises(ValueError, match="unknown representation"):
+        load_representation("pixels", models)
