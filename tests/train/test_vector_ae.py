@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from kinema.errors import InvalidInput
+from kinema.inference.runner import LocalRunner
 from kinema.nn.vector_ae import VectorAutoencoder, VectorAutoencoderParams
 from kinema.train import vector_ae
 from kinema.train.iin import FactorData, IINTrainConfig, factor_data, load_representation, representation_fingerprint
@@ -51,14 +54,28 @@ def test_a_short_run_lowers_the_loss_resumes_exports_and_loads_back(tmp_path: Pa
     assert after < before
 
     models = tmp_path / "models"
-    path = vector_ae.export(model, models / vector_ae.FOLDER, {"seed": 0}, "python -m kinema.train.vector_ae ...")
-    assert path.suffix == ".safetensors" and (models / vector_ae.FOLDER / "README.md").is_file()
+    paths = vector_ae.export(model, models, {"seed": 0}, "python -m kinema.train.vector_ae ...")
+    assert [p.relative_to(models).as_posix() for p in paths] == ["vector_ae_encoder/1/encoder.safetensors",
+                                                                 "vector_ae_decoder/1/decoder.safetensors"]  # fmt: skip
     loaded = vector_ae.load_vector_autoencoder(models)
     x = vector_ae.as_input(data["images"][:4])
-    assert torch.equal(loaded.encode(x), model.encode(x)) and torch.equal(loaded.decode(model.encode(x)),
-                                                                           model.decode(model.encode(x)))  # fmt: skip
+    code = model.encode(x)
+    assert torch.equal(loaded.encode(x), code) and torch.equal(loaded.decode(code), model.decode(code))
     with pytest.raises(FileNotFoundError, match=r"python -m kinema\.train\.vector_ae"):
         vector_ae.load_vector_autoencoder(tmp_path / "nowhere")
+
+    # Served as two models (config, card with the weights' hash, model.py), in process as under Triton.
+    runner = LocalRunner(models)
+    assert runner.models() == ["vector_ae_decoder", "vector_ae_encoder"]
+    served = runner.infer("vector_ae_encoder", {"IMAGE": x.numpy()})["LATENT"]
+    np.testing.assert_allclose(served, code.numpy(), atol=1e-5)
+    image = runner.infer("vector_ae_decoder", {"LATENT": served})["IMAGE"]
+    np.testing.assert_allclose(image, model.decode(code).numpy(), atol=1e-4)
+    with pytest.raises(InvalidInput, match="IMAGE must have shape"):
+        runner.infer("vector_ae_encoder", {"IMAGE": np.zeros((1, 3, 32, 32), np.float32)})
+    with pytest.raises(InvalidInput, match="LATENT must have shape"):
+        runner.infer("vector_ae_decoder", {"LATENT": np.zeros((1, 13), np.float32)})
+    assert "vector_ae_encoder" in (models / "vector_ae_encoder" / "1" / "model.py").read_text()
 
     # The IIN's data through this representation: (N, dim) codes, cached under the encoder's hash.
     assert load_representation("vector_ae", models).params.dim == 12

@@ -3,9 +3,10 @@ embedded mode (`kinema interpret ...`) and under `KINEMA_BACKEND=local`.
 
 An interpretation model (`IinNetwork`, one Triton model each: `iin_factor`, `iin_net2net`, ...) runs in one
 direction per call: factorize (latents -> z) or compose (z -> latents). What it interprets, its factors and their
-value names come from its published params (`ModelInfo.params_json`). Images pass through the autoencoder
-`vae` (Triton models `vae_encoder` / `vae_decoder`): every IIN Kinema trains (`kinema.train.iin`) interprets its
-normalised latents.
+value names come from its published params (`ModelInfo.params_json`). Images pass through the autoencoder the
+model names as its `representation` (Triton models `<representation>_encoder` / `_decoder`): `vae`, the LDM
+autoencoder's normalised (4, 16, 16) latents (models that name none), or `vector_ae`, a vector autoencoder's code
+(`kinema.nn.vector_ae`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 from kinema.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Unavailable
 from kinema.inference.runner import ModelRunner, ServedModel
 
-AUTOENCODER = "vae"
-_PROBE_SIZE = 64  # side of the blank image that measures the autoencoder's downscale once
+AUTOENCODER = "vae"  # the representation of a model whose params name none
+_PROBE_SIZE = 64  # side of the blank image that measures a latent-map autoencoder's downscale once
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class IinModel:
     factor_names: tuple[str, ...]
     factor_dims: tuple[int, ...]
     factor_values: tuple[tuple[str, ...], ...]
+    representation: str = AUTOENCODER
 
     @classmethod
     def from_served(cls, served: ServedModel) -> IinModel:
@@ -48,6 +50,7 @@ class IinModel:
                 tuple(p["factor_names"]),
                 tuple(p["factor_dims"]),
                 tuple(tuple(v) for v in p["factor_values"]),
+                str(p.get("representation", AUTOENCODER)),
             )
         except (KeyError, TypeError, ValueError):
             raise FailedPrecondition(
@@ -137,10 +140,9 @@ class Interpreter:
     operation may take; errors are Kinema's typed ones (bad input names the request field).
     """
 
-    def __init__(self, runner: ModelRunner, autoencoder: str = AUTOENCODER) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.autoencoder = autoencoder
-        self._downscale: int | None = None
+        self._sizes: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}  # (representation, latent) -> image
 
     def model(self, name: str, version: str = "") -> IinModel:
         return IinModel.from_served(self.runner.describe(name, version))
@@ -153,7 +155,7 @@ class Interpreter:
         bounds = np.cumsum([len(v) for v in m.factor_values])[:-1]
         scores = np.split(out["SCORES"], bounds, axis=1)  # K x (B, V_k)
         readings = [FactorReading(f, v, s) for f, v, s in zip(m.factor_names, m.factor_values, scores, strict=False)]
-        return Analysis(readings, m.served, self._autoencoder_info())
+        return Analysis(readings, m.served, self._autoencoder_info(m))
 
     def edit(
         self, name: str, version: str, images: np.ndarray, values: Mapping[str, str], timeout: float | None = None
@@ -165,8 +167,8 @@ class Interpreter:
         f = self._infer(m, {"LATENT": self._encode(m, images, budget)}, budget)
         chosen = np.repeat(chosen[None], len(images), axis=0)  # (B, K)
         latents = self._infer(m, {"Z": f["Z"], "OUTSIDE": f["OUTSIDE"], "VALUES": chosen}, budget)["LATENT"]
-        out = self._autoencoder("decoder", {"LATENT": latents}, budget)
-        return Edited(np.clip(out["IMAGE"], -1.0, 1.0), m.served, self._autoencoder_info())
+        out = self._autoencoder(m, "decoder", {"LATENT": latents}, budget)
+        return Edited(np.clip(out["IMAGE"], -1.0, 1.0), m.served, self._autoencoder_info(m))
 
     def factorize(self, name: str, version: str, latents: np.ndarray, timeout: float | None = None) -> Factorization:
         budget = _Budget(timeout)
@@ -258,21 +260,34 @@ class Interpreter:
         latents = self._infer(m, {"Z": z, "COND": source}, budget)["LATENT"]
         if not decode:
             return Translation(latents, None, m.served, None)
-        images = self._autoencoder("decoder", {"LATENT": latents}, budget)["IMAGE"]
-        return Translation(latents, np.clip(images, -1.0, 1.0), m.served, self._autoencoder_info())
+        images = self._autoencoder(m, "decoder", {"LATENT": latents}, budget)["IMAGE"]
+        return Translation(latents, np.clip(images, -1.0, 1.0), m.served, self._autoencoder_info(m))
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _infer(self, m: IinModel, inputs: dict[str, np.ndarray], budget: _Budget) -> dict[str, np.ndarray]:
         return self.runner.infer(m.name, inputs, m.served.version, budget.left())
 
+    def _image_size(self, m: IinModel, budget: _Budget) -> tuple[int, int]:
+        """The (H, W) of the images whose codes the model interprets, measured once per representation."""
+        key = (m.representation, m.latent_shape)
+        if key not in self._sizes:
+            if len(m.latent_shape) == 1:  # a vector code: the encoder takes one image size, which it publishes
+                side = int(json.loads(self._autoencoder(m, "encoder").params_json or "{}").get("image_size", 0))
+                if not side:
+                    raise Unavailable(f"the autoencoder {m.representation}_encoder publishes no image_size",
+                                      reason="AUTOENCODER_UNAVAILABLE")  # fmt: skip
+                self._sizes[key] = (side, side)
+            else:  # a latent map: the encoder's downscale, from a blank image
+                blank = np.zeros((1, 3, _PROBE_SIZE, _PROBE_SIZE), np.float32)
+                probe = self._autoencoder(m, "encoder", {"IMAGE": blank}, budget)
+                f = _PROBE_SIZE // probe["LATENT"].shape[2]
+                self._sizes[key] = (m.latent_shape[1] * f, m.latent_shape[2] * f)
+        return self._sizes[key]
+
     def _encode(self, m: IinModel, images: np.ndarray, budget: _Budget) -> np.ndarray:
-        """Normalised latents (B, C, h, w) of images of the size the model interprets."""
-        if self._downscale is None:
-            blank = np.zeros((1, 3, _PROBE_SIZE, _PROBE_SIZE), np.float32)
-            probe = self._autoencoder("encoder", {"IMAGE": blank}, budget)
-            self._downscale = _PROBE_SIZE // probe["LATENT"].shape[2]
-        size = tuple(s * self._downscale for s in m.latent_shape[1:])
+        """The codes (B, *latent_shape) of images of the size the model interprets."""
+        size = self._image_size(m, budget)
         if tuple(images.shape[2:]) != size:
             raise InvalidInput(
                 f"images: model {m.name!r} interprets {size[0]}x{size[1]} images, got "
@@ -281,13 +296,15 @@ class Interpreter:
                 field="images",
                 metadata={"height": str(size[0]), "width": str(size[1])},
             )
-        out = self._autoencoder("encoder", {"IMAGE": images}, budget)
+        out = self._autoencoder(m, "encoder", {"IMAGE": images}, budget)
         return out["LATENT"]
 
-    def _autoencoder(self, half: str, inputs: dict[str, np.ndarray] | None = None, budget: _Budget | None = None):
-        """Run (or with no inputs, describe) the autoencoder's encoder or decoder; a missing one is the service's
-        problem, not the request's: UNAVAILABLE, not NOT_FOUND."""
-        model = f"{self.autoencoder}_{half}"
+    def _autoencoder(
+        self, m: IinModel, half: str, inputs: dict[str, np.ndarray] | None = None, budget: _Budget | None = None
+    ):
+        """Run (or with no inputs, describe) the encoder or decoder of the model's representation; a missing one is
+        the service's problem, not the request's: UNAVAILABLE, not NOT_FOUND."""
+        model = f"{m.representation}_{half}"
         try:
             if inputs is None:
                 return self.runner.describe(model)
@@ -299,12 +316,12 @@ class Interpreter:
                 reason="AUTOENCODER_UNAVAILABLE",
             ) from None
 
-    def _autoencoder_info(self) -> ServedModel:
+    def _autoencoder_info(self, m: IinModel) -> ServedModel:
         """The autoencoder as one model: the encoder's name and version, sha256 over both halves (as embedded)."""
         from kinema.repository import autoencoder_fingerprint
 
-        enc, dec = self._autoencoder("encoder"), self._autoencoder("decoder")
-        return ServedModel(self.autoencoder, enc.version, autoencoder_fingerprint(enc.sha256, dec.sha256),
+        enc, dec = self._autoencoder(m, "encoder"), self._autoencoder(m, "decoder")
+        return ServedModel(m.representation, enc.version, autoencoder_fingerprint(enc.sha256, dec.sha256),
                            enc.params_json)  # fmt: skip
 
     @staticmethod

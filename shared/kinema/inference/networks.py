@@ -438,6 +438,47 @@ class DepthNetwork(Network):
         return {"DEPTH": _numpy(estimate(self.model, self.tensor(inputs["IMAGE"])))}  # (B, 1, H, W)
 
 
+class _VectorAeHalf(Network):
+    """One half of the vector autoencoder (`kinema.nn.vector_ae`), as the vae halves are served."""
+
+    half = ""
+
+    def __init__(self, version_dir: Path, parameters: dict[str, str]) -> None:
+        from kinema.train.vector_ae import load_half
+
+        file = version_dir / parameters.get("weights", f"{self.half}.safetensors")
+        self.model, self.sha256 = load_half(file, self.half)
+        self.params_json = json.dumps(asdict(self.model.params))
+        s, d = self.model.params.image_size, self.model.params.dim
+        image, code = _f32("IMAGE", 3, s, s), _f32("LATENT", d)
+        self.inputs, self.outputs = ((image,), (code,)) if self.half == "encoder" else ((code,), (image,))
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+
+class VectorAeEncoderNetwork(_VectorAeHalf):
+    """Images (B, 3, S, S) in [-1, 1] -> codes (B, dim)."""
+
+    name = "vector_ae_encoder"
+    half = "encoder"
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"LATENT": _numpy(self.model.encode(self.tensor(inputs["IMAGE"])))}
+
+
+class VectorAeDecoderNetwork(_VectorAeHalf):
+    """Codes (B, dim) -> images (B, 3, S, S) in [-1, 1] (not clamped)."""
+
+    name = "vector_ae_decoder"
+    half = "decoder"
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"IMAGE": _numpy(self.model.decode(self.tensor(inputs["LATENT"])))}
+
+
 class IinNetwork(Network):
     """An invertible interpretation network over autoencoder latents, run in either direction.
 
@@ -519,6 +560,8 @@ NETWORKS: dict[str, type[Network]] = {
         VideoDenoiserNetwork,
         DepthNetwork,
         IinNetwork,
+        VectorAeEncoderNetwork,
+        VectorAeDecoderNetwork,
     )
 }
 

@@ -115,3 +115,38 @@ def execute(network: Network, requests: list, pb_utils) -> list:
             error = pb_utils.TritonError(message)
         responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
     return responses
+
+
+# Every model.py in the repository is the same file with its network name (models/vae_encoder/1/model.py).
+MODEL_PY = '''"""Triton python-backend model: the {network} network from kinema.inference.networks.
+
+initialize / execute / finalize only; the numpy-level network and the request glue live once in
+the library (kinema.inference), shared with in-process serving. Every model.py in this repository
+is this same file with its network name (deliberate: Triton needs one per model folder).
+"""
+
+import triton_python_backend_utils as pb_utils
+
+from kinema.inference import triton_python
+
+NETWORK = "{network}"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.network = triton_python.build(NETWORK, args)
+
+    def execute(self, requests):
+        return triton_python.execute(self.network, requests, pb_utils)
+
+    def finalize(self):
+        self.network = None
+'''
+
+
+def write_model_py(folder: Path, network: str) -> Path:
+    """`folder/1/model.py` for a model run by `network` (a name in kinema.inference.networks.NETWORKS)."""
+    path = folder / "1" / "model.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(MODEL_PY.format(network=network), encoding="utf-8")
+    return path

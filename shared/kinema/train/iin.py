@@ -96,11 +96,12 @@ def representation_fingerprint(representation: str, models_dir: Path) -> str:
     """A short hash of the representation's encoder weights: cached codes are keyed by it."""
     from kinema.nn.checkpoint import sha256_file
     from kinema.repository import AUTOENCODER_FILES
-    from kinema.train.vector_ae import FOLDER, WEIGHTS
+    from kinema.train.vector_ae import FOLDER
 
     if representation not in REPRESENTATIONS:
         raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
-    path = models_dir / (AUTOENCODER_FILES[0] if representation == "vae" else Path(FOLDER, "1", WEIGHTS))
+    encoder = Path(f"{FOLDER}_encoder", "1", "encoder.safetensors")
+    path = models_dir / (AUTOENCODER_FILES[0] if representation == "vae" else encoder)
     return sha256_file(path)[:12]
 
 
@@ -545,7 +546,60 @@ def export(model, cfg: IINTrainConfig, folder: Path, card: dict, command: str, d
         "net2net": "net2net: MiniLM sentence embedding -> autoencoder latent (conditional INN)",
     }
     write_model_card(folder, f"{folder.name}: {titles[cfg.kind]}", command, card)
+    if not (folder / "config.pbtxt").is_file():  # a new model; an existing config keeps its words (--sync updates it)
+        from kinema.inference.model_card import write_sha256
+        from kinema.inference.triton_python import write_model_py
+        from kinema.nn.checkpoint import sha256_file
+
+        sha = sha256_file(path)
+        (folder / "config.pbtxt").write_text(iin_config(folder.name, model.params, sha), encoding="utf-8")
+        write_sha256(folder, sha)
+        write_model_py(folder, "iin")
     return path
+
+
+def iin_config(name: str, params, sha256: str) -> str:
+    """A Triton config.pbtxt for an IIN (`kinema.inference.networks.IinNetwork`) with these params and weights."""
+    from dataclasses import asdict
+
+    latent = ", ".join(map(str, params.latent_shape))
+    k, n = params.components, math.prod(params.latent_shape)
+    inputs = [f'{{ name: "LATENT" data_type: TYPE_FP32 dims: [ {latent} ] optional: true }}',
+              f'{{ name: "Z" data_type: TYPE_FP32 dims: [ {k} ] optional: true }}',
+              f'{{ name: "OUTSIDE" data_type: TYPE_FP32 dims: [ {n} ] optional: true }}']  # fmt: skip
+    outputs = [f'{{ name: "Z" data_type: TYPE_FP32 dims: [ {k} ] }}',
+               f'{{ name: "OUTSIDE" data_type: TYPE_FP32 dims: [ {n} ] }}']  # fmt: skip
+    if params.factor_values:
+        values = len(params.factor_values)
+        inputs.append(f'{{ name: "VALUES" data_type: TYPE_INT32 dims: [ {values} ] optional: true }}')
+        outputs.append(f'{{ name: "SCORES" data_type: TYPE_FP32 dims: [ {sum(map(len, params.factor_values))} ] }}')
+    if params.cond_dim:
+        inputs.append(f'{{ name: "COND" data_type: TYPE_FP32 dims: [ {params.cond_dim} ] }}')
+    outputs.append(f'{{ name: "LATENT" data_type: TYPE_FP32 dims: [ {latent} ] }}')
+    published = json.dumps(json.dumps(asdict(params), sort_keys=True))
+    joined_in, joined_out = ",\n  ".join(inputs), ",\n  ".join(outputs)
+    kind = "conditional INN" if params.cond_dim else "IIN"
+    return f"""# {kind} over the `{params.representation}` code of an image (kinema.train.iin). One direction per
+# request (kinema.inference.networks.IinNetwork): LATENT -> Z, OUTSIDE [, SCORES] or
+# Z [+ OUTSIDE] [+ VALUES] -> LATENT. params_json publishes the params for the interpret service (Triton's model
+# metadata has no room for them); the model refuses to load when they differ from the weights'.
+name: "{name}"
+backend: "python"
+max_batch_size: 32
+input [
+  {joined_in}
+]
+output [
+  {joined_out}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+parameters {{ key: "network" value {{ string_value: "iin" }} }}
+parameters {{ key: "weights" value {{ string_value: "iin.safetensors" }} }}
+parameters {{ key: "torch_threads" value {{ string_value: "1" }} }}
+parameters {{ key: "weights_sha256" value {{ string_value: "{sha256}" }} }}
+parameters {{ key: "params_json" value {{ string_value: {published} }} }}
+"""
 
 
 def load_iin(path: Path):

@@ -30,8 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from kinema.train.iin import CACHE, render_single_objects
 
-WEIGHTS = "vector_ae.safetensors"
-FOLDER = "vector_ae"
+FOLDER = "vector_ae"  # the Triton models are vector_ae_encoder / vector_ae_decoder
 
 
 @dataclass(frozen=True)
@@ -165,31 +164,86 @@ def evaluate(model, train_data: dict, test: dict, n_probe_train: int = 6000, n_d
     }
 
 
-def export(model, folder: Path, card: dict, command: str) -> Path:
-    """`folder/1/vector_ae.safetensors` (weights, params, card) and the model card."""
-    from kinema.nn.checkpoint import save_checkpoint
+HALVES: dict[str, tuple[str, ...]] = {"encoder": ("encoder.", "to_code."), "decoder": ("from_code.", "decoder.")}
+
+
+def export(model, models_dir: Path, card: dict, command: str) -> list[Path]:
+    """The two Triton models `vector_ae_encoder` / `vector_ae_decoder` under `models_dir`: each half's weights
+    (`1/<half>.safetensors`, params and card in the metadata), its config.pbtxt and its model card."""
+    from kinema.inference.triton_python import write_model_py
+    from kinema.nn.checkpoint import save_checkpoint, sha256_file
     from kinema.train.card import write_model_card
 
-    path = folder / "1" / WEIGHTS
-    save_checkpoint(path, model.state_dict(), model.params, {"card": card})
-    write_model_card(folder, f"{folder.name}: vector autoencoder (64x64 image <-> {model.params.dim}-d code)",
-                     command, card)  # fmt: skip
-    return path
+    state, paths = model.state_dict(), []
+    for half, prefixes in HALVES.items():
+        folder = models_dir / f"{FOLDER}_{half}"
+        path = folder / "1" / f"{half}.safetensors"
+        save_checkpoint(path, {k: v for k, v in state.items() if k.startswith(prefixes)}, model.params, {"card": card})
+        sha = sha256_file(path)
+        what = "image -> code" if half == "encoder" else "code -> image"
+        write_model_card(folder, f"{folder.name}: vector autoencoder {half} ({what}, {model.params.dim}-d code)",
+                         command, {**card, "weights_sha256": sha})  # fmt: skip
+        (folder / "config.pbtxt").write_text(_config(folder.name, half, model.params, sha), encoding="utf-8")
+        write_model_py(folder, folder.name)
+        paths.append(path)
+    return paths
 
 
-def load_vector_autoencoder(models_dir: Path):
-    """The shipped `VectorAutoencoder` in eval mode (safetensors only)."""
-    from kinema.nn.checkpoint import read_metadata
+def _config(name: str, half: str, params, sha: str) -> str:
+    s, d = params.image_size, params.dim
+    image = f'{{ name: "IMAGE" data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] }}'
+    code = f'{{ name: "LATENT" data_type: TYPE_FP32 dims: [ {d} ] }}'
+    inputs, outputs = (image, code) if half == "encoder" else (code, image)
+    what = "images (3, S, S) in [-1, 1] -> codes" if half == "encoder" else "codes -> images (3, S, S), unclamped"
+    return f"""# Vector autoencoder {half} (kinema.nn.vector_ae): {what}; the representation IINs interpret.
+name: "{name}"
+backend: "python"
+max_batch_size: 32
+input [
+  {inputs}
+]
+output [
+  {outputs}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+parameters {{ key: "weights" value {{ string_value: "{half}.safetensors" }} }}
+parameters {{ key: "torch_threads" value {{ string_value: "1" }} }}
+parameters {{ key: "weights_sha256" value {{ string_value: "{sha}" }} }}
+"""
+
+
+def load_half(path: Path, half: str):
+    """(`VectorAutoencoder` with `half`'s weights loaded, the file's sha256); safetensors only."""
+    from kinema.errors import Unavailable
+    from kinema.nn.checkpoint import read_metadata, sha256_file
     from kinema.nn.vector_ae import VectorAutoencoder, VectorAutoencoderParams
 
-    path = Path(models_dir) / FOLDER / "1" / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"no vector autoencoder at {path}; train one with `python -m kinema.train.vector_ae`")
+    if not Path(path).is_file():
+        raise Unavailable(f"missing weights {path}")
     raw = read_metadata(path)["params"]
     model = VectorAutoencoder(VectorAutoencoderParams(**{k: tuple(v) if isinstance(v, list) else v
                                                          for k, v in raw.items()}))  # fmt: skip
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().requires_grad_(False)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or any(k.startswith(HALVES[half]) for k in missing):
+        raise Unavailable(f"{path} does not hold the vector autoencoder's {half} weights")
+    return model.eval().requires_grad_(False), sha256_file(path)
+
+
+def load_vector_autoencoder(models_dir: Path):
+    """The shipped `VectorAutoencoder` (both halves) in eval mode."""
+    folder = Path(models_dir)
+    paths = {half: folder / f"{FOLDER}_{half}" / "1" / f"{half}.safetensors" for half in HALVES}
+    if not all(p.is_file() for p in paths.values()):
+        raise FileNotFoundError(
+            f"no vector autoencoder under {folder} ({FOLDER}_encoder/, {FOLDER}_decoder/); train one with "
+            "`python -m kinema.train.vector_ae --export models`"
+        )
+    model, _ = load_half(paths["encoder"], "encoder")
+    decoder, _ = load_half(paths["decoder"], "decoder")
+    model.load_state_dict({k: v for k, v in decoder.state_dict().items() if k.startswith(HALVES["decoder"])},
+                          strict=False)  # fmt: skip
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--eval-n", type=int, default=1000, help="test renders for the metrics")
     ap.add_argument("--out", type=Path, default=Path("runs/vector_ae"), help="run folder (state.safetensors resumes)")
-    ap.add_argument("--export", type=Path, default=None, help="models/ folder to write vector_ae/ into")
+    ap.add_argument("--export", type=Path, default=None, help="models/ folder to write the two Triton models into")
     ap.add_argument("--results", type=Path, default=None, help="JSON file to write the metrics into")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default; 1 when cores are shared)")
     ap.add_argument("--max-seconds", type=float, default=None, help="end the run after this much training time")
@@ -229,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"command": command, **card}, indent=2))
     if args.export:
-        path = export(model, args.export / FOLDER, card, command)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
+        for path in export(model, args.export, card, command):
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 
 if __name__ == "__main__":
