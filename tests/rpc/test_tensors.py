@@ -90,6 +90,8 @@ def _tensor(dtype: int = DT.DTYPE_FLOAT32, shape: tuple[int, ...] = (2,), data: 
         (_tensor(shape=(1 << 20, 1 << 20), data=b""), {}, "INVALID_SHAPE", "needs"),
         # Empty, yet not describable: numpy refuses the shape (found by bench/fuzz.py as an INTERNAL answer).
         (_tensor(shape=(0, 23, 1 << 62, 0), data=b""), {}, "INVALID_SHAPE", "dimension over"),
+        # Each dimension within bounds, their product not (bench/fuzz.py's 10,000-request run, Traverse's latents).
+        (_tensor(shape=(0, 1 << 31, 33, 1 << 31), data=b""), {}, "INVALID_SHAPE", "too large to describe"),
         (_tensor(shape=(2, 1)), {"ndim": 3}, "INVALID_SHAPE", "3 dimensions"),
         (_tensor(data=np.array([1.0, np.nan], np.float32).tobytes()), {}, "NON_FINITE", "NaN or Inf"),
         (_tensor(data=np.array([np.inf, 1.0], np.float32).tobytes()), {}, "NON_FINITE", "NaN or Inf"),

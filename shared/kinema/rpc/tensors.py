@@ -106,6 +106,8 @@ def decode(
         raise _invalid(field, "INVALID_SHAPE", f"shape {list(shape)} has a negative dimension")
     if any(d > MAX_DIM for d in shape):  # numpy cannot even describe such an array, empty or not
         raise _invalid(field, "INVALID_SHAPE", f"shape {list(shape)} has a dimension over {MAX_DIM}")
+    if math.prod(max(d, 1) for d in shape) * wire.itemsize >= 1 << 62:  # nor one whose other dims overflow, empty
+        raise _invalid(field, "INVALID_SHAPE", f"shape {list(shape)} is too large to describe")
     if ndim is not None and len(shape) != ndim:
         raise _invalid(field, "INVALID_SHAPE", f"must have {ndim} dimensions, got shape {list(shape)}")
     expected = math.prod(shape) * wire.itemsize
