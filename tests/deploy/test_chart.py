@@ -277,13 +277,22 @@ def test_the_depth_service_calls_triton_for_the_depth_model():
 
 
 def test_the_interpret_service_calls_triton_for_the_iin_models_and_the_autoencoder():
-    """Interpret reaches every model it calls (kinema.inference.interpreter: iin_*, and vae_encoder / vae_decoder
-    for images) through the one Triton its settings name; Triton loads them all and is ready only with them."""
+    """Interpret reaches every model it calls (kinema.inference.interpreter: iin_*, and for images the autoencoder each
+    names: vector_ae_encoder / _decoder, vae_encoder / _decoder) through the one Triton its settings name; Triton
+    loads them all and is ready only with them."""
     docs = render(CI_VALUES[0])
     settings = ServiceSettings.from_env(_with_secrets(docs, env_of(containers(_workload(docs, "interpret"))[0])))
     assert settings.backend == "triton" and settings.port == GRPC_PORT
     triton = containers(_workload(docs, "triton"))[0]
-    for model in ("iin_factor", "iin_net2net", "iin_invariance", "vae_encoder", "vae_decoder"):
+    for model in (
+        "iin_factor",
+        "iin_net2net",
+        "iin_invariance",
+        "vae_encoder",
+        "vae_decoder",
+        "vector_ae_encoder",
+        "vector_ae_decoder",
+    ):
         assert f"--load-model={model}" in triton["args"] and model in triton["readinessProbe"]["exec"]["command"]
     without = render(CI_VALUES[0], sets=("services.interpret.enabled=false",))
     assert not [d for d in by_kind(without, "Deployment").values() if component(d) == "interpret"]

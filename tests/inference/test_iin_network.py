@@ -16,15 +16,26 @@ def _network(name: str):
     return load_network("iin", MODELS / name / "1", parameters(read_config(MODELS / name)))
 
 
+def _codes(n: int) -> np.ndarray:
+    """The vector autoencoder's codes of n test renders: what iin_factor interprets (far off them, e.g. N(0, I)
+    codes, its flow saturates and does not invert)."""
+    from kinema.train.autoencoder import to_tensor
+    from kinema.train.iin import render_single_objects
+    from kinema.train.vector_ae import load_vector_autoencoder
+
+    images = to_tensor(render_single_objects("test", 0, n)["images"])
+    return load_vector_autoencoder(MODELS).encode(images).numpy()
+
+
 @pytest.fixture(scope="module")
 def factor():
     return _network("iin_factor")
 
 
 def test_factorize_then_compose_is_exact_and_values_set_prototypes(factor):
-    latents = np.random.default_rng(0).standard_normal((3, 4, 16, 16)).astype(np.float32)
+    latents = _codes(3)
     f = factor({"LATENT": latents})
-    assert f["Z"].shape == (3, 128) and f["OUTSIDE"].shape == (3, 1024) and f["SCORES"].shape == (3, 14)
+    assert f["Z"].shape == (3, 64) and f["OUTSIDE"].shape == (3, 64) and f["SCORES"].shape == (3, 14)
     np.testing.assert_allclose(f["SCORES"][:, :6].sum(1), 1.0, atol=1e-5)  # colour: 6 values
     back = factor({"Z": f["Z"], "OUTSIDE": f["OUTSIDE"]})["LATENT"]
     np.testing.assert_allclose(back, latents, atol=1e-4)
@@ -33,13 +44,14 @@ def test_factorize_then_compose_is_exact_and_values_set_prototypes(factor):
     z = factor({"LATENT": edited})["Z"]
     _, blue = factor.model.prototypes("colour")
     colour, shape = factor.model.layout.slice("colour"), factor.model.layout.slice("shape")
-    np.testing.assert_allclose(z[:, colour], np.broadcast_to(blue[4].numpy(), (3, 8)), atol=1e-3)
-    np.testing.assert_allclose(z[:, shape], f["Z"][:, shape], atol=1e-3)
+    # The edited z lies between the data's colours: the round trip T(T^-1(z)) holds to ~1e-2 there (8e-3 seen).
+    np.testing.assert_allclose(z[:, colour], np.broadcast_to(blue[4].numpy(), (3, 8)), atol=2e-2)
+    np.testing.assert_allclose(z[:, shape], f["Z"][:, shape], atol=2e-2)
 
 
 def test_a_dynamic_batch_mixes_directions_and_keeps_bad_requests_apart(factor):
-    latents = np.zeros((1, 4, 16, 16), np.float32)
-    z = np.zeros((2, 128), np.float32)
+    latents = np.zeros((1, 64), np.float32)
+    z = np.zeros((2, 64), np.float32)
     requests = [
         {"LATENT": latents},
         {"Z": z},
@@ -47,8 +59,8 @@ def test_a_dynamic_batch_mixes_directions_and_keeps_bad_requests_apart(factor):
         {"Z": z, "VALUES": np.array([[6, -1, -1, -1]] * 2, np.int32)},  # colour has 6 values: 0..5
     ]
     forward, inverse, both, out_of_range = run_batch(factor, requests)
-    assert sorted(forward) == ["OUTSIDE", "SCORES", "Z"] and forward["Z"].shape == (1, 128)
-    assert sorted(inverse) == ["LATENT"] and inverse["LATENT"].shape == (2, 4, 16, 16)
+    assert sorted(forward) == ["OUTSIDE", "SCORES", "Z"] and forward["Z"].shape == (1, 64)
+    assert sorted(inverse) == ["LATENT"] and inverse["LATENT"].shape == (2, 64)
     assert isinstance(both, InvalidInput) and "exactly one" in str(both)
     assert isinstance(out_of_range, InvalidInput) and "VALUES" in str(out_of_range)
 

@@ -19,7 +19,8 @@ SHA_PREFIX = stated_sha256(MODELS / "iin_factor")[:12]
 
 def test_the_repository_serves_the_shipped_networks():
     names = ["denoiser", "denoiser_2step", "denoiser_4step", "depth", "iin_factor", "iin_invariance", "iin_net2net",
-             "text_encoder", "vae_decoder", "vae_encoder", "video_denoiser"]  # fmt: skip
+             "text_encoder", "vae_decoder", "vae_encoder", "vector_ae_decoder", "vector_ae_encoder",
+             "video_denoiser"]  # fmt: skip
     assert [d.name for d in SERVED] == names
 
 

@@ -35,11 +35,13 @@ RPCS = [
     ("interpret", pb_grpc.InterpretStub, "ListModels", pb.ListModelsRequest),
 ]
 
-# The shipped iin_factor's layout (its params_json): 4 factors of 8 dims, a residual of 128 - 32 = 96 components,
-# latents (4, 16, 16) of 64x64 images; iin_net2net and iin_invariance are conditional on 384 and 70 wide sources.
+# The shipped iin_factor's layout (its params_json): 4 factors of 8 dims, a residual of 64 - 32 = 32 components,
+# latents: the vector autoencoder's 64-d codes of 64x64 images; iin_net2net and iin_invariance interpret the LDM
+# autoencoder's (4, 16, 16) latents, conditional on 384 and 70 wide sources.
 FACTOR_VALUES = {"colour": ("red", "yellow", "green", "cyan", "blue", "purple"), "shape": ("sphere", "cube", "cone"),
                  "position": ("left", "centre", "right"), "size": ("small", "large")}  # fmt: skip
-LATENT = (4, 16, 16)
+LATENT = (64,)
+MAP = (4, 16, 16)  # the conditional models' latents
 
 
 @st.composite
@@ -66,19 +68,20 @@ def _models(good: list[dict], bad: list[dict]) -> st.SearchStrategy[dict]:
     return st.sampled_from([0, 0, 1]).flatmap(lambda wrong: st.sampled_from(bad if wrong else good))
 
 
-# Unsteered, few draws get past the first checks: each tensor's dtype, shape and byte count, then the model's own
-# sizes (64x64 images, (4, 16, 16) latents, 8-dim factors, 384 / 70 wide sources). Half of the draws of these RPCs are
-# steered past them (`requests`): tensors of the right shape and dtype most of the time (else wrong in one way), known
-# model names and unknown ones (conditional models where a factor model is needed and the other way round: the
-# FAILED_PRECONDITION paths), factor and value names. Where an RPC takes several tensors their right shapes share
-# B = 1, so that two right tensors agree.
+# Unsteered, few draws get past the first checks: each tensor's dtype, shape and byte count, then the model's own sizes
+# (64x64 images, 64-d and (4, 16, 16) latents, 8-dim factors, 384 / 70 wide sources). Half of the draws of these RPCs
+# are steered past them (`requests`): tensors of the right shape and dtype most of the time (else wrong in one way),
+# known model names and unknown ones (conditional models where a factor model is needed and the other way round: the
+# FAILED_PRECONDITION paths), factor and value names. Where an RPC takes several tensors their right shapes share B = 1,
+# so that two right tensors agree.
 _IMAGES = _tensor([(1, 3, 64, 64), (2, 3, 64, 64)],
                   [(17, 3, 64, 64), (1, 4, 64, 64), (1, 3, 32, 32), (2, 3, 50, 83), (1, 3, 1, 1), (1, 3, 0, 64),
                    (0, 3, 64, 64), (3, 64, 64), (1, 3, 1, 1024)])  # fmt: skip
-_LATENTS = _tensor([(1, *LATENT), (2, *LATENT)], [(1, 4, 8, 8), (1, 1024), (0, *LATENT), (17, *LATENT), LATENT])
+_LATENTS = _tensor([(1, *LATENT), (2, *LATENT), (1, *MAP)], [(1, 4, 8, 8), (1, 1024), (0, *LATENT), (17, *LATENT),
+                                                               LATENT])  # fmt: skip
 _FACTORS = _tensor([(1, 4, 8)], [(2, 4, 8), (1, 4, 7), (1, 3, 8), (0, 4, 8), (4, 8)])
-_RESIDUAL = _tensor([(1, 96)], [(2, 96), (1, 95), (96,)])
-_OUTSIDE = _tensor([(1, 1024)], [(2, 1024), (1, 1023), (1, 4, 16, 16)])
+_RESIDUAL = _tensor([(1, 32)], [(2, 32), (1, 31), (32,)])
+_OUTSIDE = _tensor([(1, 64)], [(2, 64), (1, 63), (1, 4, 16, 16)])
 _VALUE = _tensor([(8,), (1, 8)], [(2, 8), (3,), (1, 1, 8)])
 _SOURCE = _tensor([(1, 384), (2, 384)], [(1, 70), (1, 10), (0, 384), (17, 384), (384,), (1, 385), (2, 70)])
 _FACTOR_MODELS = [{}, {"name": "iin_factor"}, {"name": "iin_factor", "version": "1"}]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -92,9 +93,9 @@ def test_analyze_reads_the_colour_of_rendered_objects(stub, renders):
     assert scores.shape == (N, 6) and np.allclose(scores.sum(1), 1.0, atol=1e-5)
     assert list(colour.best) == [COLOUR_NAMES[i] for i in scores.argmax(1)]
     right = sum(a == b for a, b in zip(colour.best, truth, strict=True))
-    assert right > N // 2, (list(colour.best), truth)  # the shipped IIN reads colour in ~80% of test renders
+    assert right >= N - 1, (list(colour.best), truth)  # z_colour reads colour in 97.8% of test renders
     assert (reply.model.name, reply.model.version) == ("iin_factor", "1") and len(reply.model.sha256) == 64
-    assert reply.autoencoder.name == "vae" and len(reply.autoencoder.sha256) == 64
+    assert reply.autoencoder.name == "vector_ae" and len(reply.autoencoder.sha256) == 64
 
 
 def test_edit_sets_the_colour_as_analyze_reads_it(stub, renders):
@@ -106,30 +107,38 @@ def test_edit_sets_the_colour_as_analyze_reads_it(stub, renders):
     assert np.abs(edited - images[pick]).mean() > 0.01  # it changed the images
     now = _colours(_analyze(stub, edited))
     assert sum(c == "blue" for c in now) >= len(pick) - 1, now
-    assert reply.model.name == "iin_factor" and reply.autoencoder.name == "vae"
+    assert reply.model.name == "iin_factor" and reply.autoencoder.name == "vector_ae"
 
 
-def test_factorize_compose_and_traverse_latents(stub):
-    latents = np.random.default_rng(0).standard_normal((3, 4, 16, 16)).astype(np.float32)
+def test_factorize_compose_and_traverse_latents(stub, renders):
+    # iin_factor interprets the vector autoencoder's 64-d code of an image (codes of three renders here: far off
+    # them, e.g. N(0, I) codes, the flow saturates and does not invert); its basis keeps all 64 components, so what
+    # lies outside them is float rounding and Compose is exact with or without it.
+    from kinema.repository import default_models_dir
+    from kinema.train.vector_ae import load_vector_autoencoder
+
+    latents = load_vector_autoencoder(default_models_dir()).encode(torch.from_numpy(renders[0][:3])).numpy()
     f = stub.Factorize(pb.FactorizeRequest(latents=tensors.encode(latents)), timeout=60)
     assert list(f.factor_names) == FACTORS
     factors, residual = tensors.decode(f.factors, "f"), tensors.decode(f.residual, "r")
     outside = tensors.decode(f.outside, "o")
-    assert factors.shape == (3, 4, 8) and residual.shape == (3, 96) and outside.shape == (3, 1024)
+    assert factors.shape == (3, 4, 8) and residual.shape == (3, 32) and outside.shape == (3, 64)
+    assert np.abs(outside).max() < 1e-3
     exact = stub.Compose(pb.ComposeRequest(factors=f.factors, residual=f.residual, outside=f.outside), timeout=60)
     np.testing.assert_allclose(tensors.decode(exact.latents, "l"), latents, atol=1e-4)
-    mean_outside = stub.Compose(pb.ComposeRequest(factors=f.factors, residual=f.residual), timeout=60)
-    assert np.abs(tensors.decode(mean_outside.latents, "l") - latents).max() > 0.1  # the rest was left out
+    without = stub.Compose(pb.ComposeRequest(factors=f.factors, residual=f.residual), timeout=60)
+    np.testing.assert_allclose(tensors.decode(without.latents, "l"), latents, atol=1e-3)
 
     shift = np.ones(8, np.float32)
     t = stub.Traverse(pb.TraverseRequest(latents=tensors.encode(latents), factor="shape", value=tensors.encode(shift),
                                          mode=pb.TRAVERSE_MODE_SHIFT, scales=[0.0, 2.0]), timeout=60)  # fmt: skip
     out = tensors.decode(t.latents, "l")
-    assert out.shape == (3, 2, 4, 16, 16)
+    assert out.shape == (3, 2, 64)
     np.testing.assert_allclose(out[:, 0], latents, atol=1e-4)  # scale 0: nothing moves
     moved = stub.Factorize(pb.FactorizeRequest(latents=tensors.encode(out[:, 1])), timeout=60)
-    np.testing.assert_allclose(tensors.decode(moved.factors, "f")[:, 1], factors[:, 1] + 2, atol=1e-3)
-    np.testing.assert_allclose(tensors.decode(moved.factors, "f")[:, 0], factors[:, 0], atol=1e-3)
+    # z_shape moved 2 units off the data: the round trip through T^-1 and T holds to ~1e-2 there (8e-3 seen)
+    np.testing.assert_allclose(tensors.decode(moved.factors, "f")[:, 1], factors[:, 1] + 2, atol=2e-2)
+    np.testing.assert_allclose(tensors.decode(moved.factors, "f")[:, 0], factors[:, 0], atol=2e-2)
 
 
 def test_translate_draws_target_latents_from_source_representations(stub):
@@ -168,7 +177,7 @@ def test_every_bad_input_gets_its_code_and_the_service_stays_up(stub, service, r
                                         grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
     short = common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 3, 64, 64], data=b"\0" * 7)
     small = tensors.encode(np.zeros((1, 3, 32, 32), np.float32))
-    latents = tensors.encode(np.zeros((1, 4, 16, 16), np.float32))
+    latents = tensors.encode(np.zeros((1, 64), np.float32))  # iin_factor's: the vector autoencoder's code
     zeros8 = tensors.encode(np.zeros(8, np.float32))
     cases = [
         (stub.Edit, pb.EditRequest(images=ok, values={"hue": "blue"}), invalid, "colour, shape, position, size"),
@@ -191,9 +200,10 @@ def test_every_bad_input_gets_its_code_and_the_service_stays_up(stub, service, r
          "not conditional"),
         (stub.Translate, pb.TranslateRequest(model=_ref("iin_net2net"),
                                              source=tensors.encode(np.zeros((1, 10), np.float32))), invalid, "384"),
-        (stub.Factorize, pb.FactorizeRequest(latents=latents, model=_ref("iin_net2net")), precondition, "Translate"),
-        (stub.Factorize, pb.FactorizeRequest(latents=tensors.encode(np.zeros((1, 4, 8, 8), np.float32))), invalid,
-         "latents"),
+        (stub.Factorize, pb.FactorizeRequest(latents=tensors.encode(np.zeros((1, 4, 16, 16), np.float32)),
+                                             model=_ref("iin_net2net")), precondition, "Translate"),
+        (stub.Factorize, pb.FactorizeRequest(latents=tensors.encode(np.zeros((1, 4, 16, 16), np.float32))), invalid,
+         "expected shape [1, 64]"),
         (stub.Traverse, pb.TraverseRequest(latents=latents, factor="colour", value=zeros8), invalid, "mode"),
         (stub.Traverse, pb.TraverseRequest(latents=latents, factor="hue", mode=pb.TRAVERSE_MODE_SET,
                                            value=zeros8), invalid, "colour, shape"),
@@ -256,7 +266,7 @@ def test_the_cli_runs_through_the_service(service, renders, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def triton_service(triton, tmp_path_factory):
     """The session's Triton loads the models the chart and stack serve (kinema.rpc.process.SERVED_MODELS): the iin_*
-    models and the autoencoder's vae_encoder / vae_decoder among them."""
+    models and the autoencoders they name (vector_ae_*, vae_*) among them."""
     env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
     proc = ServiceProcess("interpret", tmp_path_factory.mktemp("interpret-triton"), **env).start()
     yield proc

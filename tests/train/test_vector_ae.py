@@ -3,6 +3,7 @@ that learns, export and load (safetensors), and the IIN's use of it as its repre
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from kinema.errors import InvalidInput
+from kinema.inference.model_config import parameters, read_config
 from kinema.inference.runner import LocalRunner
 from kinema.nn.vector_ae import VectorAutoencoder, VectorAutoencoderParams
 from kinema.train import vector_ae
@@ -76,6 +78,9 @@ def test_a_short_run_lowers_the_loss_resumes_exports_and_loads_back(tmp_path: Pa
     with pytest.raises(InvalidInput, match="LATENT must have shape"):
         runner.infer("vector_ae_decoder", {"LATENT": np.zeros((1, 13), np.float32)})
     assert "vector_ae_encoder" in (models / "vector_ae_encoder" / "1" / "model.py").read_text()
+    config = parameters(read_config(models / "vector_ae_encoder"))  # under Triton, the service reads these params
+    assert json.loads(config["params_json"])["image_size"] == 64 and config["weights_sha256"] == runner.describe(
+        "vector_ae_encoder").sha256  # fmt: skip
 
     # The IIN's data through this representation: (N, dim) codes, cached under the encoder's hash.
     assert load_representation("vector_ae", models).params.dim == 12

@@ -190,6 +190,8 @@ def export(model, models_dir: Path, card: dict, command: str) -> list[Path]:
 
 
 def _config(name: str, half: str, params, sha: str) -> str:
+    from dataclasses import asdict
+
     s, d = params.image_size, params.dim
     image = f'{{ name: "IMAGE" data_type: TYPE_FP32 dims: [ 3, {s}, {s} ] }}'
     code = f'{{ name: "LATENT" data_type: TYPE_FP32 dims: [ {d} ] }}'
@@ -210,6 +212,8 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 parameters {{ key: "weights" value {{ string_value: "{half}.safetensors" }} }}
 parameters {{ key: "torch_threads" value {{ string_value: "1" }} }}
 parameters {{ key: "weights_sha256" value {{ string_value: "{sha}" }} }}
+# The params (image_size, dim) for the interpret service, which Triton's model metadata has no room for.
+parameters {{ key: "params_json" value {{ string_value: {json.dumps(json.dumps(asdict(params), sort_keys=True))} }} }}
 """
 
 
