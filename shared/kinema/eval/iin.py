@@ -256,21 +256,23 @@ def _pct(v) -> str:
 def report(results: list[dict]) -> str:
     """A markdown summary of the trainer's `--results` files (one per run)."""
     lines = [
-        "# IIN, invariances and net2net over the autoencoder latent",
+        "# IIN, invariances and net2net over autoencoder codes",
         "",
         "Tables written by `python -m kinema.eval.iin --report` from each run's `--results` JSON.",
         "",
     ]
     lines += [
-        "| run | kind | steps | train s | test NLL (nats/dim) | Gaussian NLL | max inversion error | factor dims |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | kind | representation | steps | train s | test NLL (nats/dim) | Gaussian NLL | max inversion error "
+        "| factor dims |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lk = r["metrics"]["likelihood"]
         p = r["params"]
         dims = dict(zip(p["factor_names"], p["factor_dims"], strict=True)) if p["factor_names"] else "—"
+        representation = r["config"].get("representation", "vae")  # runs before the option: the LDM latent
         lines.append(
-            f"| {r['name']} | {r['config']['kind']} | {r['steps_done']} | {r['train_seconds']} | "
+            f"| {r['name']} | {r['config']['kind']} | {representation} | {r['steps_done']} | {r['train_seconds']} | "
             f"{lk['test_nll_nats_per_dim']} | {lk['gaussian_baseline_nll']} | "
             f"{lk['invertibility_max_abs_error']:.1e} | {dims} |"
         )
@@ -279,9 +281,10 @@ def report(results: list[dict]) -> str:
         lines += ["", f"## {r['name']}", "", "```", r["command"], "```", ""]
         if "dimension_estimate" in r:
             est = r["dimension_estimate"]
+            k = r["params"]["components"]
             lines += [
-                "Dimension estimate (IIN sec. 3.3, on the 128 whitened principal components, residual "
-                "score = 128): " + ", ".join(f"{k} s={v:.2f} -> {est['dims'][k]}" for k, v in est["scores"].items()),
+                f"Dimension estimate (IIN sec. 3.3, on the {k} whitened principal components, residual score = {k}): "
+                + ", ".join(f"{f} s={v:.2f} -> {est['dims'][f]}" for f, v in est["scores"].items()),
                 "",
             ]
         if "factors" in m:
