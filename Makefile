@@ -112,17 +112,19 @@ weights: $(STAMP)
 		--checkpoint-every 25 --eval-n 200 --threads 1 --out runs/ladd-4step --export models
 	$(BIN)/python -m kinema.train.ladd --student-steps 2 --teacher-samples 1024 --max-seconds 1320 \
 		--checkpoint-every 25 --eval-n 200 --threads 1 --out runs/ladd-2step --export models
-	# Interpretation networks (CPU; bench/results/iin.md, docs/interpret.md): the factor IIN over the vector
-	# autoencoder's code (~40 min, then ~4 min), the conditional ones over the LDM autoencoder's latent (minutes each).
+	# Interpretation networks over the vector autoencoder's code (CPU; bench/results/iin.md, docs/interpret.md): the
+	# autoencoder (~40 min), then each IIN (minutes).
 	$(BIN)/python -m kinema.train.vector_ae --steps 2500 --threads 1 --out runs/vector_ae --export models \
 		--results bench/results/vector_ae.json
 	$(BIN)/python -m kinema.train.iin --kind factor --representation vector_ae --components 64 --samples 24000 \
 		--factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 --edit-n 100 --out runs/iin_vector --export models \
 		--name iin_factor --results bench/results/iin_vector.json
-	$(BIN)/python -m kinema.train.iin --kind invariance --noise 0.3 --steps 2000 --threads 1 \
-		--out runs/iin_invariance --export models --results bench/results/iin_invariance.json
-	$(BIN)/python -m kinema.train.iin --kind net2net --noise 0.3 --steps 2000 --threads 1 \
-		--out runs/iin_net2net --export models --results bench/results/iin_net2net.json
+	$(BIN)/python -m kinema.train.iin --kind net2net --representation vector_ae --components 64 --samples 24000 \
+		--noise 0.3 --steps 2000 --threads 1 --out runs/iin_net2net_vector --export models --name iin_net2net \
+		--results bench/results/iin_net2net_vector.json
+	$(BIN)/python -m kinema.train.iin --kind invariance --representation vector_ae --components 64 --samples 24000 \
+		--noise 0.3 --steps 2000 --threads 1 --out runs/iin_invariance_vector --export models --name iin_invariance \
+		--results bench/results/iin_invariance_vector.json
 	# Last, after every export: each new weights' SHA-256 into its configs and its model card (a model whose config
 	# and card do not both name its weights refuses to load).
 	$(BIN)/python -m kinema.inference.model_config --sync models

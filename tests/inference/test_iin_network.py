@@ -68,7 +68,7 @@ def test_a_dynamic_batch_mixes_directions_and_keeps_bad_requests_apart(factor):
 def test_a_conditional_model_needs_its_condition():
     net2net = _network("iin_net2net")
     assert [s.name for s in net2net.inputs] == ["LATENT", "Z", "OUTSIDE", "COND"]
-    out = net2net({"Z": np.zeros((2, 128), np.float32), "COND": np.zeros((2, 384), np.float32)})
-    assert out["LATENT"].shape == (2, 4, 16, 16)
-    (missing,) = run_batch(net2net, [{"Z": np.zeros((1, 128), np.float32)}])
+    out = net2net({"Z": np.zeros((2, 64), np.float32), "COND": np.zeros((2, 384), np.float32)})
+    assert out["LATENT"].shape == (2, 64)  # the vector autoencoder's code
+    (missing,) = run_batch(net2net, [{"Z": np.zeros((1, 64), np.float32)}])
     assert isinstance(missing, InvalidInput) and "COND" in str(missing)

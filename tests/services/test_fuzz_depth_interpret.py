@@ -36,12 +36,12 @@ RPCS = [
 ]
 
 # The shipped iin_factor's layout (its params_json): 4 factors of 8 dims, a residual of 64 - 32 = 32 components,
-# latents: the vector autoencoder's 64-d codes of 64x64 images; iin_net2net and iin_invariance interpret the LDM
-# autoencoder's (4, 16, 16) latents, conditional on 384 and 70 wide sources.
+# latents: the vector autoencoder's 64-d codes of 64x64 images, as for iin_net2net and iin_invariance, conditional on
+# 384 and 70 wide sources; (4, 16, 16) latents are the LDM autoencoder's, which an IIN may interpret too.
 FACTOR_VALUES = {"colour": ("red", "yellow", "green", "cyan", "blue", "purple"), "shape": ("sphere", "cube", "cone"),
                  "position": ("left", "centre", "right"), "size": ("small", "large")}  # fmt: skip
 LATENT = (64,)
-MAP = (4, 16, 16)  # the conditional models' latents
+MAP = (4, 16, 16)  # the LDM autoencoder's latents
 
 
 @st.composite

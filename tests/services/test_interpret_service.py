@@ -150,8 +150,8 @@ def test_translate_draws_target_latents_from_source_representations(stub):
 
     r = translate(source, seed=7, decode=True)
     latents, images = tensors.decode(r.latents, "l"), tensors.decode(r.images, "i")
-    assert latents.shape == (3, 4, 16, 16) and images.shape == (3, 3, 64, 64)
-    assert r.model.name == "iin_net2net" and r.autoencoder.name == "vae"
+    assert latents.shape == (3, 64) and images.shape == (3, 3, 64, 64)
+    assert r.model.name == "iin_net2net" and r.autoencoder.name == "vector_ae"
     alone = tensors.decode(translate(source[2:], seed=9).latents, "l")  # item b draws from seed + b alone
     np.testing.assert_allclose(alone[0], latents[2], rtol=1e-3, atol=1e-3)  # batched float rounding, through T^-1
     assert not translate(source, seed=7).HasField("images")
@@ -177,7 +177,7 @@ def test_every_bad_input_gets_its_code_and_the_service_stays_up(stub, service, r
                                         grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
     short = common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 3, 64, 64], data=b"\0" * 7)
     small = tensors.encode(np.zeros((1, 3, 32, 32), np.float32))
-    latents = tensors.encode(np.zeros((1, 64), np.float32))  # iin_factor's: the vector autoencoder's code
+    latents = tensors.encode(np.zeros((1, 64), np.float32))  # the vector autoencoder's code, as every IIN's
     zeros8 = tensors.encode(np.zeros(8, np.float32))
     cases = [
         (stub.Edit, pb.EditRequest(images=ok, values={"hue": "blue"}), invalid, "colour, shape, position, size"),
@@ -200,8 +200,7 @@ def test_every_bad_input_gets_its_code_and_the_service_stays_up(stub, service, r
          "not conditional"),
         (stub.Translate, pb.TranslateRequest(model=_ref("iin_net2net"),
                                              source=tensors.encode(np.zeros((1, 10), np.float32))), invalid, "384"),
-        (stub.Factorize, pb.FactorizeRequest(latents=tensors.encode(np.zeros((1, 4, 16, 16), np.float32)),
-                                             model=_ref("iin_net2net")), precondition, "Translate"),
+        (stub.Factorize, pb.FactorizeRequest(latents=latents, model=_ref("iin_net2net")), precondition, "Translate"),
         (stub.Factorize, pb.FactorizeRequest(latents=tensors.encode(np.zeros((1, 4, 16, 16), np.float32))), invalid,
          "expected shape [1, 64]"),
         (stub.Traverse, pb.TraverseRequest(latents=latents, factor="colour", value=zeros8), invalid, "mode"),
@@ -266,7 +265,7 @@ def test_the_cli_runs_through_the_service(service, renders, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def triton_service(triton, tmp_path_factory):
     """The session's Triton loads the models the chart and stack serve (kinema.rpc.process.SERVED_MODELS): the iin_*
-    models and the autoencoders they name (vector_ae_*, vae_*) among them."""
+    models and the autoencoder they name (vector_ae_encoder / _decoder) among them."""
     env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
     proc = ServiceProcess("interpret", tmp_path_factory.mktemp("interpret-triton"), **env).start()
     yield proc

@@ -1,4 +1,4 @@
-"""Triton python-backend model: the invertible interpretation network (IIN) from kinema.inference.networks.
+"""Triton python-backend model: the iin network from kinema.inference.networks.
 
 initialize / execute / finalize only; the numpy-level network and the request glue live once in
 the library (kinema.inference), shared with in-process serving. Every model.py in this repository
