@@ -1,4 +1,6 @@
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,11 +61,11 @@ def triton(tmp_path_factory: pytest.TempPathFactory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def services(triton, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServiceProcess]:
-    logs = tmp_path_factory.mktemp("services")
+@contextlib.contextmanager
+def triton_services(triton, logs: Path, names: tuple[str, ...]) -> Iterator[dict[str, ServiceProcess]]:
+    """Model services `names` over `triton`, started side by side (launched together, then waited for)."""
     env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url, "KINEMA_MAX_MESSAGE_BYTES": str(4 << 20)}
-    procs = {name: ServiceProcess(name, logs, **env) for name in ("text_encoder", "autoencoder", "denoiser")}
+    procs = {name: ServiceProcess(name, logs, **env) for name in names}
     try:
         for p in procs.values():
             p.launch()
@@ -73,6 +75,12 @@ def services(triton, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Serv
     finally:
         for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def services(triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    with triton_services(triton, tmp_path_factory.mktemp("services"), ("text_encoder", "autoencoder", "denoiser")) as p:
+        yield p
 
 
 @pytest.fixture(scope="session")

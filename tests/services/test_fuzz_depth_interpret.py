@@ -20,6 +20,7 @@ from kinema.interpret.v1 import interpret_pb2_grpc as pb_grpc
 from kinema.rpc.process import ServiceProcess
 from kinema.testing.fuzz import messages
 
+from ..conftest import triton_services
 from .test_fuzz import check_rpc
 
 # (service, stub, method, request type), as tests/services/test_fuzz.py's RPCS; bench/fuzz.py sends these too.
@@ -158,18 +159,8 @@ def _has(request: Message, field: str) -> bool:
 @pytest.fixture(scope="module")
 def fuzzed_depth_interpret(triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
     """The depth and interpret services over the session's Triton, started side by side."""
-    root = tmp_path_factory.mktemp("fuzz-depth-interpret")
-    env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url, "KINEMA_MAX_MESSAGE_BYTES": str(4 << 20)}
-    procs = {name: ServiceProcess(name, root, **env) for name in ("depth", "interpret")}
-    try:
-        for p in procs.values():
-            p.launch()
-        for p in procs.values():
-            p.wait_healthy()
+    with triton_services(triton, tmp_path_factory.mktemp("fuzz-depth-interpret"), ("depth", "interpret")) as procs:
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 @pytest.mark.slow
