@@ -217,7 +217,7 @@ def test_stack_up_serves_generate_and_jobs_then_down_stops_everything(tmp_path, 
             )
         assert tensors.decode(reply.depth, "depth").shape == (1, 1, 32, 48) and reply.model.name == "depth"
 
-        # So does the interpret service: images through the stack's vae_encoder, then iin_factor, all in Triton.
+        # So does the interpret service: images through the stack's vector_ae_encoder, then iin_factor, in Triton.
         with grpc.insecure_channel(state.component("interpret").address) as channel:
             images = np.zeros((1, 3, 64, 64), np.float32)
             analysis = interpret_pb2_grpc.InterpretStub(channel).Analyze(
@@ -226,7 +226,7 @@ def test_stack_up_serves_generate_and_jobs_then_down_stops_everything(tmp_path, 
         assert [f.factor for f in analysis.factors] == ["colour", "shape", "position", "size"]
         scores = tensors.decode(analysis.factors[0].scores, "scores")  # (1, 6): the colours
         assert scores.shape == (1, 6) and np.isclose(scores.sum(), 1.0, atol=1e-5)
-        assert (analysis.model.name, analysis.autoencoder.name) == ("iin_factor", "vae")
+        assert (analysis.model.name, analysis.autoencoder.name) == ("iin_factor", "vector_ae")
 
         status = kinema("stack", "status", "--run-dir", str(run_dir), timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr

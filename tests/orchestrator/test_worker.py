@@ -182,7 +182,8 @@ def test_a_job_cancelled_while_it_waits_for_its_retry_ends_cancelled_without_ano
 def test_the_wait_before_a_retry_outlasts_a_redis_killed_and_restarted(tmp_path) -> None:
     # The real wait: the job's run sleeps through a Redis that is killed and started again on its data (the
     # cancel-flag checks fail quietly meanwhile), then carries on: the next attempt completes the job.
-    settings = RedisSettings(data_dir=tmp_path / "redis")
+    # appendfsync always: a kill -9 loses no write (with everysec the requeue could be lost, and the attempt rerun)
+    settings = RedisSettings(data_dir=tmp_path / "redis", appendfsync="always")
     redis_server = RedisServer(settings)
     redis_server.__enter__()
     try:
@@ -236,7 +237,7 @@ def test_a_job_waiting_for_its_retry_when_redis_is_killed_goes_on_once_redis_is_
     from kinema.rpc.process import REPO, free_port
 
     port = free_ports("127.0.0.1", 1)[0]
-    settings = RedisSettings(port=port, data_dir=tmp_path / "redis")
+    settings = RedisSettings(port=port, data_dir=tmp_path / "redis", appendfsync="always")  # no write lost to the kill
     first, again, url = (
         RedisServer(settings, log_path=tmp_path / "redis.log"),
         RedisServer(settings),
