@@ -1,7 +1,7 @@
 """Fuzzing the depth and interpret services over real gRPC (a sample; `bench/fuzz.py` sends thousands): every
 malformed request to each of their RPCs, both served by the session's Triton (which loads depth, the iin_* models and
-the autoencoder's vae_encoder / vae_decoder: kinema.rpc.process.SERVED_MODELS), gets OK or a defined status, never
-INTERNAL or UNKNOWN, and the service stays healthy."""
+the vector_ae_encoder / _decoder they decode through: kinema.rpc.process.SERVED_MODELS), gets OK or a defined status,
+never INTERNAL or UNKNOWN, and the service stays healthy."""
 
 from __future__ import annotations
 
