@@ -96,12 +96,11 @@ def representation_fingerprint(representation: str, models_dir: Path) -> str:
     """A short hash of the representation's encoder weights: cached codes are keyed by it."""
     from kinema.nn.checkpoint import sha256_file
     from kinema.repository import AUTOENCODER_FILES
-    from kinema.train.vector_ae import FOLDER
+    from kinema.train.vector_ae import half_path
 
     if representation not in REPRESENTATIONS:
         raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
-    encoder = Path(f"{FOLDER}_encoder", "1", "encoder.safetensors")
-    path = models_dir / (AUTOENCODER_FILES[0] if representation == "vae" else encoder)
+    path = models_dir / AUTOENCODER_FILES[0] if representation == "vae" else half_path(models_dir, "encoder")
     return sha256_file(path)[:12]
 
 

@@ -167,6 +167,11 @@ def evaluate(model, train_data: dict, test: dict, n_probe_train: int = 6000, n_d
 HALVES: dict[str, tuple[str, ...]] = {"encoder": ("encoder.", "to_code."), "decoder": ("from_code.", "decoder.")}
 
 
+def half_path(models_dir: Path, half: str) -> Path:
+    """Where the Triton model `vector_ae_<half>` keeps its weights under `models_dir`."""
+    return Path(models_dir) / f"{FOLDER}_{half}" / "1" / f"{half}.safetensors"
+
+
 def export(model, models_dir: Path, card: dict, command: str) -> list[Path]:
     """The two Triton models `vector_ae_encoder` / `vector_ae_decoder` under `models_dir`: each half's weights
     (`1/<half>.safetensors`, params and card in the metadata), its config.pbtxt and its model card."""
@@ -176,8 +181,8 @@ def export(model, models_dir: Path, card: dict, command: str) -> list[Path]:
 
     state, paths = model.state_dict(), []
     for half, prefixes in HALVES.items():
-        folder = models_dir / f"{FOLDER}_{half}"
-        path = folder / "1" / f"{half}.safetensors"
+        path = half_path(models_dir, half)
+        folder = path.parent.parent
         save_checkpoint(path, {k: v for k, v in state.items() if k.startswith(prefixes)}, model.params, {"card": card})
         sha = sha256_file(path)
         what = "image -> code" if half == "encoder" else "code -> image"
@@ -237,7 +242,7 @@ def load_half(path: Path, half: str):
 def load_vector_autoencoder(models_dir: Path):
     """The shipped `VectorAutoencoder` (both halves) in eval mode."""
     folder = Path(models_dir)
-    paths = {half: folder / f"{FOLDER}_{half}" / "1" / f"{half}.safetensors" for half in HALVES}
+    paths = {half: half_path(folder, half) for half in HALVES}
     if not all(p.is_file() for p in paths.values()):
         raise FileNotFoundError(
             f"no vector autoencoder under {folder} ({FOLDER}_encoder/, {FOLDER}_decoder/); train one with "
