@@ -4,7 +4,8 @@
 
 Starts Triton over models/, the three model services, an orchestrator with jobs (real Redis and S3 server; no worker,
 so accepted jobs wait queued), the distill service with distillation jobs on (the same Redis; queued likewise, so
-later starts for the same teacher answer ALREADY_EXISTS) and the depth and interpret services, then sends
+later starts for the same teacher answer ALREADY_EXISTS), the depth service and the interpret service with fitting
+jobs on (the same Redis; queued likewise), then sends
 `per-service` requests to each service, spread evenly over its RPCs, drawn by `kinema.testing.fuzz.messages` (the
 strategies tests/services/test_fuzz.py, tests/services/test_fuzz_distill.py,
 tests/services/test_fuzz_depth_interpret.py and tests/orchestrator/test_fuzz.py sample). Counts each status code per
@@ -96,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
             orchestrator = ServiceProcess("orchestrator", root, **env).start()
             distill = ServiceProcess("distill", root, KINEMA_REDIS_URL=redis_server.url, **model_env)
             # not in `addresses`: the orchestrator is fuzzed as the CI sample starts it, without a depth service
-            others = {name: ServiceProcess(name, root, **model_env) for name in ("depth", "interpret")}
+            # interpret with fitting jobs on: accepted fittings wait queued, as distillations do
+            others = {
+                "depth": ServiceProcess("depth", root, **model_env),
+                "interpret": ServiceProcess("interpret", root, KINEMA_REDIS_URL=redis_server.url, **model_env),
+            }
             try:
                 distill.start()
                 for p in others.values():

@@ -62,10 +62,13 @@ def triton(tmp_path_factory: pytest.TempPathFactory):
 
 
 @contextlib.contextmanager
-def triton_services(triton, logs: Path, names: tuple[str, ...]) -> Iterator[dict[str, ServiceProcess]]:
-    """Model services `names` over `triton`, started side by side (launched together, then waited for)."""
+def triton_services(
+    triton, logs: Path, names: tuple[str, ...], extra: dict[str, dict[str, str]] | None = None
+) -> Iterator[dict[str, ServiceProcess]]:
+    """Model services `names` over `triton`, started side by side (launched together, then waited for); `extra` adds
+    variables to a service's environment."""
     env = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url, "KINEMA_MAX_MESSAGE_BYTES": str(4 << 20)}
-    procs = {name: ServiceProcess(name, logs, **env) for name in names}
+    procs = {name: ServiceProcess(name, logs, **env | (extra or {}).get(name, {})) for name in names}
     try:
         for p in procs.values():
             p.launch()

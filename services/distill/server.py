@@ -13,7 +13,7 @@ and the teacher (a denoiser model its runner serves that is no student), records
 queues it (`kinema.orchestration.distillation.DistillJobs`); the orchestrator's job worker trains, stores and loads the
 student into Triton, after which `ListModels` lists it. Without KINEMA_REDIS_URL they answer UNIMPLEMENTED. With the
 artifact store too (KINEMA_ARTIFACTS), the service loads stored students Triton has dropped (a restart) back into it
-every KINEMA_STUDENT_RESTORE_SECONDS (`StudentRestorer`).
+every KINEMA_STUDENT_RESTORE_SECONDS (`kinema.orchestration.model_jobs.ModelRestorer`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from kinema.distill.v1 import distill_pb2_grpc as pb_grpc
 from kinema.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
 from kinema.inference.runner import ServedModel
 from kinema.orchestration.distillation import (
+    STUDENTS_KEY,
     DistillationSpec,
     DistillJobs,
-    DistillJobSettings,
-    StudentRestorer,
     check_teacher,
     distillation_message,
+    job_settings,
 )
+from kinema.orchestration.model_jobs import ModelRestorer
 from kinema.pipelines.local import LocalStudent
 from kinema.pipelines.student import StudentFacts, resolve_timesteps
 from kinema.rpc import tensors
@@ -207,19 +208,16 @@ class DistillServicer(pb_grpc.DistillServicer):
 
 
 def build_server(settings: ServiceSettings) -> KinemaServer:
-    """The distill service; distillation jobs on when KINEMA_REDIS_URL is set (`DistillJobSettings`)."""
-    job_settings = DistillJobSettings.from_env()
-    jobs = DistillJobs(job_settings) if job_settings.redis_url else None
+    """The distill service; distillation jobs on when KINEMA_REDIS_URL is set (`model_jobs.ModelJobSettings`)."""
+    jobs_settings = job_settings()
+    jobs = DistillJobs(jobs_settings) if jobs_settings.redis_url else None
 
     def servicer(family: ModelFamily) -> DistillServicer:
         # Students loaded with their files are gone after a Triton restart: load the stored ones again.
-        restores = job_settings.artifacts and job_settings.restore_seconds and settings.backend == "triton"
+        restores = jobs_settings.artifacts and jobs_settings.restore_seconds and settings.backend == "triton"
         if jobs is not None and restores:
-            from kinema.storage.artifacts import store_from_uri
-
-            store = store_from_uri(job_settings.artifacts, job_settings.s3_access_key or None,
-                                   job_settings.s3_secret_key or None)  # fmt: skip
-            StudentRestorer(jobs, family.runner, store).start(job_settings.restore_seconds)
+            restorer = ModelRestorer(jobs.store, STUDENTS_KEY, family.runner, jobs_settings.artifact_store())
+            restorer.start(jobs_settings.restore_seconds)
         return DistillServicer(family, jobs)
 
     return build_model_server(

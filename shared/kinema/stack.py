@@ -348,10 +348,11 @@ class _Launch:
         self.wait("s3", s3.wait_ready, t0)
 
         backend = {"KINEMA_BACKEND": "triton", "KINEMA_TRITON_URL": triton.grpc_url}
-        # The distill service records distillation jobs in Redis and loads stored students back into a restarted
-        # Triton from the artifact store (docs/distill.md, "Distillation as a job").
-        jobs = {"distill": {"KINEMA_REDIS_URL": redis.url, "KINEMA_ARTIFACTS": f"s3://{BUCKET}?endpoint={s3.endpoint}",
-                            ENV_ACCESS_KEY: access_key, ENV_SECRET_KEY: secret_key}}  # fmt: skip
+        # The distill and interpret services record their jobs (distillations, fittings) in Redis and load the
+        # models those stored back into a restarted Triton from the artifact store (docs/distill.md, docs/interpret.md).
+        store = {"KINEMA_REDIS_URL": redis.url, "KINEMA_ARTIFACTS": f"s3://{BUCKET}?endpoint={s3.endpoint}",
+                 ENV_ACCESS_KEY: access_key, ENV_SECRET_KEY: secret_key}  # fmt: skip
+        jobs = {"distill": store, "interpret": store}
         services = {name: ServiceProcess(name, self.logs, log_name=f"{name}.log", detached=True,
                                          **backend | jobs.get(name, {}))
                     for name in MODEL_SERVICES}  # fmt: skip
@@ -366,8 +367,8 @@ class _Launch:
         # (kinema.jobs.metrics) is on a port of its own, as every service's.
         worker_metrics = free_ports(HOST, 1)[0]
         worker_env = env | {"KINEMA_METRICS_PORT": str(worker_metrics)}
-        # A distillation job reads its teacher from the repository Triton serves, trains in the stack's data folder
-        # and loads the student into Triton.
+        # A distillation or fitting job reads the served model it builds on from the repository Triton serves, trains
+        # in the stack's data folder and loads the new model into Triton.
         worker_env |= {"KINEMA_MODELS": str(s.models), "KINEMA_TRITON_URL": triton.grpc_url,
                        "KINEMA_DISTILL_DIR": str(self.data / "distill")}  # fmt: skip
         worker_settings = WorkerSettings(app=WORKER_APP, broker_url=redis.url, backend_url=redis.url,

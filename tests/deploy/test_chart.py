@@ -571,11 +571,11 @@ def test_distillation_gives_the_distill_service_the_jobs_redis_and_the_worker_wh
         for var in ("KINEMA_REDIS_URL", "KINEMA_ARTIFACTS", ENV_ACCESS_KEY, ENV_SECRET_KEY):  # the same store and keys
             assert distill[var] == caller[var], var
     # It loads the students jobs stored back into a Triton that restarted without them.
-    from kinema.orchestration.distillation import DistillJobSettings
+    from kinema.orchestration.distillation import job_settings
 
-    job_settings = DistillJobSettings.from_env(_with_secrets(docs, distill))
-    assert job_settings.artifacts.startswith("s3://")
-    assert job_settings.restore_seconds == 30
+    distill_jobs = job_settings(_with_secrets(docs, distill))
+    assert distill_jobs.artifacts.startswith("s3://")
+    assert distill_jobs.restore_seconds == 30
     if profile == "cpu":
         env = _with_secrets(docs, env_of(containers(_workload(docs, "distill"))[0]))
         assert component(services[env["KINEMA_REDIS_URL"].rsplit("@", 1)[1].split(":")[0]]) == "redis"
@@ -664,10 +664,54 @@ def test_distillation_values_the_chart_refuses(sets, message):
     assert message in render_error(sets=DISTILLATION + sets)
 
 
+FITTING = ("fitting.enabled=true",)
+
+
+def test_fitting_gives_the_interpret_service_the_jobs_redis_and_store_and_the_workers_the_repository():
+    """fitting.enabled alone: the interpret service records fittings in the orchestrator's Redis and loads stored
+    models back from its store (KINEMA_MODEL_RESTORE_SECONDS); the workers get the repository, Triton and the
+    scratch folder as for distillations; the distill service gets nothing."""
+    from kinema.orchestration.fitting import job_settings
+
+    docs = render(CI_VALUES[0], sets=FITTING)
+    interpret = env_of(containers(_workload(docs, "interpret"))[0])
+    orchestrator = env_of(containers(_workload(docs, "orchestrator"))[0])
+    for var in ("KINEMA_REDIS_URL", "KINEMA_ARTIFACTS", ENV_ACCESS_KEY, ENV_SECRET_KEY):
+        assert interpret[var] == orchestrator[var], var
+    fit_jobs = job_settings(_with_secrets(docs, interpret))
+    assert fit_jobs.redis_url.startswith("redis://") and fit_jobs.artifacts.startswith("s3://")
+    assert fit_jobs.restore_seconds == 30
+    distill = env_of(containers(_workload(docs, "distill"))[0])
+    assert not {"KINEMA_REDIS_URL", "KINEMA_STUDENT_RESTORE_SECONDS"} & set(distill)
+    worker = _workload(docs, "worker")
+    assert set(env_of(containers(worker)[0])) >= DISTILL_WORKER_VARS
+    assert [c["name"] for c in _pod(worker)["initContainers"]] == ["models"]
+    off = env_of(containers(_workload(render(CI_VALUES[0]), "interpret"))[0])
+    assert not {"KINEMA_REDIS_URL", "KINEMA_ARTIFACTS", "KINEMA_MODEL_RESTORE_SECONDS"} & set(off)
+    both = render(CI_VALUES[0], sets=FITTING + DISTILLATION + ("fitting.restoreSeconds=5",))
+    assert env_of(containers(_workload(both, "interpret"))[0])["KINEMA_MODEL_RESTORE_SECONDS"]["value"] == "5"
+    assert [c["name"] for c in _pod(_workload(both, "worker"))["initContainers"]] == ["models"]  # one copy for both
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("jobs.enabled=false",), "fitting.enabled needs jobs.enabled"),
+        (("services.interpret.enabled=false",), "fitting.enabled needs services.interpret.enabled"),
+        (("triton.replicaCount=2",), "fitting.enabled needs one Triton pod"),
+        (("internalTls.existingSecret=internal",), "needs internalTls.triton=true"),
+        (("fitting.restoreSeconds=-1",), "fitting.restoreSeconds"),
+    ],
+)
+def test_fitting_values_the_chart_refuses(sets, message):
+    assert message in render_error(sets=FITTING + sets)
+
+
 def test_distillation_validates_against_kubernetes():
-    sets = (*DISTILLATION, "distillation.scratch.persistence.enabled=true")
+    sets = (*DISTILLATION, *FITTING, "distillation.scratch.persistence.enabled=true")
     for values, extra in ((CI_VALUES[0], sets), (CHART / "ci" / "external-s3-values.yaml", DISTILLATION),
-                          (CHART / "ci" / "tls-values.yaml", DISTILLATION)):  # fmt: skip
+                          (CHART / "ci" / "tls-values.yaml", DISTILLATION + FITTING),
+                          (CI_VALUES[0], FITTING)):  # fmt: skip
         docs = render(values, sets=extra)
         for doc in docs:
             try:

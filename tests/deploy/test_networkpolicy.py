@@ -207,6 +207,22 @@ def test_distillation_adds_worker_to_triton_and_distill_to_redis_and_s3_and_noth
         assert ("worker", "minio", 9000) in after and ("triton", "minio", 9000) in after
 
 
+def test_fitting_adds_worker_to_triton_and_interpret_to_redis_and_s3_and_nothing_else():
+    """The worker loads fitted models into Triton, the interpret service records fittings in Redis and loads stored
+    models back from S3: three paths more; with distillation too, the worker's path to Triton is the one both use."""
+    before, outside_before, _ = allowed_edges(render(CI_VALUES[0]))
+    docs = render(CI_VALUES[0], sets=("fitting.enabled=true",))
+    after, outside, one_sided = allowed_edges(docs)
+    assert after - before == {("worker", "triton", 8001), ("interpret", "redis", 6379), ("interpret", "minio", 9000)}
+    assert before <= after and after == expected_edges(docs) and not one_sided
+    assert outside == outside_before, "nothing more is open to outside"
+    both = render(CI_VALUES[0], sets=("fitting.enabled=true", *DISTILLATION))
+    edges, _, one_sided = allowed_edges(both)
+    assert edges == expected_edges(both) and not one_sided
+    assert edges - before == {("worker", "triton", 8001), ("interpret", "redis", 6379), ("interpret", "minio", 9000),
+                              ("distill", "redis", 6379), ("distill", "minio", 9000)}  # fmt: skip
+
+
 def test_an_external_redis_and_s3_are_reached_by_the_distill_service_on_their_ports_only():
     docs = render(CHART / "ci" / "external-s3-values.yaml", sets=DISTILLATION)
     egress = by_kind(docs, "NetworkPolicy")["kin-kinema-distill"]["spec"]["egress"]

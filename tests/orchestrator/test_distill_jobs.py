@@ -24,17 +24,9 @@ from kinema.inference.runner import TritonRunner
 from kinema.jobs.celery_app import CeleryWorker
 from kinema.jobs.redis_server import RedisServer, RedisSettings
 from kinema.nn.text import TextEmbedding
-from kinema.orchestration.distillation import (
-    STUDENTS_KEY,
-    DistillationSpec,
-    DistillJobs,
-    DistillJobSettings,
-    StudentRestorer,
-    TeacherClaims,
-    record_request,
-    student_entry,
-)
+from kinema.orchestration.distillation import STUDENTS_KEY, DistillationSpec, DistillJobs, record_request
 from kinema.orchestration.jobs import JobStore
+from kinema.orchestration.model_jobs import ModelClaims, ModelJobSettings, ModelRestorer, loaded_entry
 from kinema.pipelines.local import LocalStudent
 from kinema.pipelines.student import StudentFacts
 from kinema.repository import default_models_dir, load_denoiser
@@ -177,7 +169,7 @@ def test_bad_input_is_refused_with_the_field_and_records_nothing(stub, redis_ser
 
 def test_a_claim_held_by_an_ended_or_vanished_distillation_is_taken_over(redis_server):
     store = JobStore(redis_server.url, prefix="kinema-claims-test")
-    claims = TeacherClaims(store)
+    claims = ModelClaims(store)
     teacher = common_pb2.ModelInfo(name="denoiser", version="1", sha256="b" * 64)
     record = record_request(DistillationSpec.from_request(dpb.StartDistillationRequest()), teacher)
     a, b, c = (store.create("default", record)[0] for _ in range(3))
@@ -306,7 +298,7 @@ def test_a_student_triton_dropped_is_loaded_again_from_the_store(stub, service, 
     finally:
         client.close()
     print(f"student back in Triton {time.monotonic() - dropped:.1f} s after it was dropped")
-    assert "student restored into Triton" in service.log.read_text()
+    assert "model restored into Triton" in service.log.read_text()
     after = {m.name: m for m in stub.ListModels(dpb.ListModelsRequest(), timeout=30).models}
     assert after[STUDENT] == before[STUDENT]  # the same weights, version and schedule
     noise = tensors.encode(initial_noise((1, 4, 16, 16), 7))
@@ -316,13 +308,14 @@ def test_a_student_triton_dropped_is_loaded_again_from_the_store(stub, service, 
 
 
 def test_a_restore_skips_a_recorded_student_whose_artifacts_are_gone(triton, job_s3, redis_server):
-    jobs = DistillJobs(DistillJobSettings(redis_url=redis_server.url))
+    jobs = DistillJobs(ModelJobSettings(redis_url=redis_server.url))
     gone = {kind: "0" * 64 for kind in ("weights", "card", "config")}
-    jobs.store.redis.hset(STUDENTS_KEY, "denoiser_ladd_gone", student_entry("default", "x", gone, "pass\n"))
+    entry = loaded_entry("default", "x", gone, "pass\n", "1/mmdit.safetensors")
+    jobs.store.redis.hset(STUDENTS_KEY, "denoiser_ladd_gone", entry)
     runner = TritonRunner(triton.grpc_url)
     store = S3ArtifactStore(job_s3.endpoint, job_s3.access_key, job_s3.secret_key, BUCKET)
     try:
-        assert StudentRestorer(jobs, runner, store).restore() == []  # logged and left; the round goes on
+        assert ModelRestorer(jobs.store, STUDENTS_KEY, runner, store).restore() == []  # logged and left
         assert not runner.ready("denoiser_ladd_gone")
     finally:
         jobs.store.redis.hdel(STUDENTS_KEY, "denoiser_ladd_gone")

@@ -160,14 +160,14 @@ def test_text_to_image_remembers_which_sampling_fields_were_left_to_the_denoiser
 
 
 def test_the_distill_service_reads_the_store_and_its_restore_interval_and_refuses_a_bad_interval() -> None:
-    from kinema.orchestration.distillation import DistillJobSettings
+    from kinema.orchestration.distillation import job_settings
 
     env = {"KINEMA_REDIS_URL": "redis://127.0.0.1:6379/0", "KINEMA_ARTIFACTS": "s3://b?endpoint=h:9000",
            "KINEMA_S3_ACCESS_KEY": "k", "KINEMA_S3_SECRET_KEY": "s"}  # fmt: skip
-    s = DistillJobSettings.from_env(env)
+    s = job_settings(env)
     assert (s.artifacts, s.s3_access_key, s.s3_secret_key) == ("s3://b?endpoint=h:9000", "k", "s")
     assert s.restore_seconds == 30
-    assert DistillJobSettings.from_env(env | {"KINEMA_STUDENT_RESTORE_SECONDS": "0"}).restore_seconds == 0
+    assert job_settings(env | {"KINEMA_STUDENT_RESTORE_SECONDS": "0"}).restore_seconds == 0
     for bad in ("abc", "-1", "86401", "nan"):
         with pytest.raises(ValueError, match="KINEMA_STUDENT_RESTORE_SECONDS"):
-            DistillJobSettings.from_env(env | {"KINEMA_STUDENT_RESTORE_SECONDS": bad})
+            job_settings(env | {"KINEMA_STUDENT_RESTORE_SECONDS": bad})

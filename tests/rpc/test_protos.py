@@ -153,21 +153,30 @@ def test_every_rpc_has_its_own_request_and_response(svc: str) -> None:
         assert rpc.input_type.file is rpc.output_type.file is rpc.containing_service.file, rpc.full_name
 
 
-# Job RPCs of a model service (the distill service's distillations): a start names its input model as the field its
-# role says (`teacher`), reads and cancels name the job by `id`; the job they answer names its models by role.
-JOB_RPCS = {("distill", "StartDistillation"): "teacher", ("distill", "GetDistillation"): "id",
-            ("distill", "CancelDistillation"): "id"}  # fmt: skip
+# Job RPCs of a model service (the distill service's distillations, the interpret service's fittings): a start names
+# its input model by its role (`teacher`: a ModelRef, field 1; `representation`: which autoencoder's code, by name),
+# reads and cancels name the job by `id` (field 1); the job they answer names its models by role, as ModelInfo.
+_DISTILLATION = ("distillation", ("teacher", "student"))
+_FITTING = ("fitting", ("representation", "model"))
+JOB_RPCS = {("distill", "StartDistillation"): ("teacher", *_DISTILLATION),
+            ("distill", "GetDistillation"): ("id", *_DISTILLATION),
+            ("distill", "CancelDistillation"): ("id", *_DISTILLATION),
+            ("interpret", "Fit"): ("representation", *_FITTING),
+            ("interpret", "GetFitting"): ("id", *_FITTING),
+            ("interpret", "CancelFitting"): ("id", *_FITTING)}  # fmt: skip
 
 
 @pytest.mark.parametrize("svc", SERVICES)
 def test_every_request_selects_a_model_and_every_response_echoes_it(svc: str) -> None:
     for rpc in _service(svc).methods:
         if (svc, rpc.name) in JOB_RPCS:
-            field = rpc.input_type.fields_by_name[JOB_RPCS[svc, rpc.name]]
+            name, job_field, roles = JOB_RPCS[svc, rpc.name]
+            field = rpc.input_type.fields_by_name[name]
             kind = field.message_type.full_name if field.message_type else field.type
-            assert (field.number, kind) in ((1, "kinema.common.v1.ModelRef"), (1, FieldDescriptor.TYPE_STRING))
-            job = rpc.output_type.fields_by_name["distillation"].message_type
-            for role in ("teacher", "student"):
+            assert (field.number, kind) in ((1, "kinema.common.v1.ModelRef"), (1, FieldDescriptor.TYPE_STRING),
+                                            (2, FieldDescriptor.TYPE_STRING)), rpc.full_name  # fmt: skip
+            job = rpc.output_type.fields_by_name[job_field].message_type
+            for role in roles:
                 assert job.fields_by_name[role].message_type.full_name == "kinema.common.v1.ModelInfo", rpc.full_name
             continue
         model = rpc.input_type.fields_by_name.get("model")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kinema.depth.v1 import depth_pb2, depth_pb2_grpc
 from kinema.interpret.v1 import interpret_pb2 as pb
 from kinema.interpret.v1 import interpret_pb2_grpc as pb_grpc
+from kinema.jobs.redis_server import RedisServer, RedisSettings
 from kinema.rpc.process import ServiceProcess
 from kinema.testing.fuzz import messages
 
@@ -34,6 +35,9 @@ RPCS = [
     ("interpret", pb_grpc.InterpretStub, "Edit", pb.EditRequest),
     ("interpret", pb_grpc.InterpretStub, "Translate", pb.TranslateRequest),
     ("interpret", pb_grpc.InterpretStub, "ListModels", pb.ListModelsRequest),
+    ("interpret", pb_grpc.InterpretStub, "Fit", pb.FitRequest),
+    ("interpret", pb_grpc.InterpretStub, "GetFitting", pb.GetFittingRequest),
+    ("interpret", pb_grpc.InterpretStub, "CancelFitting", pb.CancelFittingRequest),
 ]
 
 # The shipped iin_factor's layout (its params_json): 4 factors of 8 dims, a residual of 64 - 32 = 32 components,
@@ -119,6 +123,27 @@ STEERED = {
     },
     "Analyze": {"model": _IIN, "images": _IMAGES},
     "Edit": {"model": _IIN, "images": _IMAGES, "values": _EDIT},
+    # Fit: its checks of kind, representation, the budget, dims, noise, rho, seed and name; past them the encoder's
+    # look-up, the name's claim, the record and the queue (no worker: accepted fittings wait queued).
+    "Fit": {
+        "kind": st.sampled_from(["", "factor", "mle", "invariance", "net2net", "pca", "Factor"]),
+        "representation": st.sampled_from(["", "vector_ae", "vae", "clip", "vector_ae_encoder"]),
+        "data": st.fixed_dictionaries({"samples": st.sampled_from([0, 64, 63, 8000, 24_000, 24_001, -1, 2**31 - 1])}),
+        "train_steps": st.sampled_from([0, 1, 2000, 100_000, 100_001, -1]),
+        "max_seconds": st.sampled_from([0.0, 1.0, 21600.0, 21600.5, -1.0, float("nan"), float("inf")]),
+        "batch": st.sampled_from([0, 1, 2, 256, 1024, 1025]),
+        "components": st.sampled_from([0, 3, 4, 16, 64, 65, 128, 256, 257]),
+        "factor_dims": st.sampled_from(
+            [[], [8, 8, 8, 8], [2, 2, 2, 2], [8, 8, 8], [0, 1, 1, 1], [64, 1, 1, 1], [2**31 - 1] * 4]
+        ),
+        "noise": st.sampled_from([0.0, 0.3, 2.0, 2.5, -0.1, float("nan"), float("inf")]),
+        "rho": st.sampled_from([0.5, 0.9, 0.0, 1.0, float("nan")]),
+        "seed": st.sampled_from([0, 7, 2**31 - 1, 2**31, 2**64 - 1]),
+        "name": st.one_of(
+            st.sampled_from(["", "iin_fuzz", "iin_factor", "iin_", "iin_../x", "IIN_A"]), st.text(max_size=12)
+        ),
+        "eval_samples": st.sampled_from([0, 15, 16, 2000, 2001]),
+    },
     "Translate": {
         "model": _TRANSLATORS,
         "source": _SOURCE,
@@ -158,9 +183,13 @@ def _has(request: Message, field: str) -> bool:
 
 @pytest.fixture(scope="module")
 def fuzzed_depth_interpret(triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
-    """The depth and interpret services over the session's Triton, started side by side."""
-    with triton_services(triton, tmp_path_factory.mktemp("fuzz-depth-interpret"), ("depth", "interpret")) as procs:
-        yield procs
+    """The depth and interpret services over the session's Triton, started side by side; the interpret service's
+    fitting jobs on, over a redis-server of this module's own (nothing on disk, no worker)."""
+    root = tmp_path_factory.mktemp("fuzz-depth-interpret")
+    with RedisServer(RedisSettings(), log_path=root / "redis.log") as redis_server:
+        jobs = {"interpret": {"KINEMA_REDIS_URL": redis_server.url}}
+        with triton_services(triton, root, ("depth", "interpret"), jobs) as procs:
+            yield procs
 
 
 @pytest.mark.slow

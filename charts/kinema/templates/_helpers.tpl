@@ -236,22 +236,44 @@ affinity:
      student is loaded into the Triton pod the worker's channel reaches, not written into the repository, so more
      than one Triton pod would serve it from one pod only; the worker presents the internal certificate to every
      server it calls (kinema.rpc.tls.internal_credentials), Triton included. */}}
-{{- define "kinema.distillation" -}}
-{{- $d := .Values.distillation -}}
-{{- if $d.enabled -}}
-{{- if not .Values.jobs.enabled -}}
-{{- fail "distillation.enabled needs jobs.enabled: the job workers train the students" -}}
+{{- /* The checks of a job kind that trains on the workers and loads its model into Triton; `key` names its values
+     section, `service` the model service that answers its start RPC, `rpc` that RPC, `models` what it loads. */}}
+{{- define "kinema.modelJobChecks" -}}
+{{- $ctx := .ctx -}}
+{{- if not $ctx.Values.jobs.enabled -}}
+{{- fail (printf "%s.enabled needs jobs.enabled: the job workers train the %s" .key .models) -}}
 {{- end -}}
-{{- $svc := get .Values.services "distill" -}}
+{{- $svc := get $ctx.Values.services .service -}}
 {{- if not (and $svc $svc.enabled) -}}
-{{- fail "distillation.enabled needs services.distill.enabled: the distill service answers StartDistillation" -}}
+{{- fail (printf "%s.enabled needs services.%s.enabled: the %s service answers %s" .key .service .service .rpc) -}}
 {{- end -}}
-{{- if or .Values.triton.autoscaling.enabled (ne (int .Values.triton.replicaCount) 1) -}}
-{{- fail "distillation.enabled needs one Triton pod (triton.replicaCount=1, triton.autoscaling.enabled=false): a student is loaded into the pod the worker reaches, not into the model repository" -}}
+{{- if or $ctx.Values.triton.autoscaling.enabled (ne (int $ctx.Values.triton.replicaCount) 1) -}}
+{{- fail (printf "%s.enabled needs one Triton pod (triton.replicaCount=1, triton.autoscaling.enabled=false): the %s are loaded into the pod the worker reaches, not into the model repository" .key .models) -}}
 {{- end -}}
-{{- if and .Values.internalTls.existingSecret (not .Values.internalTls.triton) -}}
-{{- fail "distillation.enabled with internalTls.existingSecret needs internalTls.triton=true: the worker loads students over mTLS, which Triton's gRPC port speaks only then" -}}
+{{- if and $ctx.Values.internalTls.existingSecret (not $ctx.Values.internalTls.triton) -}}
+{{- fail (printf "%s.enabled with internalTls.existingSecret needs internalTls.triton=true: the worker loads the %s over mTLS, which Triton's gRPC port speaks only then" .key .models) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "kinema.distillation" -}}
+{{- if .Values.distillation.enabled -}}
+{{- include "kinema.modelJobChecks" (dict "ctx" . "key" "distillation" "service" "distill" "rpc" "StartDistillation" "models" "students") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "kinema.fitting" -}}
+{{- if .Values.fitting.enabled -}}
+{{- include "kinema.modelJobChecks" (dict "ctx" . "key" "fitting" "service" "interpret" "rpc" "Fit" "models" "fitted IINs") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- /* Whether the workers train models and load them into Triton (distillations, fittings, or both): they then get
+     a copy of the model repository, Triton's address and a scratch folder (the distillation.models and
+     distillation.scratch values serve both kinds). */}}
+{{- define "kinema.modelJobs" -}}
+{{- if or (eq (include "kinema.distillation" .) "true") (eq (include "kinema.fitting" .) "true") -}}
 true
 {{- end -}}
 {{- end -}}

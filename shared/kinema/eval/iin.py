@@ -82,6 +82,14 @@ def _rate(mask: np.ndarray) -> float:
     return round(float(np.mean(mask)), 4) if len(mask) else float("nan")
 
 
+def _kept_breakdown(read: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict:
+    """Which of the other attributes an edit kept, one rate each, and how often the probe found no object."""
+    return {
+        "kept": {f: _rate(read[f] == y) for f, y in truth.items()},
+        "no_object": _rate(read["colour"] < 0),
+    }
+
+
 @torch.no_grad()
 def edit_metrics(model, autoencoder, probe, test, edges: torch.Tensor, n: int, seed: int) -> dict:
     """Swap and set edits of colour, shape and position, judged by the probe on decoded images."""
@@ -110,6 +118,7 @@ def edit_metrics(model, autoencoder, probe, test, edges: torch.Tensor, n: int, s
             "target_changed": _rate(target),
             "others_kept": _rate(stayed),
             "both": _rate(target & stayed),
+            **_kept_breakdown(read, {f: labels[f][a] for f in others}),
         }
         values, _ = model.prototypes(name)
         a = rng.choice(len(test), size=n, replace=True)
@@ -126,6 +135,7 @@ def edit_metrics(model, autoencoder, probe, test, edges: torch.Tensor, n: int, s
             "target_changed": _rate(target),
             "others_kept": _rate(stayed),
             "both": _rate(target & stayed),
+            **_kept_breakdown(read, {f: labels[f][a[order]] for f in others}),
         }
     return out
 
@@ -226,13 +236,14 @@ def conditional_metrics(
 
 def evaluate(
     model, kind: str, train, test, edges: torch.Tensor, models_dir: Path, n: int = 200, seed: int = 0,
-    representation: str = "vae",
+    representation: str = "vae", cache: Path | None = None,
 ) -> dict:  # fmt: skip
-    """Every metric that applies to `kind`, as a JSON-able dict; edits and samples decoded by `representation`."""
+    """Every metric that applies to `kind`, as a JSON-able dict; edits and samples decoded by `representation`;
+    the test conditions are cached in `cache` (default the trainer's)."""
     from kinema.eval.probe import Probe
-    from kinema.train.iin import conditions, load_representation
+    from kinema.train.iin import CACHE, conditions, load_representation
 
-    cond = conditions(kind, test)
+    cond = conditions(kind, test, cache or CACHE)
     out = {"likelihood": likelihood_metrics(model, test, cond)}
     if kind in ("mle", "factor"):
         out["factors"] = factor_metrics(model, train, test, edges)

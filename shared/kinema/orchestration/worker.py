@@ -270,10 +270,13 @@ def make_job_app(settings: OrchestratorSettings, registry: Registry = REGISTRY) 
                 runner.jobs.cancelled(*args)
 
     task_revoked.connect(revoked, weak=False)
-    from kinema.orchestration.distillation import job_queues, register_distillation  # it builds on this module
+    from kinema.orchestration.distillation import register_distillation  # they build on this module
+    from kinema.orchestration.fitting import register_fitting
+    from kinema.orchestration.model_jobs import job_queues
 
-    app.conf.task_queues = job_queues(app.conf.task_default_queue)  # a worker takes both unless told `--queues`
-    register_distillation(app, settings)  # on its own queue, `distill` (DISTILL_QUEUE)
+    app.conf.task_queues = job_queues(app.conf.task_default_queue)  # a worker takes them all unless told `--queues`
+    register_distillation(app, settings)  # on its own queue, `distill`
+    register_fitting(app, settings)  # IIN fittings, on `fit`
     return app
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,10 +428,12 @@ def train(
     cache: Path = CACHE,
     data: FactorData | None = None,
     cond: torch.Tensor | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple:
     """Train or resume; returns (model in eval mode, position edges, dimension estimate or None, data).
 
-    `data` and `cond` replace the rendered training set and its conditions (tests pass tiny ones).
+    `data` and `cond` replace the rendered training set and its conditions (tests pass tiny ones). `on_step(step,
+    steps)` is called after every step (a fitting job records it there, and stops the run by raising).
     """
     from kinema.nn.iin import InterpretationNet, InterpretationParams
     from kinema.train.state import load_train_state, save_train_state
@@ -493,6 +496,8 @@ def train(
                 f.write(json.dumps(row) + "\n")
         if counters["step"] % cfg.checkpoint_every == 0:
             save_train_state(state_path, model, opt, counters)
+        if on_step is not None:
+            on_step(counters["step"], cfg.steps)
     if logged and row.get("step") != counters["step"]:
         row = {**counters, **{k: round(v, 5) for k, v in logged.items()}}  # the log ends where the run ended
         with log.open("a") as f:
@@ -551,9 +556,11 @@ def export(model, cfg: IINTrainConfig, folder: Path, card: dict, command: str, d
         from kinema.nn.checkpoint import sha256_file
 
         sha = sha256_file(path)
-        (folder / "config.pbtxt").write_text(iin_config(folder.name, model.params, sha), encoding="utf-8")
         write_sha256(folder, sha)
         write_model_py(folder, "iin")
+        tmp = folder / "config.pbtxt.tmp"  # last, whole: a folder with a config is complete
+        tmp.write_text(iin_config(folder.name, model.params, sha), encoding="utf-8")
+        tmp.replace(folder / "config.pbtxt")
     return path
 
 
@@ -614,6 +621,29 @@ def load_iin(path: Path):
     model = InterpretationNet(InterpretationParams(**kwargs))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
     return model.eval().requires_grad_(False)
+
+
+def run_card(
+    cfg: IINTrainConfig, out: Path, model, edges: torch.Tensor, estimate, metrics: dict, eval_n: int, dtype: str
+) -> dict:
+    """The model card's facts of a finished run in `out`: config, training figures, data, params and metrics."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    card = {
+        "config": dataclasses.asdict(cfg),
+        "steps_done": log[-1]["step"],
+        "train_seconds": round(log[-1]["seconds"], 1),
+        "final_train_loss": {k: v for k, v in log[-1].items() if k not in ("step", "samples", "seconds")},
+        "seed": cfg.seed,
+        "data": f"world train split, single-object scenes 0..{cfg.samples - 1}; metrics on "
+        f"test split scenes 0..{eval_n - 1}",
+        "params": dataclasses.asdict(model.params),
+        "position_edges_u": [round(e, 4) for e in edges.tolist()],
+        "metrics": metrics,
+        "weights_dtype": dtype,
+    }
+    if estimate is not None:
+        card["dimension_estimate"] = estimate
+    return card
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -692,22 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate(
         model, cfg.kind, data, test, edges, args.models, args.edit_n, seed=cfg.seed, representation=cfg.representation
     )
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    card = {
-        "config": dataclasses.asdict(cfg),
-        "steps_done": log[-1]["step"],
-        "train_seconds": round(log[-1]["seconds"], 1),
-        "final_train_loss": {k: v for k, v in log[-1].items() if k not in ("step", "samples", "seconds")},
-        "seed": cfg.seed,
-        "data": f"world train split, single-object scenes 0..{cfg.samples - 1}; metrics on "
-        f"test split scenes 0..{args.eval_n - 1}",
-        "params": dataclasses.asdict(model.params),
-        "position_edges_u": [round(e, 4) for e in edges.tolist()],
-        "metrics": metrics,
-        "weights_dtype": args.export_dtype,
-    }
-    if estimate is not None:
-        card["dimension_estimate"] = estimate
+    card = run_card(cfg, out, model, edges, estimate, metrics, args.eval_n, args.export_dtype)
     print(json.dumps(metrics, indent=2), flush=True)
     command = "python -m kinema.train.iin " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.results:

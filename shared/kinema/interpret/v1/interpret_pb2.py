@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from kinema.common.v1 import common_pb2 as kinema_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kinema/interpret/v1/interpret.proto\x12\x13kinema.interpret.v1\x1a\x1dkinema/common/v1/common.proto\"h\n\x10\x46\x61\x63torizeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xd7\x01\n\x11\x46\x61\x63torizeResponse\x12)\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x14\n\x0c\x66\x61\x63tor_names\x18\x02 \x03(\t\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12)\n\x07outside\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xbd\x01\n\x0e\x43omposeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07\x66\x61\x63tors\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12)\n\x07outside\x18\x04 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"h\n\x0f\x43omposeResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xe1\x01\n\x0fTraverseRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06\x66\x61\x63tor\x18\x03 \x01(\t\x12/\n\x04mode\x18\x04 \x01(\x0e\x32!.kinema.interpret.v1.TraverseMode\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"i\n\x10TraverseResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"e\n\x0e\x41nalyzeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"f\n\x0c\x46\x61\x63torScores\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12(\n\x06scores\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04\x62\x65st\x18\x04 \x03(\t\"\xa3\x01\n\x0f\x41nalyzeResponse\x12\x32\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32!.kinema.interpret.v1.FactorScores\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xcf\x01\n\x0b\x45\x64itRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12<\n\x06values\x18\x03 \x03(\x0b\x32,.kinema.interpret.v1.EditRequest.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\x0c\x45\x64itResponse\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xaf\x01\n\x10TranslateRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06source\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperature\"\xc6\x01\n\x11TranslateResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*]\n\x0cTraverseMode\x12\x1d\n\x19TRAVERSE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11TRAVERSE_MODE_SET\x10\x01\x12\x17\n\x13TRAVERSE_MODE_SHIFT\x10\x02\x32\xf4\x04\n\tInterpret\x12Z\n\tFactorize\x12%.kinema.interpret.v1.FactorizeRequest\x1a&.kinema.interpret.v1.FactorizeResponse\x12T\n\x07\x43ompose\x12#.kinema.interpret.v1.ComposeRequest\x1a$.kinema.interpret.v1.ComposeResponse\x12W\n\x08Traverse\x12$.kinema.interpret.v1.TraverseRequest\x1a%.kinema.interpret.v1.TraverseResponse\x12T\n\x07\x41nalyze\x12#.kinema.interpret.v1.AnalyzeRequest\x1a$.kinema.interpret.v1.AnalyzeResponse\x12K\n\x04\x45\x64it\x12 .kinema.interpret.v1.EditRequest\x1a!.kinema.interpret.v1.EditResponse\x12Z\n\tTranslate\x12%.kinema.interpret.v1.TranslateRequest\x1a&.kinema.interpret.v1.TranslateResponse\x12]\n\nListModels\x12&.kinema.interpret.v1.ListModelsRequest\x1a\'.kinema.interpret.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kinema/interpret/v1/interpret.proto\x12\x13kinema.interpret.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dkinema/common/v1/common.proto\"h\n\x10\x46\x61\x63torizeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xd7\x01\n\x11\x46\x61\x63torizeResponse\x12)\n\x07\x66\x61\x63tors\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x14\n\x0c\x66\x61\x63tor_names\x18\x02 \x03(\t\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12)\n\x07outside\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"\xbd\x01\n\x0e\x43omposeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07\x66\x61\x63tors\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x08residual\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12)\n\x07outside\x18\x04 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"h\n\x0f\x43omposeResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xe1\x01\n\x0fTraverseRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12)\n\x07latents\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06\x66\x61\x63tor\x18\x03 \x01(\t\x12/\n\x04mode\x18\x04 \x01(\x0e\x32!.kinema.interpret.v1.TraverseMode\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0e\n\x06scales\x18\x06 \x03(\x02\"i\n\x10TraverseResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"e\n\x0e\x41nalyzeRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\"f\n\x0c\x46\x61\x63torScores\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12(\n\x06scores\x18\x03 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04\x62\x65st\x18\x04 \x03(\t\"\xa3\x01\n\x0f\x41nalyzeResponse\x12\x32\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32!.kinema.interpret.v1.FactorScores\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xcf\x01\n\x0b\x45\x64itRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12<\n\x06values\x18\x03 \x03(\x0b\x32,.kinema.interpret.v1.EditRequest.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\x0c\x45\x64itResponse\x12(\n\x06images\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x02 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\"\xaf\x01\n\x10TranslateRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\x12(\n\x06source\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperature\"\xc6\x01\n\x11TranslateResponse\x12)\n\x07latents\x18\x01 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12(\n\x06images\x18\x02 \x01(\x0b\x32\x18.kinema.common.v1.Tensor\x12*\n\x05model\x18\x03 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x30\n\x0b\x61utoencoder\x18\x04 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\">\n\x11ListModelsRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.kinema.common.v1.ModelRef\"X\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1d\n\nFactorData\x12\x0f\n\x07samples\x18\x01 \x01(\x05\"\xad\x02\n\nFitRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0erepresentation\x18\x02 \x01(\t\x12-\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x1f.kinema.interpret.v1.FactorData\x12\x13\n\x0btrain_steps\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seconds\x18\x05 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x05\x12\x12\n\ncomponents\x18\x07 \x01(\x05\x12\x13\n\x0b\x66\x61\x63tor_dims\x18\x08 \x03(\x05\x12\x12\n\x05noise\x18\t \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x03rho\x18\n \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x0c\n\x04name\x18\x0c \x01(\t\x12\x14\n\x0c\x65val_samples\x18\r \x01(\x05\x42\x08\n\x06_noiseB\x06\n\x04_rho\"<\n\x0b\x46itResponse\x12-\n\x07\x66itting\x18\x01 \x01(\x0b\x32\x1c.kinema.interpret.v1.Fitting\"\x1f\n\x11GetFittingRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\x12GetFittingResponse\x12-\n\x07\x66itting\x18\x01 \x01(\x0b\x32\x1c.kinema.interpret.v1.Fitting\"\"\n\x14\x43\x61ncelFittingRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x15\x43\x61ncelFittingResponse\x12-\n\x07\x66itting\x18\x01 \x01(\x0b\x32\x1c.kinema.interpret.v1.Fitting\"\\\n\x0c\x46ittingError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x06\x64\x65tail\x18\x03 \x01(\x0b\x32\x1d.kinema.common.v1.ErrorDetail\"\xd3\x04\n\x07\x46itting\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.kinema.interpret.v1.FittingState\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1f.kinema.interpret.v1.FitRequest\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.kinema.common.v1.Progress\x12\x33\n\x0erepresentation\x18\x05 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12*\n\x05model\x18\x06 \x01(\x0b\x32\x1b.kinema.common.v1.ModelInfo\x12(\n\x07metrics\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\tartifacts\x18\x08 \x03(\x0b\x32\x1d.kinema.common.v1.ArtifactRef\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.kinema.interpret.v1.FittingError\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x18\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08*]\n\x0cTraverseMode\x12\x1d\n\x19TRAVERSE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11TRAVERSE_MODE_SET\x10\x01\x12\x17\n\x13TRAVERSE_MODE_SHIFT\x10\x02*\xb6\x01\n\x0c\x46ittingState\x12\x1d\n\x19\x46ITTING_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46ITTING_STATE_QUEUED\x10\x01\x12\x19\n\x15\x46ITTING_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x46ITTING_STATE_COMPLETED\x10\x03\x12\x18\n\x14\x46ITTING_STATE_FAILED\x10\x04\x12\x1b\n\x17\x46ITTING_STATE_CANCELLED\x10\x05\x32\x85\x07\n\tInterpret\x12Z\n\tFactorize\x12%.kinema.interpret.v1.FactorizeRequest\x1a&.kinema.interpret.v1.FactorizeResponse\x12T\n\x07\x43ompose\x12#.kinema.interpret.v1.ComposeRequest\x1a$.kinema.interpret.v1.ComposeResponse\x12W\n\x08Traverse\x12$.kinema.interpret.v1.TraverseRequest\x1a%.kinema.interpret.v1.TraverseResponse\x12T\n\x07\x41nalyze\x12#.kinema.interpret.v1.AnalyzeRequest\x1a$.kinema.interpret.v1.AnalyzeResponse\x12K\n\x04\x45\x64it\x12 .kinema.interpret.v1.EditRequest\x1a!.kinema.interpret.v1.EditResponse\x12Z\n\tTranslate\x12%.kinema.interpret.v1.TranslateRequest\x1a&.kinema.interpret.v1.TranslateResponse\x12]\n\nListModels\x12&.kinema.interpret.v1.ListModelsRequest\x1a\'.kinema.interpret.v1.ListModelsResponse\x12H\n\x03\x46it\x12\x1f.kinema.interpret.v1.FitRequest\x1a .kinema.interpret.v1.FitResponse\x12]\n\nGetFitting\x12&.kinema.interpret.v1.GetFittingRequest\x1a\'.kinema.interpret.v1.GetFittingResponse\x12\x66\n\rCancelFitting\x12).kinema.interpret.v1.CancelFittingRequest\x1a*.kinema.interpret.v1.CancelFittingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +36,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EDITREQUEST_VALUESENTRY']._loaded_options = None
   _globals['_EDITREQUEST_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_TRAVERSEMODE']._serialized_start=2317
-  _globals['_TRAVERSEMODE']._serialized_end=2410
-  _globals['_FACTORIZEREQUEST']._serialized_start=91
-  _globals['_FACTORIZEREQUEST']._serialized_end=195
-  _globals['_FACTORIZERESPONSE']._serialized_start=198
-  _globals['_FACTORIZERESPONSE']._serialized_end=413
-  _globals['_COMPOSEREQUEST']._serialized_start=416
-  _globals['_COMPOSEREQUEST']._serialized_end=605
-  _globals['_COMPOSERESPONSE']._serialized_start=607
-  _globals['_COMPOSERESPONSE']._serialized_end=711
-  _globals['_TRAVERSEREQUEST']._serialized_start=714
-  _globals['_TRAVERSEREQUEST']._serialized_end=939
-  _globals['_TRAVERSERESPONSE']._serialized_start=941
-  _globals['_TRAVERSERESPONSE']._serialized_end=1046
-  _globals['_ANALYZEREQUEST']._serialized_start=1048
-  _globals['_ANALYZEREQUEST']._serialized_end=1149
-  _globals['_FACTORSCORES']._serialized_start=1151
-  _globals['_FACTORSCORES']._serialized_end=1253
-  _globals['_ANALYZERESPONSE']._serialized_start=1256
-  _globals['_ANALYZERESPONSE']._serialized_end=1419
-  _globals['_EDITREQUEST']._serialized_start=1422
-  _globals['_EDITREQUEST']._serialized_end=1629
-  _globals['_EDITREQUEST_VALUESENTRY']._serialized_start=1584
-  _globals['_EDITREQUEST_VALUESENTRY']._serialized_end=1629
-  _globals['_EDITRESPONSE']._serialized_start=1632
-  _globals['_EDITRESPONSE']._serialized_end=1782
-  _globals['_TRANSLATEREQUEST']._serialized_start=1785
-  _globals['_TRANSLATEREQUEST']._serialized_end=1960
-  _globals['_TRANSLATERESPONSE']._serialized_start=1963
-  _globals['_TRANSLATERESPONSE']._serialized_end=2161
-  _globals['_LISTMODELSREQUEST']._serialized_start=2163
-  _globals['_LISTMODELSREQUEST']._serialized_end=2225
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2227
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2315
-  _globals['_INTERPRET']._serialized_start=2413
-  _globals['_INTERPRET']._serialized_end=3041
+  _globals['_TRAVERSEMODE']._serialized_start=3679
+  _globals['_TRAVERSEMODE']._serialized_end=3772
+  _globals['_FITTINGSTATE']._serialized_start=3775
+  _globals['_FITTINGSTATE']._serialized_end=3957
+  _globals['_FACTORIZEREQUEST']._serialized_start=154
+  _globals['_FACTORIZEREQUEST']._serialized_end=258
+  _globals['_FACTORIZERESPONSE']._serialized_start=261
+  _globals['_FACTORIZERESPONSE']._serialized_end=476
+  _globals['_COMPOSEREQUEST']._serialized_start=479
+  _globals['_COMPOSEREQUEST']._serialized_end=668
+  _globals['_COMPOSERESPONSE']._serialized_start=670
+  _globals['_COMPOSERESPONSE']._serialized_end=774
+  _globals['_TRAVERSEREQUEST']._serialized_start=777
+  _globals['_TRAVERSEREQUEST']._serialized_end=1002
+  _globals['_TRAVERSERESPONSE']._serialized_start=1004
+  _globals['_TRAVERSERESPONSE']._serialized_end=1109
+  _globals['_ANALYZEREQUEST']._serialized_start=1111
+  _globals['_ANALYZEREQUEST']._serialized_end=1212
+  _globals['_FACTORSCORES']._serialized_start=1214
+  _globals['_FACTORSCORES']._serialized_end=1316
+  _globals['_ANALYZERESPONSE']._serialized_start=1319
+  _globals['_ANALYZERESPONSE']._serialized_end=1482
+  _globals['_EDITREQUEST']._serialized_start=1485
+  _globals['_EDITREQUEST']._serialized_end=1692
+  _globals['_EDITREQUEST_VALUESENTRY']._serialized_start=1647
+  _globals['_EDITREQUEST_VALUESENTRY']._serialized_end=1692
+  _globals['_EDITRESPONSE']._serialized_start=1695
+  _globals['_EDITRESPONSE']._serialized_end=1845
+  _globals['_TRANSLATEREQUEST']._serialized_start=1848
+  _globals['_TRANSLATEREQUEST']._serialized_end=2023
+  _globals['_TRANSLATERESPONSE']._serialized_start=2026
+  _globals['_TRANSLATERESPONSE']._serialized_end=2224
+  _globals['_LISTMODELSREQUEST']._serialized_start=2226
+  _globals['_LISTMODELSREQUEST']._serialized_end=2288
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2290
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2378
+  _globals['_FACTORDATA']._serialized_start=2380
+  _globals['_FACTORDATA']._serialized_end=2409
+  _globals['_FITREQUEST']._serialized_start=2412
+  _globals['_FITREQUEST']._serialized_end=2713
+  _globals['_FITRESPONSE']._serialized_start=2715
+  _globals['_FITRESPONSE']._serialized_end=2775
+  _globals['_GETFITTINGREQUEST']._serialized_start=2777
+  _globals['_GETFITTINGREQUEST']._serialized_end=2808
+  _globals['_GETFITTINGRESPONSE']._serialized_start=2810
+  _globals['_GETFITTINGRESPONSE']._serialized_end=2877
+  _globals['_CANCELFITTINGREQUEST']._serialized_start=2879
+  _globals['_CANCELFITTINGREQUEST']._serialized_end=2913
+  _globals['_CANCELFITTINGRESPONSE']._serialized_start=2915
+  _globals['_CANCELFITTINGRESPONSE']._serialized_end=2985
+  _globals['_FITTINGERROR']._serialized_start=2987
+  _globals['_FITTINGERROR']._serialized_end=3079
+  _globals['_FITTING']._serialized_start=3082
+  _globals['_FITTING']._serialized_end=3677
+  _globals['_INTERPRET']._serialized_start=3960
+  _globals['_INTERPRET']._serialized_end=4861
 # @@protoc_insertion_point(module_scope)

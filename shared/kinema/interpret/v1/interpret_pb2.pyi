@@ -1,3 +1,7 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from kinema.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -13,9 +17,24 @@ class TraverseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAVERSE_MODE_UNSPECIFIED: _ClassVar[TraverseMode]
     TRAVERSE_MODE_SET: _ClassVar[TraverseMode]
     TRAVERSE_MODE_SHIFT: _ClassVar[TraverseMode]
+
+class FittingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FITTING_STATE_UNSPECIFIED: _ClassVar[FittingState]
+    FITTING_STATE_QUEUED: _ClassVar[FittingState]
+    FITTING_STATE_RUNNING: _ClassVar[FittingState]
+    FITTING_STATE_COMPLETED: _ClassVar[FittingState]
+    FITTING_STATE_FAILED: _ClassVar[FittingState]
+    FITTING_STATE_CANCELLED: _ClassVar[FittingState]
 TRAVERSE_MODE_UNSPECIFIED: TraverseMode
 TRAVERSE_MODE_SET: TraverseMode
 TRAVERSE_MODE_SHIFT: TraverseMode
+FITTING_STATE_UNSPECIFIED: FittingState
+FITTING_STATE_QUEUED: FittingState
+FITTING_STATE_RUNNING: FittingState
+FITTING_STATE_COMPLETED: FittingState
+FITTING_STATE_FAILED: FittingState
+FITTING_STATE_CANCELLED: FittingState
 
 class FactorizeRequest(_message.Message):
     __slots__ = ("model", "latents")
@@ -179,3 +198,111 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
     default_model: str
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class FactorData(_message.Message):
+    __slots__ = ("samples",)
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    def __init__(self, samples: _Optional[int] = ...) -> None: ...
+
+class FitRequest(_message.Message):
+    __slots__ = ("kind", "representation", "data", "train_steps", "max_seconds", "batch", "components", "factor_dims", "noise", "rho", "seed", "name", "eval_samples")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_DIMS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    RHO_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    representation: str
+    data: FactorData
+    train_steps: int
+    max_seconds: float
+    batch: int
+    components: int
+    factor_dims: _containers.RepeatedScalarFieldContainer[int]
+    noise: float
+    rho: float
+    seed: int
+    name: str
+    eval_samples: int
+    def __init__(self, kind: _Optional[str] = ..., representation: _Optional[str] = ..., data: _Optional[_Union[FactorData, _Mapping]] = ..., train_steps: _Optional[int] = ..., max_seconds: _Optional[float] = ..., batch: _Optional[int] = ..., components: _Optional[int] = ..., factor_dims: _Optional[_Iterable[int]] = ..., noise: _Optional[float] = ..., rho: _Optional[float] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ..., eval_samples: _Optional[int] = ...) -> None: ...
+
+class FitResponse(_message.Message):
+    __slots__ = ("fitting",)
+    FITTING_FIELD_NUMBER: _ClassVar[int]
+    fitting: Fitting
+    def __init__(self, fitting: _Optional[_Union[Fitting, _Mapping]] = ...) -> None: ...
+
+class GetFittingRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetFittingResponse(_message.Message):
+    __slots__ = ("fitting",)
+    FITTING_FIELD_NUMBER: _ClassVar[int]
+    fitting: Fitting
+    def __init__(self, fitting: _Optional[_Union[Fitting, _Mapping]] = ...) -> None: ...
+
+class CancelFittingRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class CancelFittingResponse(_message.Message):
+    __slots__ = ("fitting",)
+    FITTING_FIELD_NUMBER: _ClassVar[int]
+    fitting: Fitting
+    def __init__(self, fitting: _Optional[_Union[Fitting, _Mapping]] = ...) -> None: ...
+
+class FittingError(_message.Message):
+    __slots__ = ("code", "message", "detail")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    detail: _common_pb2.ErrorDetail
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., detail: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
+
+class Fitting(_message.Message):
+    __slots__ = ("id", "state", "request", "progress", "representation", "model", "metrics", "artifacts", "error", "created_at", "started_at", "finished_at", "attempts", "cancel_requested")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: FittingState
+    request: FitRequest
+    progress: _common_pb2.Progress
+    representation: _common_pb2.ModelInfo
+    model: _common_pb2.ModelInfo
+    metrics: _struct_pb2.Struct
+    artifacts: _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactRef]
+    error: FittingError
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    attempts: int
+    cancel_requested: bool
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[FittingState, str]] = ..., request: _Optional[_Union[FitRequest, _Mapping]] = ..., progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., representation: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., artifacts: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ..., error: _Optional[_Union[FittingError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...

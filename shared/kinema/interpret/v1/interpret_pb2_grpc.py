@@ -70,6 +70,21 @@ class InterpretStub:
                 request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Fit = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/Fit',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitResponse.FromString,
+                _registered_method=True)
+        self.GetFitting = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/GetFitting',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingResponse.FromString,
+                _registered_method=True)
+        self.CancelFitting = channel.unary_unary(
+                '/kinema.interpret.v1.Interpret/CancelFitting',
+                request_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingRequest.SerializeToString,
+                response_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingResponse.FromString,
+                _registered_method=True)
 
 
 class InterpretServicer:
@@ -128,7 +143,37 @@ class InterpretServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the models this service has loaded.
+        """Lists the models this service has loaded, the ones fittings loaded included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fit(self, request, context):
+        """Queues a fitting: a Celery worker trains a new interpretation model of `kind` over the code of
+        `representation` on the factor data, scores it on held-out renders, stores its weights, model
+        card and Triton config in the artifact store (caller's tenant) and loads it into Triton, after
+        which ListModels lists it and every RPC above serves it. Errors: INVALID_ARGUMENT naming the
+        field for an unknown kind or representation, a malformed name or a value out of its range;
+        ALREADY_EXISTS for a name Triton serves already (reason MODEL_EXISTS) or one a queued or
+        running fitting will load (reason FITTING_RUNNING, ErrorDetail.metadata["fitting_id"] names
+        it). Without a job store (KINEMA_REDIS_URL) it answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFitting(self, request, context):
+        """The fitting as it is now: state, progress, and once COMPLETED its model, metrics and
+        artifacts. Another tenant's or an expired one is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelFitting(self, request, context):
+        """Stops a fitting: a QUEUED one is CANCELLED at once, a RUNNING one stops within one training
+        step (nothing stored, nothing loaded); a finished one is returned as it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +216,21 @@ def add_InterpretServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsRequest.FromString,
                     response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Fit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fit,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitResponse.SerializeToString,
+            ),
+            'GetFitting': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFitting,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingResponse.SerializeToString,
+            ),
+            'CancelFitting': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelFitting,
+                    request_deserializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingRequest.FromString,
+                    response_serializer=kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +423,87 @@ class Interpret:
             '/kinema.interpret.v1.Interpret/ListModels',
             kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsRequest.SerializeToString,
             kinema_dot_interpret_dot_v1_dot_interpret__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/Fit',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.FitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFitting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/GetFitting',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.GetFittingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelFitting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kinema.interpret.v1.Interpret/CancelFitting',
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingRequest.SerializeToString,
+            kinema_dot_interpret_dot_v1_dot_interpret__pb2.CancelFittingResponse.FromString,
             options,
             channel_credentials,
             insecure,
