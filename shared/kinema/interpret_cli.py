@@ -1,6 +1,10 @@
 """`kinema interpret analyze|edit`: read and set the named factors of images (colour, shape, position, size) with
 an invertible interpretation network, on this machine (the default) or through an interpret service
-(`--service HOST:PORT`). Both run `kinema.inference.interpreter.Interpreter`: here over in-process networks."""
+(`--service HOST:PORT`). Both run `kinema.inference.interpreter.Interpreter`: here over in-process networks.
+
+`kinema interpret fit` queues a fitting on the interpret service (the `Fit` job: a new IIN trained, scored, stored
+and loaded there) and `kinema interpret fitting ID` reads or cancels one; `--wait` follows it to its end. On this
+machine the same training is `python -m kinema.train.iin`."""
 
 from __future__ import annotations
 
@@ -137,6 +141,98 @@ def cmd_edit(args: argparse.Namespace) -> None:
     _save_png(Image.fromarray(pixels), args.output, info)
 
 
+def _fitting_lines(f) -> list[str]:
+    """A fitting in a few lines: state, progress, and once COMPLETED the model and its headline metrics."""
+    from google.protobuf import json_format
+
+    from kinema.interpret.v1 import interpret_pb2 as pb
+
+    state = pb.FittingState.Name(f.state).removeprefix("FITTING_STATE_")
+    lines = [f"fitting {f.id}: {state} ({f.request.kind} over {f.request.representation}, name {f.request.name})"]
+    if f.HasField("progress"):
+        lines.append(f"  step {f.progress.step}/{f.progress.total} after {f.progress.elapsed_seconds:.0f} s")
+    if f.HasField("error"):
+        lines.append(f"  error: {f.error.message}")
+    if f.model.name:
+        lines.append(f"  model {f.model.name} version {f.model.version}, weights {f.model.sha256[:12]}")
+        probes = json_format.MessageToDict(f.metrics).get("metrics", {}).get("factors", {}).get("linear_probe")
+        if probes is not None:
+            reads = ", ".join(f"{k} {100 * probes[k][k]:.1f}%" for k in ("colour", "shape", "position", "size")
+                              if k in probes)  # fmt: skip
+            lines.append(f"  factor probes (z block -> its factor): {reads}")
+    return lines
+
+
+def _follow(args: argparse.Namespace, fitting):
+    """Print `fitting` and, with --wait, poll it every second until it ends (a progress line every 10 s)."""
+    import sys
+    import time
+
+    from google.protobuf import json_format
+
+    from kinema.interpret.v1 import interpret_pb2 as pb
+
+    terminal = {pb.FITTING_STATE_COMPLETED, pb.FITTING_STATE_FAILED, pb.FITTING_STATE_CANCELLED}
+    last = time.monotonic()
+    while args.wait and fitting.state not in terminal:
+        time.sleep(1.0)
+        fitting = _call(args, "GetFitting", pb.GetFittingRequest(id=fitting.id)).fitting
+        if time.monotonic() - last >= 10 and fitting.HasField("progress"):
+            last = time.monotonic()
+            print(f"step {fitting.progress.step}/{fitting.progress.total}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json_format.MessageToJson(fitting, preserving_proto_field_name=True))
+    else:
+        print("\n".join(_fitting_lines(fitting)))
+    if fitting.state in (pb.FITTING_STATE_FAILED, pb.FITTING_STATE_CANCELLED):
+        raise CliError(f"fitting {fitting.id} {pb.FittingState.Name(fitting.state).removeprefix('FITTING_STATE_')}"
+                       + (f": {fitting.error.message}" if fitting.error.message else ""))  # fmt: skip
+
+
+def _need_service(args: argparse.Namespace) -> None:
+    if not args.service:
+        raise CliError("fitting runs on an interpret service: give --service HOST:PORT (or KINEMA_INTERPRET_SERVICE); "
+                       "on this machine train with python -m kinema.train.iin")  # fmt: skip
+
+
+_FIT_OPTIONS = {"data.samples": "--samples", "train_steps": "--steps", "max_seconds": "--max-seconds",
+                "factor_dims": "--factor-dims", "eval_samples": "--eval-samples"}  # fmt: skip
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from kinema.errors import KinemaError
+    from kinema.interpret.v1 import interpret_pb2 as pb
+
+    _need_service(args)
+    request = pb.FitRequest(kind=args.kind, representation=args.representation,
+                            data=pb.FactorData(samples=args.samples), train_steps=args.steps,
+                            max_seconds=args.max_seconds, batch=args.batch, components=args.components,
+                            factor_dims=args.factor_dims or (), seed=args.seed, name=args.name,
+                            eval_samples=args.eval_samples)  # fmt: skip
+    for field in ("noise", "rho"):
+        if getattr(args, field) is not None:
+            setattr(request, field, getattr(args, field))
+    try:
+        fitting = _call(args, "Fit", request).fitting
+    except KinemaError as e:
+        if e.field:
+            option = _FIT_OPTIONS.get(e.field, "--" + e.field.replace("_", "-"))
+            raise CliError(f"{option}: {str(e).removeprefix(e.field + ' ').removeprefix(e.field + ': ')}") from None
+        raise
+    _follow(args, fitting)
+
+
+def cmd_fitting(args: argparse.Namespace) -> None:
+    from kinema.interpret.v1 import interpret_pb2 as pb
+
+    _need_service(args)
+    if args.cancel:
+        fitting = _call(args, "CancelFitting", pb.CancelFittingRequest(id=args.id)).fitting
+    else:
+        fitting = _call(args, "GetFitting", pb.GetFittingRequest(id=args.id)).fitting
+    _follow(args, fitting)
+
+
 def add_interpret_parser(sub) -> None:
     p = sub.add_parser("interpret", help="read and set the named factors of images (IIN): colour, shape, ...")
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -157,3 +253,35 @@ def add_interpret_parser(sub) -> None:
                       metavar="FACTOR=VALUE", help="e.g. colour=blue; repeat for several factors")  # fmt: skip
     edit.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
     edit.set_defaults(func=cmd_edit)
+    service = argparse.ArgumentParser(add_help=False)
+    service.add_argument(
+        "--service",
+        type=_server_address,
+        default=os.environ.get("KINEMA_INTERPRET_SERVICE") or None,
+        metavar="HOST:PORT",
+        help="the interpret service (default: KINEMA_INTERPRET_SERVICE)",
+    )
+    service.add_argument("--wait", action="store_true", help="follow the fitting until it ends")
+    service.add_argument("--json", action="store_true", help="print the fitting as JSON (the proto's field names)")
+    fit = verbs.add_parser("fit", parents=[service], help="train a new IIN on the interpret service (a job) and load "
+                           "it there; prints the fitting (docs/interpret.md, 'Fitting as a job')")  # fmt: skip
+    fit.add_argument("--kind", default="", choices=("factor", "mle", "invariance", "net2net"),
+                     help="default factor")  # fmt: skip
+    fit.add_argument("--representation", default="", choices=("vector_ae", "vae"), help="default vector_ae")
+    fit.add_argument("--samples", type=int, default=0, help="world renders to fit on (default 8000)")
+    fit.add_argument("--steps", type=int, default=0, help="training steps at most (default 2000)")
+    fit.add_argument("--max-seconds", type=float, default=0.0, help="training time at most (default 1800)")
+    fit.add_argument("--batch", type=int, default=0, help="images or pairs per step (default 256)")
+    fit.add_argument("--components", type=int, default=0, help="principal components of the code (default: all)")
+    fit.add_argument("--factor-dims", type=int, nargs=4, default=None, metavar="N",
+                     help="dimensions of colour, shape, position, size (default: the paper's estimate)")  # fmt: skip
+    fit.add_argument("--noise", type=float, default=None, help="training noise on the code (default 0.3)")
+    fit.add_argument("--rho", type=float, default=None, help="correlation of a shared factor (default 0.9)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--name", default="", help="the model's name, iin_... (default iin_fit_<id>)")
+    fit.add_argument("--eval-samples", type=int, default=0, help="test renders for the metrics (default 500)")
+    fit.set_defaults(func=cmd_fit)
+    fitting = verbs.add_parser("fitting", parents=[service], help="print a fitting, or cancel it")
+    fitting.add_argument("id", help="the fitting's id, as fit printed it")
+    fitting.add_argument("--cancel", action="store_true", help="stop it (a running one stops within a step)")
+    fitting.set_defaults(func=cmd_fitting)

@@ -75,7 +75,7 @@ def service(env, worker, triton, tmp_path_factory: pytest.TempPathFactory) -> It
     proc.stop()
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     try:  # the session's Triton serves what tests/services expect again
-        for name in (FITTED, "iin_fit_cancelled"):
+        for name in (FITTED, "iin_fit_cancelled", "iin_fit_cli"):
             if client.is_model_ready(name):
                 client.unload_model(name)
     finally:
@@ -281,3 +281,23 @@ def test_a_fitted_model_triton_dropped_is_loaded_again_from_the_store(stub, serv
     assert '"model restored into Triton"' in service.log.read_text() and FITTED in service.log.read_text()
     after = {m.name: m for m in stub.ListModels(ipb.ListModelsRequest(), timeout=30).models}
     assert after[FITTED] == before[FITTED]
+
+
+def test_the_cli_fits_through_the_service_and_follows_the_fitting(service, capsys):
+    """`kinema interpret fit --wait` queues a fitting and prints it once it ended; `fitting ID` reads it again; a bad
+    value is refused naming the option, with nothing queued."""
+    from kinema.cli import main
+
+    address = ["--service", service.address]
+    assert main(["interpret", "fit", *address, "--samples", "64", "--components", "16", "--factor-dims", "2", "2",
+                 "2", "2", "--batch", "16", "--steps", "5", "--eval-samples", "16", "--name", "iin_fit_cli",
+                 "--wait", "--json"]) == 0  # fmt: skip
+    fitting = json.loads(capsys.readouterr().out)
+    assert fitting["state"] == "FITTING_STATE_COMPLETED" and fitting["model"]["name"] == "iin_fit_cli"
+    assert main(["interpret", "fitting", fitting["id"], *address]) == 0
+    out = capsys.readouterr().out
+    assert f"fitting {fitting['id']}: COMPLETED" in out and "model iin_fit_cli version 1" in out
+    assert "factor probes (z block -> its factor): colour" in out
+    assert main(["interpret", "fit", *address, "--samples", "10"]) == 2
+    assert "--samples: must be in 64..24000" in capsys.readouterr().err
+    assert main(["interpret", "fitting", "nope", *address]) != 0
