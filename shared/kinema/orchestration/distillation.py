@@ -37,6 +37,7 @@ from google.protobuf import json_format
 from kinema.common.v1 import common_pb2
 from kinema.distill.v1 import distill_pb2 as dpb
 from kinema.errors import AlreadyExists, FailedPrecondition, InvalidInput, KinemaError, NotFound
+from kinema.orchestration import model_jobs
 from kinema.orchestration.model_jobs import ModelJobs, ModelJobSettings, TrainingRunner, as_dict, card_json
 from kinema.orchestration.worker import JobCancelled, JobTask
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
@@ -141,16 +142,11 @@ def check_teacher(name: str) -> None:
 
 def record_request(spec: DistillationSpec, teacher: common_pb2.ModelInfo) -> pb.PipelineRequest:
     """The PipelineRequest a distillation's Job record carries: the resolved request and the teacher served."""
-    request = pb.PipelineRequest(pipeline=PIPELINE)
-    request.options.update({"request": as_dict(spec.to_request()), "teacher": as_dict(teacher)})
-    request.models["teacher"].CopyFrom(common_pb2.ModelRef(name=teacher.name, version=teacher.version))
-    return request
+    return model_jobs.record_request(PIPELINE, spec.to_request(), "teacher", teacher)
 
 
 def read_record(job: pb.Job) -> tuple[DistillationSpec, common_pb2.ModelInfo]:
-    options = json_format.MessageToDict(job.request.options, preserving_proto_field_name=True)
-    request = json_format.ParseDict(options.get("request", {}), dpb.StartDistillationRequest())
-    teacher = json_format.ParseDict(options.get("teacher", {}), common_pb2.ModelInfo())
+    request, teacher = model_jobs.read_record(job, dpb.StartDistillationRequest, "teacher")
     return DistillationSpec.from_request(request), teacher
 
 
@@ -161,20 +157,7 @@ def distillation_message(job: pb.Job) -> dpb.Distillation:
     request.name = spec.student_name(job.id)
     message = dpb.Distillation(id=job.id, state=job.state, request=request, teacher=teacher, attempts=job.attempts,
                                cancel_requested=job.cancel_requested)  # fmt: skip
-    for name in ("progress", "created_at", "started_at", "finished_at"):
-        if job.HasField(name):
-            getattr(message, name).CopyFrom(getattr(job, name))
-    if job.HasField("error"):
-        message.error.CopyFrom(dpb.DistillationError(code=job.error.code, message=job.error.message,
-                                                     detail=job.error.detail))  # fmt: skip
-    for output in job.outputs:
-        message.artifacts.append(output.artifact)
-        parameters = json_format.MessageToDict(output.provenance.parameters)
-        if output.index == 0:  # the weights: their provenance holds the metrics and the loaded student
-            message.metrics.update(parameters.get("metrics", {}))
-            student = parameters.get("student", {})
-            message.student.CopyFrom(json_format.ParseDict(student, common_pb2.ModelInfo()))
-    return message
+    return model_jobs.fill_job_message(message, job, dpb.DistillationError, "student")
 
 
 class DistillJobs(ModelJobs):

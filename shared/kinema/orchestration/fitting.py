@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from kinema.common.v1 import common_pb2
 from kinema.errors import AlreadyExists, FailedPrecondition, InvalidInput, KinemaError
 from kinema.interpret.v1 import interpret_pb2 as ipb
+from kinema.orchestration import model_jobs
 from kinema.orchestration.model_jobs import ModelJobs, ModelJobSettings, TrainingRunner, as_dict
 from kinema.orchestration.worker import JobCancelled, JobTask
 from kinema.orchestrator.v1 import orchestrator_pb2 as pb
@@ -178,16 +179,11 @@ def encoder_name(representation: str) -> str:
 
 def record_request(spec: FitSpec, encoder: common_pb2.ModelInfo) -> pb.PipelineRequest:
     """The PipelineRequest a fitting's Job record carries: the resolved request and the encoder served."""
-    request = pb.PipelineRequest(pipeline=PIPELINE)
-    request.options.update({"request": as_dict(spec.to_request()), "representation": as_dict(encoder)})
-    request.models["representation"].CopyFrom(common_pb2.ModelRef(name=encoder.name, version=encoder.version))
-    return request
+    return model_jobs.record_request(PIPELINE, spec.to_request(), "representation", encoder)
 
 
 def read_record(job: pb.Job) -> tuple[FitSpec, common_pb2.ModelInfo]:
-    options = json_format.MessageToDict(job.request.options, preserving_proto_field_name=True)
-    request = json_format.ParseDict(options.get("request", {}), ipb.FitRequest())
-    encoder = json_format.ParseDict(options.get("representation", {}), common_pb2.ModelInfo())
+    request, encoder = model_jobs.read_record(job, ipb.FitRequest, "representation")
     return FitSpec.from_request(request), encoder
 
 
@@ -198,19 +194,7 @@ def fitting_message(job: pb.Job) -> ipb.Fitting:
     request.name = spec.model_name(job.id)
     message = ipb.Fitting(id=job.id, state=job.state, request=request, representation=encoder,
                           attempts=job.attempts, cancel_requested=job.cancel_requested)  # fmt: skip
-    for name in ("progress", "created_at", "started_at", "finished_at"):
-        if job.HasField(name):
-            getattr(message, name).CopyFrom(getattr(job, name))
-    if job.HasField("error"):
-        message.error.CopyFrom(ipb.FittingError(code=job.error.code, message=job.error.message,
-                                                detail=job.error.detail))  # fmt: skip
-    for output in job.outputs:
-        message.artifacts.append(output.artifact)
-        if output.index == 0:  # the weights: their provenance holds the metrics and the loaded model
-            parameters = json_format.MessageToDict(output.provenance.parameters)
-            message.metrics.update(parameters.get("metrics", {}))
-            message.model.CopyFrom(json_format.ParseDict(parameters.get("model", {}), common_pb2.ModelInfo()))
-    return message
+    return model_jobs.fill_job_message(message, job, ipb.FittingError, "model")
 
 
 def claim_ttl(spec: FitSpec) -> int:

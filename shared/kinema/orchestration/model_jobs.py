@@ -56,6 +56,40 @@ def as_dict(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+def record_request(pipeline: str, request, role: str, model: common_pb2.ModelInfo) -> pb.PipelineRequest:
+    """The PipelineRequest a model job's record carries: its resolved start request and, under `role`, the served model
+    it builds on (a teacher, a representation's encoder)."""
+    record = pb.PipelineRequest(pipeline=pipeline)
+    record.options.update({"request": as_dict(request), role: as_dict(model)})
+    record.models[role].CopyFrom(common_pb2.ModelRef(name=model.name, version=model.version))
+    return record
+
+
+def read_record(job: pb.Job, request_type: type, role: str) -> tuple[Any, common_pb2.ModelInfo]:
+    """(the start request, the model under `role`) of a record `record_request` wrote."""
+    options = json_format.MessageToDict(job.request.options, preserving_proto_field_name=True)
+    request = json_format.ParseDict(options.get("request", {}), request_type())
+    return request, json_format.ParseDict(options.get(role, {}), common_pb2.ModelInfo())
+
+
+def fill_job_message(message, job: pb.Job, error_type: type, made: str):
+    """Copy what every model job's client message shares from its record: progress and times, the error as
+    `error_type`, the artifacts, and from the weights' provenance (output 0) the metrics and the loaded model (the
+    provenance parameter and message field `made`: "student", "model")."""
+    for name in ("progress", "created_at", "started_at", "finished_at"):
+        if job.HasField(name):
+            getattr(message, name).CopyFrom(getattr(job, name))
+    if job.HasField("error"):
+        message.error.CopyFrom(error_type(code=job.error.code, message=job.error.message, detail=job.error.detail))
+    for output in job.outputs:
+        message.artifacts.append(output.artifact)
+        if output.index == 0:
+            parameters = json_format.MessageToDict(output.provenance.parameters)
+            message.metrics.update(parameters.get("metrics", {}))
+            getattr(message, made).CopyFrom(json_format.ParseDict(parameters.get(made, {}), common_pb2.ModelInfo()))
+    return message
+
+
 @dataclass(frozen=True)
 class ModelJobSettings:
     """What a model service needs for its model jobs, from the orchestrator's variables of the same meaning:
@@ -432,7 +466,10 @@ __all__ = [
     "TrainingRunner",
     "as_dict",
     "card_json",
+    "fill_job_message",
     "job_queues",
     "loaded_entry",
     "model_jobs_app",
+    "read_record",
+    "record_request",
 ]
