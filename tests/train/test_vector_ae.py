@@ -92,3 +92,34 @@ def test_a_short_run_lowers_the_loss_resumes_exports_and_loads_back(tmp_path: Pa
         IINTrainConfig(representation="pixels")
     with pytest.raises(ValueError, match="unknown representation"):
         load_representation("pixels", models)
+
+
+class _Grey(torch.nn.Module):
+    """Decodes every code to mid-grey: on a black image, the same error (1.5) at every pixel and channel."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(len(x), 4)
+
+    def decode_all(self, code: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.full((len(code), 3, 64, 64), 0.5), torch.zeros(len(code), 1, 64, 64)], 1)
+
+
+def _grey_loss(balance: float, images: torch.Tensor, masks: torch.Tensor) -> float:
+    cfg = vector_ae.VectorAETrainConfig(size_balance=balance, code_noise=0.0, mask_weight=0.0, code_l2=0.0)
+    return vector_ae.batch_loss(_Grey(), cfg, images, masks, None)[0].item()
+
+
+def test_size_balance_weighs_a_small_objects_pixels_more_and_off_changes_nothing() -> None:
+    """Off (0), every object pixel weighs 1 + object_weight; with size_balance 1 an image's object pixels weigh that
+    times the batch's mean object area over its own (within 1/4..8), so a small object is not drowned by a large one."""
+    images = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 30:34, 30:34] = 1  # a small object: 4x4, 6x6 = 36 pixels with the one around it
+    masks[1, 16:48, 16:48] = 1  # a large one: 32x32, 34x34 = 1156 pixels
+    areas, pixels = (36.0, 1156.0), 64 * 64
+    for i, area in enumerate(areas):
+        assert _grey_loss(0.0, images[i : i + 1], masks[i : i + 1]) == pytest.approx(1.5 * (pixels + 9 * area) / pixels)
+    mean = sum(areas) / 2
+    balance = [min(8.0, max(0.25, mean / a)) for a in areas]  # 8 (clamped from 16.6) and 0.52
+    expected = 1.5 * sum(pixels + 9 * b * a for b, a in zip(balance, areas, strict=True)) / (2 * pixels)
+    assert _grey_loss(1.0, images, masks) == pytest.approx(expected)

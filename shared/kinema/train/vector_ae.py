@@ -44,6 +44,10 @@ class VectorAETrainConfig:
     mask_weight: float = 1.0
     code_l2: float = 1e-2
     code_noise: float = 0.1
+    # 0: every object pixel weighs 1 + object_weight; p > 0: an image's object pixels weigh that times
+    # (batch mean object area / its object's area) ** p (within 1/4..8), so a small object's outline counts as much
+    # as a large one's (p = 1: each object's total weight alike); the silhouette term is weighted alike.
+    size_balance: float = 0.0
     seed: int = 0
     checkpoint_every: int = 250
 
@@ -70,11 +74,18 @@ def as_input(images: torch.Tensor) -> torch.Tensor:
 
 def batch_loss(model, cfg: VectorAETrainConfig, images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator):
     x = as_input(images)
-    weight = 1.0 + cfg.object_weight * F.max_pool2d(masks[:, None].float(), 3, 1, 1)
+    region = F.max_pool2d(masks[:, None].float(), 3, 1, 1)  # (B, 1, H, W): the object and a pixel around it
+    balance = torch.ones(len(x), 1, 1, 1)
+    if cfg.size_balance:
+        area = region.sum((1, 2, 3), keepdim=True).clamp_min(1.0)
+        balance = (area.mean() / area).pow(cfg.size_balance).clamp(0.25, 8.0)
+    weight = 1.0 + cfg.object_weight * balance * region
     code = model.encode(x)
     out = model.decode_all(code + cfg.code_noise * torch.randn(code.shape, generator=gen))
     pixels = (weight * (out[:, :3] - x).abs()).mean()
-    silhouette = F.binary_cross_entropy_with_logits(out[:, 3], masks.float())
+    silhouette = F.binary_cross_entropy_with_logits(
+        out[:, 3], masks.float(), weight=(1.0 + (balance - 1.0) * region)[:, 0]
+    )
     prior = code.pow(2).mean()
     loss = pixels + cfg.mask_weight * silhouette + cfg.code_l2 * prior
     return loss, {"pixels": pixels.item(), "silhouette": silhouette.item(), "code_sq": prior.item()}
@@ -154,6 +165,9 @@ def evaluate(model, train_data: dict, test: dict, n_probe_train: int = 6000, n_d
     mse = float((recon.clamp(-1, 1) - target).pow(2).mean())
     read = read_images(Probe.from_file(), to_uint8(recon), edges)
     agree = {f: round(float(np.mean(read[f] == y_test[f][:n].numpy())), 4) for f in ("colour", "shape", "position")}
+    small = y_test["size"][:n].numpy() == 0  # SIZES order: small first
+    agree["shape_small"] = round(float(np.mean(read["shape"][small] == y_test["shape"][:n].numpy()[small])), 4)
+    agree["shape_large"] = round(float(np.mean(read["shape"][~small] == y_test["shape"][:n].numpy()[~small])), 4)
     return {
         "n_test": len(z_test),
         "reconstruction_mse": round(mse, 5),
