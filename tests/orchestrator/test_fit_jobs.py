@@ -125,6 +125,12 @@ def test_fit_spec_resolves_defaults_and_names_the_field_it_refuses() -> None:
     assert FitSpec.from_request(spec.to_request()) == spec  # a record reads back as it was written
     assert FitSpec.from_request(ipb.FitRequest(noise=0.0)).noise == 0.0  # set to zero is not "unset"
     assert spec.model_name("0123456789abcdef") == "iin_fit_0123456789ab"
+    # The service checks requests without importing the trainer (torch): its lists must be the trainer's.
+    from kinema.orchestration import fitting
+    from kinema.train import iin
+
+    assert set(fitting.KINDS) == set(iin.KINDS) and set(fitting.REPRESENTATIONS) == set(iin.REPRESENTATIONS)
+    assert fitting.FACTOR_COUNT == len(iin.FACTORS)
 
 
 def test_fit_refuses_bad_requests_with_the_field_and_leaves_nothing(stub, redis_server):
