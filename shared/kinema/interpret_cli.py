@@ -276,7 +276,7 @@ def add_interpret_parser(sub) -> None:
     fit.add_argument("--factor-dims", type=int, nargs=4, default=None, metavar="N",
                      help="dimensions of colour, shape, position, size (default: the paper's estimate)")  # fmt: skip
     fit.add_argument("--noise", type=float, default=None, help="training noise on the code (default 0.3)")
-    fit.add_argument("--rho", type=float, default=None, help="correlation of a shared factor (default 0.9)")
+    fit.add_argument("--rho", type=float, default=None, help="correlation of a shared factor (default 0.98)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--name", default="", help="the model's name, iin_... (default iin_fit_<id>)")
     fit.add_argument("--eval-samples", type=int, default=0, help="test renders for the metrics (default 500)")

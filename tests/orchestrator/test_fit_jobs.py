@@ -118,7 +118,7 @@ def _wait(stub, fitting_id: str, timeout: float, until=lambda f: f.state in TERM
 def test_fit_spec_resolves_defaults_and_names_the_field_it_refuses() -> None:
     spec = FitSpec.from_request(ipb.FitRequest())
     assert (spec.kind, spec.representation, spec.samples, spec.components, spec.noise, spec.rho) == (
-        "factor", "vector_ae", 8000, 64, 0.3, 0.9)  # fmt: skip
+        "factor", "vector_ae", 8000, 64, 0.3, 0.98)  # fmt: skip
     assert (spec.train_steps, spec.max_seconds, spec.batch, spec.eval_samples, spec.factor_dims) == (
         2000, 1800, 256, 500, ())  # fmt: skip
     assert FitSpec.from_request(ipb.FitRequest(representation="vae")).components == 128
@@ -130,7 +130,7 @@ def test_fit_spec_resolves_defaults_and_names_the_field_it_refuses() -> None:
     from kinema.train import iin
 
     assert set(fitting.KINDS) == set(iin.KINDS) and set(fitting.REPRESENTATIONS) == set(iin.REPRESENTATIONS)
-    assert fitting.FACTOR_COUNT == len(iin.FACTORS)
+    assert len(iin.FACTORS) == fitting.FACTOR_COUNT
 
 
 def test_fit_refuses_bad_requests_with_the_field_and_leaves_nothing(stub, redis_server):
