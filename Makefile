@@ -117,8 +117,8 @@ weights: $(STAMP)
 	$(BIN)/python -m kinema.train.vector_ae --steps 2500 --threads 1 --out runs/vector_ae --export models \
 		--results bench/results/vector_ae.json
 	$(BIN)/python -m kinema.train.iin --kind factor --representation vector_ae --components 64 --samples 24000 \
-		--factor-dims 8 8 8 8 --noise 0.3 --steps 4000 --threads 1 --edit-n 100 --out runs/iin_vector --export models \
-		--name iin_factor --results bench/results/iin_vector.json
+		--factor-dims 8 8 8 8 --noise 0.3 --rho 0.98 --steps 8000 --threads 1 --edit-n 1000 --out runs/iin_factor_rho98 \
+		--export models --name iin_factor --results bench/results/iin_factor_rho98.json
 	$(BIN)/python -m kinema.train.iin --kind net2net --representation vector_ae --components 64 --samples 24000 \
 		--noise 0.3 --steps 2000 --threads 1 --out runs/iin_net2net_vector --export models --name iin_net2net \
 		--results bench/results/iin_net2net_vector.json
