@@ -90,6 +90,14 @@ def render_single_objects(split: str, start: int, count: int, masks: bool = Fals
     return out if mask is None else out | {"masks": mask}
 
 
+def _private_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process or thread writes to (then replaced onto `path`)."""
+    import os
+    import threading
+
+    return path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 REPRESENTATIONS: tuple[str, ...] = ("vae", "vector_ae")  # what an IIN interprets: an autoencoder's code of the image
 
 
@@ -143,7 +151,7 @@ def factor_data(
             **{k: torch.tensor(raw[k]) for k in ("colour", "shape", "size", "u")},
         }
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = _private_tmp(path)  # two fitting jobs may render the same data at once: each writes its own, whole
         save_file(tensors, str(tmp), metadata={"captions": json.dumps(raw["captions"])})
         tmp.replace(path)
         print(f"rendered and encoded {count} {split} scenes in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -316,7 +324,9 @@ def conditions(kind: str, data: FactorData, cache: Path = CACHE) -> torch.Tensor
     if not path.exists():
         cond = probe_features(data.images) if kind == "invariance" else caption_embeddings(data.captions)
         cache.mkdir(parents=True, exist_ok=True)
-        save_file({"cond": cond.contiguous()}, str(path))
+        tmp = _private_tmp(path)
+        save_file({"cond": cond.contiguous()}, str(tmp))
+        tmp.replace(path)
     return load_file(str(path))["cond"]
 
 
