@@ -1,16 +1,17 @@
 """The distributed shape end to end against the embedded one, in one run; then job throughput.
 
-    .venv/bin/python bench/e2e.py [--samples 7] [--window 60] [--concurrency 1 4 16]
+    .venv/bin/python bench/e2e.py [--samples 15] [--window 60] [--concurrency 1 4 16]
 
 Starts the local stack (`kinema.stack.up`: redis, S3, Triton, the model services, a Celery worker, the orchestrator)
 over a model repository whose denoiser is the 'mini' MMDiT (6 x 256, random weights, seed 0: the issue's size) beside
 every other model the stack serves (the shipped ones), then:
 
 1. text -> image, one 64 px image, 28 steps with CFG: `Orchestrator.Generate` (gRPC stream until the stored result)
-   against `kinema.pipelines.text_to_image` in this process over the same repository plus the PNG encoding, timed
-   alternately, medians of `samples`. The embedded side gets the torch thread count of one Triton instance
-   (config.pbtxt), the compute each network call gets in the stack. The served PNG is downloaded through its
-   presigned URL and compared with the embedded image pixel by pixel.
+   against `kinema.pipelines.text_to_image` in this process over the same repository plus the PNG encoding,
+   `samples` pairs, each run back to back in alternating order: the ratio is the median per-pair ratio, with its
+   quartiles (bench/serving.py `paired`: the machine's drifting speed cancels within a pair). The embedded side gets
+   the torch thread count of one Triton instance (config.pbtxt), the compute each network call gets in the stack.
+   The served PNG is downloaded through its presigned URL and compared with the embedded image pixel by pixel.
 2. jobs completed per minute with 1, 4 and 16 clients, each submitting a job (the same request, a seed of its own)
    and watching it to the end, then the next, for `window` seconds (jobs still running then are waited for and
    counted); with the submit-to-completed latency.
@@ -48,7 +49,7 @@ from kinema.rpc.process import SERVED_MODELS
 from kinema.stack import StackSettings, down, up
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import mini_repository, paired_ms  # bench/serving.py: the same mini denoiser
+from serving import mini_repository, paired  # bench/serving.py: the same mini denoiser
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"
@@ -97,8 +98,9 @@ def generate_vs_embedded(stub: pb_grpc.OrchestratorStub, repo: Path, samples: in
     theirs = urllib.request.urlopen(output.presigned_url, timeout=60).read()
     assert hashlib.sha256(theirs).hexdigest() == output.artifact.sha256
     diff = np.abs(pixels(theirs) - pixels(mine))
-    served_ms, embedded_ms = paired_ms(served, embedded, samples, warmup=1)
-    return {"served_ms": served_ms, "embedded_ms": embedded_ms, "ratio": served_ms / embedded_ms,
+    p = paired(served, embedded, samples, warmup=1)
+    return {"served_ms": p["a_ms"], "embedded_ms": p["b_ms"], "ratio": p["ratio"], "ratio_q25": p["ratio_q25"],
+            "ratio_q75": p["ratio_q75"], "pairs": p["pairs"],
             "identical_png": theirs == mine, "max_abs_pixel_diff": int(diff.max()),
             "pixels_differing": int((diff > 0).any(axis=-1).sum()), "pixels": int(diff.shape[0] * diff.shape[1]),
             "torch_threads_embedded": torch.get_num_threads()}  # fmt: skip
@@ -138,7 +140,7 @@ def job_throughput(stub: pb_grpc.OrchestratorStub, clients: int, window: float, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=7)
+    ap.add_argument("--samples", type=int, default=15, help="pairs of Generate calls")
     ap.add_argument("--window", type=float, default=60.0, help="seconds each concurrency level submits for")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16], help="none: only the Generate part")
     ap.add_argument("--job-steps", type=int, default=STEPS, help="sampling steps of each throughput job")

@@ -1,15 +1,19 @@
 """Served against in-process, in one run: per-call overhead, a whole Sample, dynamic batching.
 
-    .venv/bin/python bench/serving.py [--reps 50] [--samples 5] [--clients 8]
+    .venv/bin/python bench/serving.py [--reps 200] [--samples 21] [--clients 8]
 
 Starts a real Triton over models/ and the denoiser service (Triton backend) as processes, then:
 1. per network call: `TritonRunner.infer` (KServe v2 over gRPC) against the same network called in
-   this process (`LocalRunner`, the very class Triton's model.py runs), median of `reps`;
+   this process (`LocalRunner`, the very class Triton's model.py runs), `reps` pairs;
 2. a full 28-step CFG Sample, for the shipped (tiny) denoiser and at the mini size (6 x 256, random
    weights), through the denoiser service (gRPC stream, one Triton
-   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs;
+   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` pairs;
 3. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
+
+Each pair runs both sides back to back, in alternating order; the figures are the median of the per-pair
+difference (per call) or ratio (Sample) with its quartiles, so that this shared machine's speed, which drifts by
+10-20% over seconds, cancels within a pair instead of landing on one side. The medians of each side are kept too.
 Writes bench/results/serving.{json,md}.
 """
 
@@ -44,17 +48,28 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"
 
 
-def paired_ms(a, b, reps: int, warmup: int = 5) -> tuple[float, float]:
-    """Medians of `a` and `b` timed alternately, so load that comes and goes hits both alike."""
+def paired(a, b, reps: int, warmup: int = 5) -> dict:
+    """Time `a` and `b` `reps` times each, a pair at a time in alternating order (a b, b a, ...), so that load and
+    machine speed that come and go hit both sides alike; medians of each side, and the median and quartiles of the
+    per-pair ratio a/b and difference a - b (ms)."""
     for _ in range(warmup):
         a(), b()
     ta, tb = [], []
-    for _ in range(reps):
-        for fn, times in ((a, ta), (b, tb)):
+    for i in range(reps):
+        for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(ta), 1e3 * statistics.median(tb)
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    diffs = [1e3 * (x - y) for x, y in zip(ta, tb, strict=True)]
+
+    def quartiles(v: list[float]) -> list[float]:
+        return statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+
+    (r25, r50, r75), (d25, d50, d75) = quartiles(ratios), quartiles(diffs)
+    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb), "pairs": reps,
+            "ratio": r50, "ratio_q25": r25, "ratio_q75": r75, "diff_ms": d50, "diff_q25_ms": d25,
+            "diff_q75_ms": d75}  # fmt: skip
 
 
 def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> dict:
@@ -66,12 +81,30 @@ def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> 
     }  # fmt: skip
     out = {}
     for model, inputs in calls.items():
-        served, embedded = paired_ms(lambda m=model, i=inputs: triton.infer(m, i),
-                                     lambda m=model, i=inputs: local.infer(m, i), reps)  # fmt: skip
+        p = paired(lambda m=model, i=inputs: triton.infer(m, i), lambda m=model, i=inputs: local.infer(m, i), reps)
         kb = sum(a.nbytes for a in inputs.values()) / 1024
-        out[model] = {"input_kb": round(kb, 1), "triton_ms": served, "in_process_ms": embedded,
-                      "overhead_ms": served - embedded}  # fmt: skip
+        out[model] = {"input_kb": round(kb, 1), "triton_ms": p["a_ms"], "in_process_ms": p["b_ms"],
+                      "overhead_ms": p["diff_ms"], "overhead_q25_ms": p["diff_q25_ms"],
+                      "overhead_q75_ms": p["diff_q75_ms"], "pairs": p["pairs"]}  # fmt: skip
     return out
+
+
+def triton_stats(url: str, model: str) -> dict[str, tuple[int, int]]:
+    """Triton's cumulative (count, ns) per phase of `model`'s requests (success, queue, compute_input/infer/output)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    return {k: (int(v.get("count", 0)), int(v.get("ns", 0))) for k, v in stats.items()}
+
+
+def per_request_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per request of each phase between two `triton_stats` snapshots: where a served step's time goes."""
+    n = after["success"][0] - before["success"][0]
+    return {f"{k}_ms": (after[k][1] - before[k][1]) / n / 1e6 for k in after if n and k != "fail"}
 
 
 def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.SampleRequest:
@@ -132,9 +165,14 @@ def measure(
                     return denoiser.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
 
                 diff = float(np.abs(served() - embedded().numpy()).max())
-                served_ms, embedded_ms = paired_ms(served, embedded, args.samples, warmup=1)
-                results["sample_28_steps"] = {"served_ms": served_ms, "embedded_ms": embedded_ms,
-                                              "ratio": served_ms / embedded_ms, "max_abs_diff": diff}  # fmt: skip
+                before = triton_stats(triton.grpc_url, "denoiser")
+                p = paired(served, embedded, args.samples, warmup=1)
+                results["sample_28_steps"] = {"served_ms": p["a_ms"], "embedded_ms": p["b_ms"], "ratio": p["ratio"],
+                                              "ratio_q25": p["ratio_q25"], "ratio_q75": p["ratio_q75"],
+                                              "overhead_per_step_ms": p["diff_ms"] / 28, "pairs": p["pairs"],
+                                              "max_abs_diff": diff,
+                                              "triton_per_step": per_request_ms(before, triton_stats(
+                                                  triton.grpc_url, "denoiser"))}  # fmt: skip
 
                 def throughput(clients: int, per_client: int) -> float:
                     def work(c: int) -> None:
@@ -163,8 +201,8 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=200, help="pairs of calls per network")
+    ap.add_argument("--samples", type=int, default=21, help="pairs of Samples per size")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS / "serving")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
