@@ -104,7 +104,8 @@ def triton_stats(url: str, model: str) -> dict[str, tuple[int, int]]:
 def per_request_ms(before: dict, after: dict) -> dict[str, float]:
     """Mean ms per request of each phase between two `triton_stats` snapshots: where a served step's time goes."""
     n = after["success"][0] - before["success"][0]
-    return {f"{k}_ms": (after[k][1] - before[k][1]) / n / 1e6 for k in after if n and k != "fail"}
+    phases = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    return {f"{k}_ms": (after[k][1] - before[k][1]) / n / 1e6 for k in phases if n}
 
 
 def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.SampleRequest:

@@ -1,12 +1,14 @@
 """The real tritonserver from the nvidia-pytriton wheel, over tiny python-backend models written here."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +17,10 @@ import pytest
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
 from kinema.processes import group_alive as _group_alive
+from kinema.repository import default_models_dir
 from kinema.tritonserver import TritonServer, TritonSettings, _ensure_stub, _Install
+
+MODELS = default_models_dir()
 
 CONFIG = """\
 backend: "python"
@@ -131,6 +136,52 @@ def test_serves_every_model_and_stops_its_whole_group(repo: Path, tmp_path: Path
     _assert_gone(pgid, ports)
     server.stop()  # idempotent
     assert "successfully unloaded 'add_one'" in log.read_text()  # SIGTERM let tritonserver unload its models
+
+
+PID_MODEL = """\
+import os
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            time.sleep(float(x.max()))  # the request says how long the instance stays busy
+            pid = np.full(x.shape, os.getpid(), np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", pid)]))
+        return responses
+"""
+
+
+def test_a_lone_client_stays_on_the_denoisers_first_instance_and_a_busy_one_hands_over(tmp_path: Path) -> None:
+    """The shipped denoiser's instance groups, on a model that answers with the pid of the instance that ran it."""
+    groups = re.search(r"^instance_group \[.*?^\]", (MODELS / "denoiser" / "config.pbtxt").read_text(), re.M | re.S)
+    assert groups is not None and groups.group().count("count: 1") == 2
+    root = tmp_path / "models"
+    (root / "pid" / "1").mkdir(parents=True)
+    config = CONFIG.format(increment=0).replace("instance_group [ { kind: KIND_CPU count: 1 } ]", groups.group())
+    (root / "pid" / "config.pbtxt").write_text(config)
+    (root / "pid" / "1" / "model.py").write_text(PID_MODEL)
+    with TritonServer(_settings(root)) as server:
+
+        def pid(busy: float = 0.0) -> int:
+            return int(_infer(server.grpc_url, "pid", np.full((1, 1), busy, np.float32))[0, 0])
+
+        for _ in range(2):  # the two instances start even: the first calls may go to either
+            pid()
+        first = pid()
+        assert {pid() for _ in range(20)} == {first}  # one Sample's steps: all on one instance
+        held = threading.Thread(target=pid, args=(2.0,))
+        held.start()
+        time.sleep(0.5)  # the 2-second call holds the instance it went to
+        other = pid()
+        held.join()
+        assert other != first  # what arrives while it is busy runs on the other instance
 
 
 def test_loads_only_the_named_models(repo: Path) -> None:

@@ -33,6 +33,10 @@ _LOGGER = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
 ORPHAN_GRACE = 2.0  # s a backend stub may take to notice tritonserver is gone and exit
+# An instance's turn comes with its rate_limiter priority x the requests it has run, so a model whose instances have
+# different priorities (models/denoiser/config.pbtxt) keeps a lone client's calls on one instance and spreads only
+# what arrives while it is busy. The chart and the Triton image pass the same flag.
+RATE_LIMIT = "--rate-limit=execution_count"
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ class TritonServer:
             *(f"--load-model={name}" for name in self._models),
             "--strict-readiness=false",
             "--exit-timeout-secs=5",
+            RATE_LIMIT,
         ]
         if s.model_config_name:
             cmd.append(f"--model-config-name={s.model_config_name}")

@@ -11,6 +11,7 @@ from kinema.rpc import settings as rpc_settings
 from kinema.rpc.settings import ServiceSettings
 from kinema.stack import MODEL_SERVICES
 from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, store_from_uri
+from kinema.tritonserver import RATE_LIMIT
 
 from .conftest import (
     CHART,
@@ -408,7 +409,7 @@ def test_triton_runs_as_the_local_stack_starts_it_with_shm_and_optional_gpu():
     (c,) = containers(cpu)
     args = c["args"]
     assert {f"--load-model={m}" for m in SERVED_MODELS} <= set(args)
-    assert {"--model-control-mode=explicit", "--strict-readiness=false"} <= set(args)
+    assert {"--model-control-mode=explicit", "--strict-readiness=false", RATE_LIMIT} <= set(args)
     assert c["readinessProbe"]["exec"]["command"][3:] == list(SERVED_MODELS)
     shm = next(v for v in cpu["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
