@@ -165,6 +165,7 @@ def test_a_lone_client_stays_on_the_denoisers_first_instance_and_a_busy_one_hand
     root = tmp_path / "models"
     (root / "pid" / "1").mkdir(parents=True)
     config = CONFIG.format(increment=0).replace("instance_group [ { kind: KIND_CPU count: 1 } ]", groups.group())
+    assert groups.group() in config
     (root / "pid" / "config.pbtxt").write_text(config)
     (root / "pid" / "1" / "model.py").write_text(PID_MODEL)
     with TritonServer(_settings(root)) as server:
