@@ -185,6 +185,39 @@ def test_a_lone_client_stays_on_the_denoisers_first_instance_and_a_busy_one_hand
         assert other != first  # what arrives while it is busy runs on the other instance
 
 
+def _stub_cpus(server: TritonServer, model: str) -> list[set[int]]:
+    """The CPUs each python-backend stub of `model` may run on (its processes are in the server's group)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or os.getpgid(int(entry.name)) != server.pid:
+                continue
+            if f"/{model}/1/model.py" in (entry / "cmdline").read_text().replace("\0", " "):
+                found.append(os.sched_getaffinity(int(entry.name)))
+        except (OSError, ProcessLookupError):  # gone meanwhile
+            continue
+    return found
+
+
+@pytest.mark.parametrize("setting", ["launcher default", "0"])
+def test_the_denoisers_instances_keep_to_a_cpu_each_unless_the_server_says_not(setting, monkeypatch) -> None:
+    """The shipped denoiser asks for pinning (pin_cpus); `TritonServer` allows it unless KINEMA_TRITON_PIN_CPUS=0."""
+    if setting == "0":
+        monkeypatch.setenv("KINEMA_TRITON_PIN_CPUS", "0")
+    else:
+        monkeypatch.delenv("KINEMA_TRITON_PIN_CPUS", raising=False)
+    mine = os.sched_getaffinity(0)
+    with TritonServer(_settings(MODELS, models_to_load=("denoiser",))) as server:
+        stubs = _stub_cpus(server, "denoiser")
+    assert len(stubs) == 2  # the config's two instances
+    if setting == "0":
+        assert stubs == [mine, mine]
+        return
+    assert all(len(cpus) == 1 and cpus <= mine for cpus in stubs)
+    if len(mine) > 1:
+        assert stubs[0] != stubs[1]  # each its own core
+
+
 def test_loads_only_the_named_models(repo: Path) -> None:
     import tritonclient.http as httpclient
 

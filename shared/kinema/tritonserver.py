@@ -37,6 +37,10 @@ ORPHAN_GRACE = 2.0  # s a backend stub may take to notice tritonserver is gone a
 # different priorities (models/denoiser/config.pbtxt) keeps a lone client's calls on one instance and spreads only
 # what arrives while it is busy. The chart and the Triton image pass the same flag.
 RATE_LIMIT = "--rate-limit=execution_count"
+# "1": each CPU instance of a model whose config sets `pin_cpus` keeps to cores of its own
+# (kinema.inference.triton_python.pinned_cpus). On here, where the machine is the server's; the chart's
+# triton.pinCpus for pods with exclusive cores.
+PIN_CPUS_SETTING = "KINEMA_TRITON_PIN_CPUS"
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,7 @@ class TritonServer:
     @staticmethod
     def _environment(install: _Install) -> dict[str, str]:
         env = dict(os.environ)
+        env.setdefault(PIN_CPUS_SETTING, "1")
         # Not resolved: the venv's bin/python3 is a symlink, and through it the stub finds the venv.
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)

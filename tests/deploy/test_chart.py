@@ -11,7 +11,7 @@ from kinema.rpc import settings as rpc_settings
 from kinema.rpc.settings import ServiceSettings
 from kinema.stack import MODEL_SERVICES
 from kinema.storage.artifacts import ENV_ACCESS_KEY, ENV_SECRET_KEY, store_from_uri
-from kinema.tritonserver import RATE_LIMIT
+from kinema.tritonserver import PIN_CPUS_SETTING, RATE_LIMIT
 
 from .conftest import (
     CHART,
@@ -39,7 +39,7 @@ STANDARD_LABELS = (
 )
 # What the Kinema processes read (the settings code), plus what Celery and Triton's S3 repository read.
 KINEMA_VARS = set(rpc_settings.ENV_VARS.values()) | set(orchestration_settings.ENV_VARS.values())
-KINEMA_VARS |= {ENV_ACCESS_KEY, ENV_SECRET_KEY}
+KINEMA_VARS |= {ENV_ACCESS_KEY, ENV_SECRET_KEY, PIN_CPUS_SETTING}  # the last: Triton's model instances
 OTHER_VARS = {"OMP_NUM_THREADS", "HOME", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_BROWSER",
               "REDIS_PASSWORD"}  # fmt: skip
@@ -415,6 +415,9 @@ def test_triton_runs_as_the_local_stack_starts_it_with_shm_and_optional_gpu():
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert env_of(c)[PIN_CPUS_SETTING]["value"] == "0"  # cores shared with other pods: placement left to the kernel
+    (pinned,) = containers(_workload(render(CI_VALUES[0], sets=("triton.pinCpus=true",)), "triton"))
+    assert env_of(pinned)[PIN_CPUS_SETTING]["value"] == "1"
 
     gpu = _workload(render(CHART / "ci" / "gpu-values.yaml"), "triton")
     (g,) = containers(gpu)

@@ -92,3 +92,41 @@ def test_a_network_in_another_dtype_takes_and_gives_float32_numpy(tiny_models):
     assert np.abs(got - want).max() < 0.1 * max(1.0, np.abs(want).max())
     network.to(CPU, torch.float32)
     np.testing.assert_allclose(network({"LATENT": latents})["IMAGE"], want, atol=1e-2)
+
+
+def _groups(*counts: int, pin: str = "true") -> dict:
+    """A normalized config as Triton hands it to `initialize`: named instance groups, the pin_cpus parameter."""
+    groups = [{"name": f"denoiser_{g}", "count": c, "kind": "KIND_CPU"} for g, c in enumerate(counts)]
+    return {"name": "denoiser", "parameters": {"pin_cpus": {"string_value": pin}}, "instance_group": groups}
+
+
+def test_instances_count_through_their_groups_in_order():
+    config = _groups(2, 1)
+    ordinals = [triton_python.instance_ordinal(config, n) for n in ("denoiser_0_0", "denoiser_0_1", "denoiser_1_0")]
+    assert ordinals == [0, 1, 2]
+    for unknown in ("denoiser_1_1", "denoiser_2_0", "other_0_0", "denoiser_0_x", ""):
+        assert triton_python.instance_ordinal(config, unknown) is None
+
+
+def test_each_instance_keeps_to_cpus_of_its_own_where_the_config_asks_and_the_server_allows():
+    config = _groups(1, 1)
+    cpus = {0, 1, 2, 3}
+    assert triton_python.pinned_cpus(config, "denoiser_0_0", 1, cpus, enabled=True) == [0]
+    assert triton_python.pinned_cpus(config, "denoiser_1_0", 1, cpus, enabled=True) == [1]
+    assert triton_python.pinned_cpus(config, "denoiser_1_0", 2, cpus, enabled=True) == [2, 3]  # two threads each
+    assert triton_python.pinned_cpus(config, "denoiser_1_0", 1, {4, 6}, enabled=True) == [6]  # a cpuset's own CPUs
+    assert triton_python.pinned_cpus(_groups(3), "denoiser_0_2", 1, {0, 1}, enabled=True) == [0]  # more than cores
+    assert triton_python.pinned_cpus(_groups(1), "denoiser_0_0", 3, {0, 1}, enabled=True) == [0, 1]
+    # left to the OS: not allowed by the server, not asked by the config, an instance no group names
+    assert triton_python.pinned_cpus(config, "denoiser_0_0", 1, cpus, enabled=False) == []
+    assert triton_python.pinned_cpus(_groups(1, 1, pin="false"), "denoiser_0_0", 1, cpus, enabled=True) == []
+    assert triton_python.pinned_cpus({"instance_group": config["instance_group"]}, "denoiser_0_0", 1, cpus,
+                                     enabled=True) == []  # fmt: skip
+    assert triton_python.pinned_cpus(config, "denoiser_5_0", 1, cpus, enabled=True) == []
+
+
+def test_the_shipped_denoiser_asks_for_pinning_and_its_gpu_profile_does_not():
+    cpu, gpu = (json.loads(triton_args("denoiser", kind, config_name=name)["model_config"])
+                for kind, name in (("CPU", ""), ("GPU", "gpu")))  # fmt: skip
+    assert cpu["parameters"]["pin_cpus"]["string_value"] == "true"
+    assert "pin_cpus" not in gpu["parameters"]

@@ -29,7 +29,7 @@ from kinema.inference.model_card import write_sha256
 
 GPU_CONFIG = "gpu"  # tritonserver --model-config-name=gpu
 # Parameters only a CPU instance reads: a GPU instance's work is on the GPU, not in torch's CPU thread pool.
-CPU_ONLY_PARAMETERS = ("torch_threads",)
+CPU_ONLY_PARAMETERS = ("torch_threads", "pin_cpus")
 
 
 def config_path(model_dir: Path, name: str = "") -> Path:

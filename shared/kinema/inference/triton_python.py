@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 from kinema.errors import InvalidInput, Unavailable
 from kinema.inference.networks import Network, load_network, run_batch
+from kinema.tritonserver import PIN_CPUS_SETTING
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +74,36 @@ def placement(args: dict, params: dict[str, str], cuda_available: bool | None = 
     return Placement(torch.device("cuda", device_id), dtype)
 
 
+def instance_ordinal(config: dict, instance_name: str) -> int | None:
+    """The instance's place among all of the model's instances, counting through its instance groups in order
+    (Triton names an instance `<group name>_<index in group>`); None for a name no group gives."""
+    before = 0
+    for group in config.get("instance_group", []):
+        name, count = group.get("name", ""), int(group.get("count", 1))
+        prefix, _, index = instance_name.rpartition("_")
+        if name and prefix == name and index.isdigit() and int(index) < count:
+            return before + int(index)
+        before += count
+    return None
+
+
+def pinned_cpus(config: dict, instance_name: str, threads: int, allowed: Iterable[int], enabled: bool) -> list[int]:
+    """The CPUs a CPU instance keeps to, or [] to leave its placement to the OS.
+
+    Pinned only where the model's config asks (parameter `pin_cpus: "true"`) and whoever started Triton allows it
+    (`enabled`: KINEMA_TRITON_PIN_CPUS=1, when the machine's cores are the server's: `kinema triton`, the local
+    stack, a pod with exclusive cores). Instance k takes `threads` of the `allowed` CPUs, from the k x threads-th
+    on, wrapping around. Left to the OS, the denoiser's stub, woken once per step, moved between cores and ran its
+    forward passes about 5% slower than the same network in a process that stays put (docs/serving.md).
+    """
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    cpus = sorted(allowed)
+    ordinal = instance_ordinal(config, instance_name)
+    if not enabled or params.get("pin_cpus", "").lower() != "true" or ordinal is None or not cpus:
+        return []
+    return sorted({cpus[(ordinal * threads + j) % len(cpus)] for j in range(threads)})
+
+
 def build(network_kind: str, args: dict) -> Network:
     """Build the network from Triton's `initialize` args on its instance's device; weights other than the ones its
     config and model card name are refused (`kinema.inference.model_card.check_weights`)."""
@@ -78,6 +111,13 @@ def build(network_kind: str, args: dict) -> Network:
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     where = placement({"model_name": config.get("name", network_kind)} | args, params)
     threads = int(params.get("torch_threads", "0"))
+    if where.device.type == "cpu":  # before torch starts its threads, which take this process's CPUs
+        instance = args.get("model_instance_name", "")
+        enabled = os.environ.get(PIN_CPUS_SETTING, "") == "1"
+        cpus = pinned_cpus(config, instance, max(threads, 1), os.sched_getaffinity(0), enabled)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+            _LOGGER.info("%s keeps to CPU %s", instance, ",".join(map(str, cpus)))
     if threads > 0:  # this stub process is the model instance: its thread count is ours to set
         torch.set_num_threads(threads)
     version_dir = Path(args["model_repository"]) / args["model_version"]
