@@ -8,18 +8,22 @@ Starts a real Triton over models/ and the denoiser service (Triton backend) as p
 2. a full 28-step CFG Sample, for the shipped (tiny) denoiser and at the mini size (6 x 256, random
    weights), through the denoiser service (gRPC stream, one Triton
    call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` pairs;
-3. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
+3. the same Sample on a copy of the denoiser whose instances are left to the OS (`pin_cpus` false) against the
+   denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus);
+4. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
 
-Each pair runs both sides back to back, in alternating order; the figures are the median of the per-pair
-difference (per call) or ratio (Sample) with its quartiles, so that this shared machine's speed, which drifts by
-10-20% over seconds, cancels within a pair instead of landing on one side. The medians of each side are kept too.
+Each round runs every side back to back, starting one further along each round (per call: served and in process;
+Sample: served, embedded, served unpinned); the figures are the median of the per-round difference (per call) or
+ratio (Sample) with its quartiles, so that this shared machine's speed, which drifts by 10-20% over seconds, cancels
+within a round instead of landing on one side. The medians of each side are kept too.
 Writes bench/results/serving.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import statistics
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +47,32 @@ from kinema.repository import default_models_dir
 from kinema.rpc import tensors
 from kinema.rpc.process import SERVED_MODELS, ServiceProcess
 from kinema.sampling.samplers import initial_noise
-from kinema.tritonserver import TritonServer, TritonSettings
+from kinema.tritonserver import PIN_CPUS_SETTING, TritonServer, TritonSettings
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"
 
 
-def paired(a, b, reps: int, warmup: int = 5) -> dict:
-    """Time `a` and `b` `reps` times each, a pair at a time in alternating order (a b, b a, ...), so that load and
-    machine speed that come and go hit both sides alike; medians of each side, and the median and quartiles of the
-    per-pair ratio a/b and difference a - b (ms)."""
+def rotated(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Seconds of each of `fns` over `reps` rounds; each round runs every one of them back to back, starting one
+    further along each round (a b c, b c a, c a b, ...), so that load and machine speed that come and go hit every
+    side alike."""
+    names = list(fns)
     for _ in range(warmup):
-        a(), b()
-    ta, tb = [], []
-    for i in range(reps):
-        for fn, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
-            start = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def relative(ta: list[float], tb: list[float]) -> dict:
+    """Medians of two sides timed round by round (`rotated`, seconds), and the median and quartiles of the per-round
+    ratio a/b and difference a - b (ms)."""
     ratios = [x / y for x, y in zip(ta, tb, strict=True)]
     diffs = [1e3 * (x - y) for x, y in zip(ta, tb, strict=True)]
 
@@ -67,9 +80,15 @@ def paired(a, b, reps: int, warmup: int = 5) -> dict:
         return statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
 
     (r25, r50, r75), (d25, d50, d75) = quartiles(ratios), quartiles(diffs)
-    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb), "pairs": reps,
+    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb), "pairs": len(ta),
             "ratio": r50, "ratio_q25": r25, "ratio_q75": r75, "diff_ms": d50, "diff_q25_ms": d25,
             "diff_q75_ms": d75}  # fmt: skip
+
+
+def paired(a, b, reps: int, warmup: int = 5) -> dict:
+    """`a` against `b`, a pair at a time in alternating order (a b, b a, ...): `relative` of their times."""
+    times = rotated({"a": a, "b": b}, reps, warmup)
+    return relative(times["a"], times["b"])
 
 
 def call_overhead(triton: TritonRunner, local: LocalRunner, cond, reps: int) -> dict:
@@ -111,6 +130,21 @@ def per_request_ms(before: dict, after: dict) -> dict[str, float]:
 def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.SampleRequest:
     noise = tensors.encode(initial_noise((1, 4, 16, 16), seed))
     return denoiser_pb2.SampleRequest(noise=noise, cond=cond_pb, uncond=uncond_pb, steps=steps, guidance=4.0)
+
+
+UNPINNED = "denoiser_unpinned"  # a denoiser_ name: the denoiser service serves it
+
+
+def unpinned_copy(repo: Path) -> Path:
+    """A working copy of `repo` with `UNPINNED` beside its denoiser: the same weights, its instances not pinned."""
+    shutil.copytree(repo / "denoiser", repo / UNPINNED)
+    config = repo / UNPINNED / "config.pbtxt"
+    text = config.read_text()
+    pin = 'key: "pin_cpus" value { string_value: "true" }'
+    assert pin in text, "the denoiser's config no longer asks for pinning: update this bench"
+    text = text.replace('name: "denoiser"', f'name: "{UNPINNED}"')
+    config.write_text(text.replace(pin, pin.replace("true", "false")))
+    return repo
 
 
 def conditioning(e) -> denoiser_pb2.Conditioning:
@@ -157,8 +191,10 @@ def measure(
                 channel = service.channel()
                 stub = denoiser_pb2_grpc.DenoiserStub(channel)
 
-                def served(seed: int = 0) -> np.ndarray:
-                    events = list(stub.Sample(sample_request(cond_pb, uncond_pb, seed, 28), timeout=600))
+                def served(seed: int = 0, model: str = "") -> np.ndarray:
+                    request = sample_request(cond_pb, uncond_pb, seed, 28)
+                    request.model.name = model
+                    events = list(stub.Sample(request, timeout=600))
                     return tensors.decode(events[-1].result.latents, "latents")
 
                 def embedded(seed: int = 0) -> torch.Tensor:
@@ -167,13 +203,21 @@ def measure(
 
                 diff = float(np.abs(served() - embedded().numpy()).max())
                 before = triton_stats(triton.grpc_url, "denoiser")
-                p = paired(served, embedded, args.samples, warmup=1)
+                times = rotated({"served": served, "embedded": embedded, "unpinned": lambda: served(model=UNPINNED)},
+                                args.samples, warmup=1)  # fmt: skip
+                per_step = per_request_ms(before, triton_stats(triton.grpc_url, "denoiser"))
+                p = relative(times["served"], times["embedded"])
                 results["sample_28_steps"] = {"served_ms": p["a_ms"], "embedded_ms": p["b_ms"], "ratio": p["ratio"],
                                               "ratio_q25": p["ratio_q25"], "ratio_q75": p["ratio_q75"],
                                               "overhead_per_step_ms": p["diff_ms"] / 28, "pairs": p["pairs"],
-                                              "max_abs_diff": diff,
-                                              "triton_per_step": per_request_ms(before, triton_stats(
-                                                  triton.grpc_url, "denoiser"))}  # fmt: skip
+                                              "max_abs_diff": diff, "triton_per_step": per_step}  # fmt: skip
+                p = relative(times["unpinned"], times["embedded"])
+                results["sample_28_steps_unpinned"] = {"served_ms": p["a_ms"], "ratio": p["ratio"],
+                                                       "ratio_q25": p["ratio_q25"],
+                                                       "ratio_q75": p["ratio_q75"]}  # fmt: skip
+                p = relative(times["unpinned"], times["served"])
+                results["sample_28_steps_unpinned"] |= {"over_pinned": p["ratio"], "over_pinned_q25": p["ratio_q25"],
+                                                        "over_pinned_q75": p["ratio_q75"]}  # fmt: skip
 
                 def throughput(clients: int, per_client: int) -> float:
                     def work(c: int) -> None:
@@ -215,11 +259,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     text_encoder, denoiser, _ = load_local()
     cond, uncond = text_encoder.encode([PROMPT]), text_encoder.encode([""])
-    results = {"shipped_tiny": measure(default_models_dir(), SERVED_MODELS, denoiser, cond, uncond, args)}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SERVED_MODELS:
+            shutil.copytree(default_models_dir() / name, Path(tmp) / name)
+        repo = unpinned_copy(Path(tmp))
+        results["shipped_tiny"] = measure(repo, (*SERVED_MODELS, UNPINNED), denoiser, cond, uncond, args)
     with tempfile.TemporaryDirectory() as tmp:
         repo, mini = mini_repository(Path(tmp))
-        results["mini"] = measure(repo, ("denoiser",), mini, cond, uncond, args, calls=False)
+        results["mini"] = measure(unpinned_copy(repo), ("denoiser", UNPINNED), mini, cond, uncond, args, calls=False)
     results["torch_threads_per_side"] = torch.get_num_threads()
+    results[PIN_CPUS_SETTING] = os.environ.get(PIN_CPUS_SETTING, "1 (the launcher's default)")
     if args.note:
         results["note"] = args.note
     command = "python bench/serving.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -130,3 +130,27 @@ def test_the_shipped_denoiser_asks_for_pinning_and_its_gpu_profile_does_not():
                 for kind, name in (("CPU", ""), ("GPU", "gpu")))  # fmt: skip
     assert cpu["parameters"]["pin_cpus"]["string_value"] == "true"
     assert "pin_cpus" not in gpu["parameters"]
+
+
+def test_build_pins_the_instance_before_torch_starts_and_serves_where_pinning_is_refused(monkeypatch):
+    args = triton_args("denoiser", "CPU")
+    config = json.loads(args["model_config"])
+    for g, group in enumerate(config["instance_group"]):  # the names Triton gives unnamed groups
+        group["name"] = f"denoiser_{g}"
+    args |= {"model_config": json.dumps(config), "model_instance_name": "denoiser_1_0"}
+    monkeypatch.setenv("KINEMA_TRITON_PIN_CPUS", "1")
+    monkeypatch.setattr(triton_python.os, "sched_getaffinity", lambda pid: {4, 5, 6})
+    calls = []
+    monkeypatch.setattr(triton_python.os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, cpus)))
+    threads = torch.get_num_threads()
+    try:
+        assert triton_python.build("denoiser", args).sha256
+        assert calls == [(0, [5])]  # the second instance, on the second of the CPUs Triton may use
+
+        def refused(pid, cpus):
+            raise PermissionError("not here")
+
+        monkeypatch.setattr(triton_python.os, "sched_setaffinity", refused)
+        assert triton_python.build("denoiser", args).sha256  # serves all the same, placed by the kernel
+    finally:
+        torch.set_num_threads(threads)

@@ -6,7 +6,8 @@ starts with the gRPC status name so the calling service can map it back (`Triton
 
 Where an instance runs is Triton's to say: `instance_group { kind: KIND_GPU }` (the `configs/gpu.pbtxt`
 of each model, selected with `tritonserver --model-config-name=gpu`) puts it on `cuda:<device id>`,
-KIND_CPU on the CPU. The compute dtype is fp32 unless the config's `dtype` parameter says otherwise
+KIND_CPU on the CPU, where a model whose config sets `pin_cpus` keeps each instance on cores of its own when the
+server allows it (`pinned_cpus`). The compute dtype is fp32 unless the config's `dtype` parameter says otherwise
 (float16 / bfloat16, GPU only: on a CPU without AVX-512/AMX they run about 100x slower, RECIPES.md).
 """
 
@@ -115,9 +116,12 @@ def build(network_kind: str, args: dict) -> Network:
         instance = args.get("model_instance_name", "")
         enabled = os.environ.get(PIN_CPUS_SETTING, "") == "1"
         cpus = pinned_cpus(config, instance, max(threads, 1), os.sched_getaffinity(0), enabled)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-            _LOGGER.info("%s keeps to CPU %s", instance, ",".join(map(str, cpus)))
+        try:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+                _LOGGER.info("%s keeps to CPU %s", instance, ",".join(map(str, cpus)))
+        except OSError as e:  # a sandbox that forbids it: the instance still serves, placed by the kernel
+            _LOGGER.warning("%s could not keep to CPU %s (%s); left to the kernel", instance, cpus, e)
     if threads > 0:  # this stub process is the model instance: its thread count is ours to set
         torch.set_num_threads(threads)
     version_dir = Path(args["model_repository"]) / args["model_version"]
