@@ -7,9 +7,9 @@ Starts a real Triton over models/ and the denoiser service (Triton backend) as p
    this process (`LocalRunner`, the very class Triton's model.py runs), `reps` pairs;
 2. a full 28-step CFG Sample, for the shipped (tiny) denoiser and at the mini size (6 x 256, random
    weights), through the denoiser service (gRPC stream, one Triton
-   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` pairs;
-3. the same Sample on a copy of the denoiser whose instances are left to the OS (`pin_cpus` false) against the
-   denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus);
+   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` rounds;
+3. in the same rounds, the Sample on a copy of the denoiser whose instances are left to the OS (`pin_cpus` false),
+   against the denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus);
 4. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
 

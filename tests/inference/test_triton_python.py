@@ -123,6 +123,8 @@ def test_each_instance_keeps_to_cpus_of_its_own_where_the_config_asks_and_the_se
     assert triton_python.pinned_cpus({"instance_group": config["instance_group"]}, "denoiser_0_0", 1, cpus,
                                      enabled=True) == []  # fmt: skip
     assert triton_python.pinned_cpus(config, "denoiser_5_0", 1, cpus, enabled=True) == []
+    with pytest.raises(InvalidInput, match="denoiser: parameter pin_cpus must be 'true' or 'false', got 'yes'"):
+        triton_python.pinned_cpus(_groups(1, pin="yes"), "denoiser_0_0", 1, cpus, enabled=False)  # a typo, even off
 
 
 def test_the_shipped_denoiser_asks_for_pinning_and_its_gpu_profile_does_not():

@@ -97,10 +97,13 @@ def pinned_cpus(config: dict, instance_name: str, threads: int, allowed: Iterabl
     on, wrapping around. Left to the OS, the denoiser's stub, woken once per step, moved between cores and ran its
     forward passes about 5% slower than the same network in a process that stays put (docs/serving.md).
     """
-    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    asked = config.get("parameters", {}).get("pin_cpus", {}).get("string_value", "").lower()
+    if asked not in ("", "true", "false"):
+        name = config.get("name", "model")
+        raise InvalidInput(f"{name}: parameter pin_cpus must be 'true' or 'false', got {asked!r}")
     cpus = sorted(allowed)
     ordinal = instance_ordinal(config, instance_name)
-    if not enabled or params.get("pin_cpus", "").lower() != "true" or ordinal is None or not cpus:
+    if not enabled or asked != "true" or ordinal is None or not cpus:
         return []
     return sorted({cpus[(ordinal * threads + j) % len(cpus)] for j in range(threads)})
 
