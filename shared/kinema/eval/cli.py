@@ -24,7 +24,8 @@ def cmd_t2i(args: argparse.Namespace) -> None:
     text_encoder, autoencoder = load_text_encoder_default(), LocalAutoencoder(*load_autoencoder(models))
     denoiser = LocalDenoiser(*load_denoiser(models, args.denoiser))
     result = evaluate_text_to_image(text_encoder, denoiser, autoencoder, n=args.n, steps=args.steps,
-                                    guidance=args.guidance, seed=args.seed, with_fid=not args.no_fid)  # fmt: skip
+                                    guidance=args.guidance, seed=args.seed, with_fid=not args.no_fid,
+                                    sampler=args.sampler, shift=args.shift)  # fmt: skip
     for path in write_results(args.out, result, _command()):
         print(path)
 
@@ -118,6 +119,8 @@ def add_eval_parser(sub) -> None:
     t2i.add_argument("--steps", type=int, default=28)
     t2i.add_argument("--guidance", type=float, default=4.0)
     t2i.add_argument("--seed", type=int, default=0)
+    t2i.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    t2i.add_argument("--shift", type=float, default=1.0, help="SD3 timestep shift of the sampling schedule")
     t2i.add_argument("--denoiser", type=Path, default=None, help="a denoiser snapshot instead of the shipped one")
     t2i.add_argument("--no-fid", action="store_true")
     t2i.set_defaults(func=cmd_t2i)

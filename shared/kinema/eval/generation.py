@@ -32,12 +32,13 @@ def generate_images(
     seed: int = 0,
     batch: int = 32,
     sampler: str = "euler",
+    shift: float = 1.0,
 ) -> np.ndarray:
     """(N, H, W, 3) uint8; prompt i is drawn with seed + i whatever the batching."""
     out = []
     for i in range(0, len(prompts), batch):
         req = TextToImageRequest(prompts=prompts[i : i + batch], seed=seed + i, steps=steps, guidance=guidance,
-                                 sampler=sampler)  # fmt: skip
+                                 sampler=sampler, shift=shift)  # fmt: skip
         out.append(text_to_image(req, text_encoder, denoiser, autoencoder).images)
     return np.concatenate(out)
 
@@ -54,13 +55,16 @@ def evaluate_text_to_image(
     split: str = "test",
     fid_reference: int = 2000,
     with_fid: bool = True,
+    sampler: str = "euler",
+    shift: float = 1.0,
 ) -> dict:
-    """Attribute accuracy and FID of `n` images generated from held-out captions."""
+    """Attribute accuracy and FID of `n` images generated from held-out captions with the given sampling settings."""
     from kinema.eval.probe import Probe
 
     prompts, truths = held_out_prompts(n, split)
     t0 = time.perf_counter()
-    images = generate_images(prompts, text_encoder, denoiser, autoencoder, steps=steps, guidance=guidance, seed=seed)
+    images = generate_images(prompts, text_encoder, denoiser, autoencoder, steps=steps, guidance=guidance, seed=seed,
+                             sampler=sampler, shift=shift)  # fmt: skip
     gen_seconds = time.perf_counter() - t0
     result = {"accuracy": evaluate(Probe.from_file(), images, truths), "generation_seconds": round(gen_seconds, 1)}
     if with_fid:
@@ -70,7 +74,8 @@ def evaluate_text_to_image(
         result["fid_reference_images"] = fid_reference
         # The same n of real renders (validation split) against the same reference: FID's small-n floor.
         result["fid_real_renders_same_n"] = real_floor(n, split, fid_reference)
-    result.update({"n": n, "steps": steps, "guidance": guidance, "seed": seed, "split": split})
+    result.update({"n": n, "steps": steps, "guidance": guidance, "sampler": sampler, "shift": shift, "seed": seed,
+                   "split": split})  # fmt: skip
     return result
 
 
