@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", type=Path, default=None, help="model repository to start from (with --decoder-only)")
     ap.add_argument("--lr", type=float, default=AETrainConfig.lr)
     ap.add_argument("--adversarial-weight", type=float, default=AETrainConfig.adversarial_weight,
-                    help="PatchGAN term weight (0 = off); sharper decodes, lower FID")  # fmt: skip
+                    help="PatchGAN term weight (0 = off; taming/LDM). A CPU fine-tune of the shipped decoder "
+                         "with it raised the reconstruction FID: docs/training.md")  # fmt: skip
     ap.add_argument("--crop", type=int, default=AETrainConfig.crop, help="training crop size in pixels")
     args = ap.parse_args(argv)
     device = resolve_device(args)
