@@ -3,12 +3,16 @@
 `TritonRunner` sends KServe v2 inference requests to Triton over gRPC (the default in the stack);
 `LocalRunner` builds the same `kinema.inference.networks` classes in this process from the same
 `config.pbtxt` (embedded mode, development, tests). Both raise only Kinema's typed errors.
+
+`before_next_wait` hands a runner's next call on this thread a little work to do once its request is ready to
+go: a sampling service's progress message, which then travels while the network runs instead of competing with
+the loop for the interpreter between two steps.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,33 @@ class ModelRunner(Protocol):
     def close(self) -> None: ...
 
 
+class _Pending(threading.local):
+    def __init__(self) -> None:
+        self.work: list[Callable[[], None]] = []
+
+
+_pending = _Pending()
+
+
+def before_next_wait(work: Callable[[], None]) -> None:
+    """Run `work` on this thread just before its next model call starts waiting for the network.
+
+    For work that should not delay the caller's next call but has to happen about now: a sampling loop's
+    progress message, whose delivery wakes the service's event loop. Woken between two steps, the event loop
+    held the interpreter while the sampling thread built its next request (0.3 ms a step here, measured in the
+    denoiser service); woken just before the call waits, it runs while the network computes. Work runs in the
+    order given; `run_pending` runs what no call picked up (a loop's last step). `work` must not raise.
+    """
+    _pending.work.append(work)
+
+
+def run_pending() -> None:
+    """Run (and forget) the work `before_next_wait` left on this thread."""
+    work, _pending.work = _pending.work, []
+    for fn in work:
+        fn()
+
+
 def _check_name(model: str) -> None:
     if not model or "/" in model or model.startswith("."):
         raise InvalidInput(f"invalid model name {model!r}")
@@ -93,6 +124,7 @@ class LocalRunner:
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         network, _ = self._network(model, version)
+        run_pending()  # in process the network holds the interpreter anyway: no better moment comes
         with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
             (result,) = run_batch(network, [inputs])
             if isinstance(result, Exception):
@@ -122,8 +154,38 @@ RECONNECT_OPTIONS = (
 )
 
 
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # KServe v2's gRPC inference call
+
+
+def _wire(name: str, array: np.ndarray) -> tuple[str, bytes]:
+    """(KServe v2 datatype, raw contents) of an input: strings length-prefixed as Triton's BYTES, the rest as is."""
+    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+    if array.dtype == object or array.dtype.kind in "SU":
+        serialized = serialize_byte_tensor(np.asarray(array, dtype=object))  # one object: the bytes
+        return "BYTES", serialized.item() if serialized.size else b""
+    dtype = np_to_triton_dtype(array.dtype)
+    if dtype is None:
+        raise InvalidInput(f"input {name}: dtype {array.dtype} has no KServe v2 datatype")
+    return dtype, np.ascontiguousarray(array).tobytes()
+
+
+def _array(datatype: str, shape, raw: bytes) -> np.ndarray:
+    """An output's raw contents as numpy (read-only, sharing the response's buffer)."""
+    from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+    flat = deserialize_bytes_tensor(raw) if datatype == "BYTES" else np.frombuffer(raw, triton_to_np_dtype(datatype))
+    return flat.reshape(tuple(shape))
+
+
 class TritonRunner:
-    """KServe v2 over gRPC to a Triton server; errors come back as Kinema's typed errors."""
+    """KServe v2 over gRPC to a Triton server; errors come back as Kinema's typed errors.
+
+    Inference goes out as tritonclient's own `ModelInferRequest`, serialized before the call so that the work
+    `before_next_wait` leaves runs with the request ready and nothing else to do but wait; tritonclient's
+    `InferenceServerClient.infer` builds the same message with more Python around it per call (0.2-0.3 ms here).
+    Everything else (configs, readiness, loading) goes through `InferenceServerClient`.
+    """
 
     backend = "triton"
 
@@ -136,13 +198,15 @@ class TritonRunner:
     ) -> None:
         """`credentials`: TLS to a Triton started with --grpc-use-ssl(-mutual) (`kinema.rpc.tls.internal_credentials`);
         None: plaintext."""
+        import grpc
         import tritonclient.grpc as grpcclient
+        from tritonclient.grpc import service_pb2
 
         self.url = url
         self.observer = observer
         self.timeout = timeout
         keepalive = grpcclient.KeepAliveOptions()  # tritonclient's own defaults, which channel_args replaces
-        self._client = grpcclient.InferenceServerClient(url, channel_args=[
+        options = [
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.max_receive_message_length", 2**31 - 1),
             ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
@@ -150,8 +214,14 @@ class TritonRunner:
             ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
             ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
             *RECONNECT_OPTIONS,
-        ], creds=credentials)  # fmt: skip
-        self._grpcclient = grpcclient
+        ]
+        self._client = grpcclient.InferenceServerClient(url, channel_args=options, creds=credentials)
+        self._channel = (grpc.secure_channel(url, credentials, options) if credentials is not None
+                         else grpc.insecure_channel(url, options))  # fmt: skip
+        # Requests arrive serialized (`infer`); responses parse as tritonclient's message.
+        self._model_infer = self._channel.unary_unary(
+            INFER_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
         self._described: dict[tuple[str, str], ServedModel] = {}
 
     def _error(self, model: str, e: Exception) -> Exception:
@@ -177,23 +247,26 @@ class TritonRunner:
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
     ) -> dict[str, np.ndarray]:
-        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+        import grpc
+        from tritonclient.grpc import service_pb2
+        from tritonclient.utils import InferenceServerException
 
         _check_name(model)
-        request = []
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
         for name, array in inputs.items():
-            array = np.ascontiguousarray(array)
-            dtype = "BYTES" if array.dtype == object or array.dtype.kind in "SU" else np_to_triton_dtype(array.dtype)
-            t = self._grpcclient.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array.astype(object) if dtype == "BYTES" else array)
-            request.append(t)
+            datatype, raw = _wire(name, array)
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            request.raw_input_contents.append(raw)
+        message = request.SerializeToString()
+        run_pending()
         with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
             try:
-                timeout = timeout or self.timeout
-                result = self._client.infer(model, request, model_version=version, client_timeout=timeout)
-            except InferenceServerException as e:
-                raise self._error(model, e) from None
-        return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+                response = self._model_infer(message, timeout=timeout or self.timeout)
+            except grpc.RpcError as e:  # as tritonclient reports it, so that `_error` reads one kind of exception
+                error = InferenceServerException(msg=e.details(), status=str(e.code()))
+                raise self._error(model, error) from None
+        outputs = zip(response.outputs, response.raw_output_contents, strict=True)
+        return {o.name: _array(o.datatype, o.shape, raw) for o, raw in outputs}
 
     def describe(self, model: str, version: str = "") -> ServedModel:
         from tritonclient.utils import InferenceServerException
@@ -255,6 +328,7 @@ class TritonRunner:
         return sorted({m["name"] for m in index if m.get("state") == "READY"})
 
     def close(self) -> None:
+        self._channel.close()
         self._client.close()
 
 

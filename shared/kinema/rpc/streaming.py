@@ -4,6 +4,11 @@ What every sampling service shares: the loop runs on the model family's thread p
 step through a callback; the servicer yields one message per step and a final one from the loop's result. When
 the client cancels or the deadline passes (the servicer's generator is closed), the callback raises `Stopped` at
 the loop's next step, so no network call outlives the request by more than one step.
+
+A step's message is handed to the event loop just before the loop's next network call waits
+(`kinema.inference.runner.before_next_wait`), the last one when the loop ends. Handed over between two steps, the
+event loop it woke competed with the loop's thread for the interpreter while the next request was being built
+(docs/serving.md, "Where a served step's time goes").
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+
+from kinema.inference.runner import before_next_wait, run_pending
 
 M = TypeVar("M")  # a response message
 R = TypeVar("R")  # what the loop returns
@@ -40,12 +47,13 @@ async def stream_steps(
         if stop.is_set():
             raise Stopped
         message = progress(i, n, x)
-        loop.call_soon_threadsafe(events.put_nowait, message)
+        before_next_wait(lambda: loop.call_soon_threadsafe(events.put_nowait, message))
 
     def run() -> R:
         try:
             return loop_fn(callback)
         finally:
+            run_pending()  # the last step's message: no call follows it
             loop.call_soon_threadsafe(events.put_nowait, end)
 
     task = asyncio.ensure_future(run_blocking(run))
