@@ -9,14 +9,16 @@ Starts a real Triton over models/ and the denoiser service (Triton backend) as p
    weights), through the denoiser service (gRPC stream, one Triton
    call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` rounds;
 3. in the same rounds, the Sample on a copy of the denoiser whose instances are left to the OS (`pin_cpus` false),
-   against the denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus);
+   against the denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus),
+   and the service's loop run in this process over a `TritonRunner`: with Triton's statistics, where a served step's
+   time goes (`step_breakdown`);
 4. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
 
 Each round runs every side back to back, starting one further along each round (per call: served and in process;
-Sample: served, embedded, served unpinned); the figures are the median of the per-round difference (per call) or
-ratio (Sample) with its quartiles, so that this shared machine's speed, which drifts by 10-20% over seconds, cancels
-within a round instead of landing on one side. The medians of each side are kept too.
+Sample: served, embedded, served unpinned, the loop in this process); the figures are the median of the per-round
+difference (per call) or ratio (Sample) with its quartiles, so that this shared machine's speed, which drifts by
+10-20% over seconds, cancels within a round instead of landing on one side. The medians of each side are kept too.
 Writes bench/results/serving.{json,md}.
 """
 
@@ -45,6 +47,7 @@ from kinema.pipelines.local import LocalDenoiser, load_local
 from kinema.pipelines.protocols import SampleSpec
 from kinema.repository import default_models_dir
 from kinema.rpc import tensors
+from kinema.rpc.denoising import RunnerNetwork
 from kinema.rpc.process import SERVED_MODELS, ServiceProcess
 from kinema.sampling.samplers import initial_noise
 from kinema.tritonserver import PIN_CPUS_SETTING, TritonServer, TritonSettings
@@ -127,6 +130,20 @@ def per_request_ms(before: dict, after: dict) -> dict[str, float]:
     return {f"{k}_ms": (after[k][1] - before[k][1]) / n / 1e6 for k in phases if n}
 
 
+def step_breakdown(times: dict[str, list[float]], per_step: dict[str, float], steps: int = 28) -> dict[str, float]:
+    """Where a served step's time goes, in ms per step, from means over the run (Triton's statistics are means): the
+    network's call inside Triton's python backend beyond the embedded step (`in_stub`: the stub's handoff and its
+    forward pass), Triton's own queueing and tensor copies (`triton_server`), the runner's request and gRPC round trip
+    (`client`: a loop of runner calls in the bench's process against Triton's success time) and the denoiser service
+    around that loop (`service`: its Sample stream against the same loop in the bench's process). They add up to the
+    mean served step minus the mean embedded step."""
+    step = {name: 1e3 * statistics.fmean(t) / steps for name, t in times.items()}
+    return {"embedded_step": step["embedded"], "in_stub": per_step["compute_infer_ms"] - step["embedded"],
+            "triton_server": per_step["success_ms"] - per_step["compute_infer_ms"],
+            "client": step["runner_loop"] - per_step["success_ms"],
+            "service": step["served"] - step["runner_loop"]}  # fmt: skip
+
+
 def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.SampleRequest:
     noise = tensors.encode(initial_noise((1, 4, 16, 16), seed))
     return denoiser_pb2.SampleRequest(noise=noise, cond=cond_pb, uncond=uncond_pb, steps=steps, guidance=4.0)
@@ -201,16 +218,27 @@ def measure(
                     noise = initial_noise((1, 4, 16, 16), seed)
                     return denoiser.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
 
+                # The service's own loop in this process, over the same runner: the service's part is what Sample
+                # adds to it.
+                network = RunnerNetwork(runner, "denoiser", "", deadline=time.monotonic() + 24 * 3600)
+                loop_here = LocalDenoiser(network, "", latent_channels=4)
+
+                def runner_loop(seed: int = 0) -> torch.Tensor:
+                    noise = initial_noise((1, 4, 16, 16), seed)
+                    return loop_here.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
+
                 diff = float(np.abs(served() - embedded().numpy()).max())
+                assert torch.equal(runner_loop(), torch.from_numpy(served()))
                 before = triton_stats(triton.grpc_url, "denoiser")
-                times = rotated({"served": served, "embedded": embedded, "unpinned": lambda: served(model=UNPINNED)},
-                                args.samples, warmup=1)  # fmt: skip
+                times = rotated({"served": served, "embedded": embedded, "unpinned": lambda: served(model=UNPINNED),
+                                 "runner_loop": runner_loop}, args.samples, warmup=1)  # fmt: skip
                 per_step = per_request_ms(before, triton_stats(triton.grpc_url, "denoiser"))
                 p = relative(times["served"], times["embedded"])
                 results["sample_28_steps"] = {"served_ms": p["a_ms"], "embedded_ms": p["b_ms"], "ratio": p["ratio"],
                                               "ratio_q25": p["ratio_q25"], "ratio_q75": p["ratio_q75"],
                                               "overhead_per_step_ms": p["diff_ms"] / 28, "pairs": p["pairs"],
-                                              "max_abs_diff": diff, "triton_per_step": per_step}  # fmt: skip
+                                              "max_abs_diff": diff, "triton_per_step": per_step,
+                                              "step_breakdown_ms": step_breakdown(times, per_step)}  # fmt: skip
                 p = relative(times["unpinned"], times["embedded"])
                 results["sample_28_steps_unpinned"] = {"served_ms": p["a_ms"], "ratio": p["ratio"],
                                                        "ratio_q25": p["ratio_q25"],
