@@ -24,7 +24,9 @@ from kinema.rpc import tensors
 from kinema.rpc.status import parse_error_detail
 from kinema.sampling.samplers import initial_noise
 
-pytestmark = pytest.mark.slow
+# The embedded side computes with one torch thread, as each Triton instance does (config.pbtxt torch_threads), so that
+# float sums round alike: with two threads a latent came out 1.05e-5 apart, past the 1e-5 checked here.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 STEPS = 6
 
@@ -45,16 +47,6 @@ class Recorded:
     def sample(self, *args, **edit) -> torch.Tensor:
         self.latents = self.inner.sample(*args, **edit)
         return self.latents
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_like_triton():
-    """The embedded side computes with one torch thread, as each Triton instance does (config.pbtxt torch_threads),
-    so that float sums round alike: with two threads a latent came out 1.05e-5 apart, past the 1e-5 checked here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
