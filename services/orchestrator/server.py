@@ -49,7 +49,7 @@ from kinema.orchestration.jobs import (
     check_job_id,
     request_fingerprint,
 )
-from kinema.orchestration.outputs import artifact_ref, provenance_message, signed, store_output
+from kinema.orchestration.outputs import artifact_ref, provenance_message, signed, store_signed
 from kinema.orchestration.pipelines import REGISTRY, Pipeline, Registry
 from kinema.orchestration.settings import ENV_VARS, OrchestratorSettings
 from kinema.orchestration.uploads import Upload, UploadLimits, accepted_media_types
@@ -118,7 +118,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     def _signed(self, artifact: Artifact, ttl: int) -> tuple[str, datetime]:
         expires_at = datetime.now(UTC) + timedelta(seconds=ttl)
-        return self.store.presigned_url(artifact.sha256, artifact.tenant, timedelta(seconds=ttl)), expires_at
+        return self.store.sign(artifact, timedelta(seconds=ttl)), expires_at  # `artifact`: just stat'ed
 
     async def Generate(self, request: pb.GenerateRequest, context):
         tenant = tenant_of(context)
@@ -153,8 +153,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                     raise _Stopped
                 # Stored only once every output is made, so a failed or cancelled run stores nothing.
                 ttl = self.settings.url_ttl_seconds
-                return [signed(self.store, store_output(self.store, m, pipeline.name, tenant), tenant, ttl)
-                        for m in made]  # fmt: skip
+                return [store_signed(self.store, m, pipeline.name, tenant, ttl) for m in made]
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, None)
 

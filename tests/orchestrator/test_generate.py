@@ -100,6 +100,8 @@ def test_provenance_round_trips_and_reproduces(generated, stub) -> None:
     assert p.pipeline == "text_to_image" and p.seed == 3 and not p.parent_sha256
     assert {cap: m.sha256 for cap, m in p.models.items()} == local_models
     assert p.models["denoiser"].name == "denoiser" and p.created_at.seconds > 0
+    # A run of the defaults resolves their versions (the newest each service lists) while it runs.
+    assert {cap: m.version for cap, m in p.models.items()} == dict.fromkeys(caps, "1")
 
     # GetArtifact answers the same provenance and a fresh URL to the same bytes, for the caller's tenant only.
     got = stub.GetArtifact(pb.GetArtifactRequest(sha256=first.artifact.sha256, url_ttl_seconds=60), timeout=10)

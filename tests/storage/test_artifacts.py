@@ -166,6 +166,19 @@ def test_presigned_url(store):
     assert caught.value.code == 403  # SeaweedFS enforces the expiry: AccessDenied "Request has expired"
 
 
+def test_sign_presigns_an_artifact_in_hand(store):
+    """`sign` is presigned_url without its existence check: the same URL for an artifact put or stat has answered."""
+    data = b"signed without asking again"
+    artifact = store.put(data, "image/png", tenant="acme")
+    url = store.sign(artifact, timedelta(seconds=60))
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == data
+    assert url.split("?")[0] == store.presigned_url(artifact.sha256, "acme", timedelta(seconds=60)).split("?")[0]
+    assert store.sign(store.stat(artifact.sha256, "acme"), timedelta(seconds=60)).split("?")[0] == url.split("?")[0]
+    with pytest.raises(InvalidInput):
+        store.sign(artifact, timedelta(days=7, seconds=1))
+
+
 def test_unknown_artifact_is_not_found(store):
     store.put(b"something else", "image/png")
     assert not store.exists(SHA_A)

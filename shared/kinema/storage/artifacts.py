@@ -252,6 +252,10 @@ class ArtifactStore(Protocol):
 
     def presigned_url(self, sha256: str, tenant: str = ..., expires: timedelta = ...) -> str: ...
 
+    def sign(self, artifact: Artifact, expires: timedelta = ...) -> str:
+        """`presigned_url` of an artifact `put` or `stat` has just answered: no round trip to check it exists."""
+        ...
+
     def list(self, tenant: str = ..., limit: int = ...) -> list[Artifact]:
         """Up to `limit` artifacts of `tenant`, in sha256 order."""
         ...
@@ -486,6 +490,10 @@ class LocalArtifactStore:
         """A file:// URI of the data; `expires` is range-checked like S3's but a local file does not expire."""
         check_expiry(expires)
         return self.stat(sha256, tenant).uri
+
+    def sign(self, artifact: Artifact, expires: timedelta = DEFAULT_EXPIRY) -> str:
+        check_expiry(expires)
+        return artifact.uri
 
     def list(self, tenant: str = DEFAULT_TENANT, limit: int = 100) -> list[Artifact]:
         check_tenant(tenant)
@@ -738,11 +746,17 @@ class S3ArtifactStore:
     def presigned_url(self, sha256: str, tenant: str = DEFAULT_TENANT, expires: timedelta = DEFAULT_EXPIRY) -> str:
         """A URL anyone may GET the bytes from until `expires` (1 s to 7 days) has passed; NotFound if absent."""
         check_expiry(expires)
-        key = artifact_key(tenant, sha256)
         if not self.exists(sha256, tenant):
             raise NotFound(f"no artifact {sha256} of tenant {tenant!r}", reason="ARTIFACT_NOT_FOUND")
+        return self._presign(sha256, tenant, expires)
+
+    def sign(self, artifact: Artifact, expires: timedelta = DEFAULT_EXPIRY) -> str:
+        check_expiry(expires)
+        return self._presign(artifact.sha256, artifact.tenant, expires)
+
+    def _presign(self, sha256: str, tenant: str, expires: timedelta) -> str:
         with self._errors(f"presign artifact {sha256}"):
-            return self._presigner.get_presigned_url("GET", self.bucket, key, expires=expires)
+            return self._presigner.get_presigned_url("GET", self.bucket, artifact_key(tenant, sha256), expires=expires)
 
     def list(self, tenant: str = DEFAULT_TENANT, limit: int = 100) -> list[Artifact]:
         check_tenant(tenant)
