@@ -169,6 +169,9 @@ def conditioning(e) -> denoiser_pb2.Conditioning:
                                      pooled=tensors.encode(e.pooled))  # fmt: skip
 
 
+MINI_MODELS = ("denoiser", "denoiser-loop")
+
+
 def mini_repository(root: Path) -> tuple[Path, LocalDenoiser]:
     """A model repository whose denoiser is the 'mini' MMDiT (6 x 256, random weights, seed 0): the issue's size."""
     from kinema.inference.model_config import sync_hashes
@@ -179,12 +182,14 @@ def mini_repository(root: Path) -> tuple[Path, LocalDenoiser]:
     model = MMDiT(PRESETS["mini"]).eval().requires_grad_(False)
     for p in model.parameters():  # adaLN-zero starts at zero output; give the network a real signal
         torch.nn.init.normal_(p, std=0.02)
-    src = default_models_dir() / "denoiser"
-    (root / "denoiser" / "1").mkdir(parents=True)
-    shutil.copy(src / "config.pbtxt", root / "denoiser" / "config.pbtxt")
-    shutil.copy(src / "1" / "model.py", root / "denoiser" / "1" / "model.py")
+    for name in MINI_MODELS:  # the denoiser and its loop model (the same weights)
+        src = default_models_dir() / name
+        (root / name / "1").mkdir(parents=True)
+        shutil.copy(src / "config.pbtxt", root / name / "config.pbtxt")
+        shutil.copy(src / "1" / "model.py", root / name / "1" / "model.py")
+        shutil.copy(src / "README.md", root / name / "README.md")
+        save_checkpoint(root / name / "1" / "mmdit.safetensors", model.state_dict(), model.params)
     weights = root / "denoiser" / "1" / "mmdit.safetensors"
-    save_checkpoint(weights, model.state_dict(), model.params)
     sync_hashes(root)
     return root, LocalDenoiser(model, sha256_file(weights))
 

@@ -12,7 +12,7 @@ the loop for the interpreter between two steps.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +155,7 @@ RECONNECT_OPTIONS = (
 
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # KServe v2's gRPC inference call
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"  # Triton's streaming call (decoupled models)
 
 
 def _wire(name: str, array: np.ndarray) -> tuple[str, bytes]:
@@ -222,6 +223,9 @@ class TritonRunner:
         self._model_infer = self._channel.unary_unary(
             INFER_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
+        self._stream_infer = self._channel.stream_stream(
+            STREAM_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelStreamInferResponse.FromString
+        )
         self._described: dict[tuple[str, str], ServedModel] = {}
 
     def _error(self, model: str, e: Exception) -> Exception:
@@ -230,7 +234,7 @@ class TritonRunner:
         text = str(getattr(e, "message", lambda: str(e))() or e)
         if "INVALID_ARGUMENT:" in text:
             return InvalidInput(text.split("INVALID_ARGUMENT:", 1)[1].strip())
-        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text:
+        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text or text.startswith("DEADLINE_EXCEEDED:"):
             from kinema.errors import DeadlineExceeded
 
             return DeadlineExceeded(f"{model}: Triton did not answer in time")
@@ -267,6 +271,20 @@ class TritonRunner:
                 raise self._error(model, error) from None
         outputs = zip(response.outputs, response.raw_output_contents, strict=True)
         return {o.name: _array(o.datatype, o.shape, raw) for o, raw in outputs}
+
+    def stream(self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
+               ) -> TritonStream:  # fmt: skip
+        """One request to a decoupled model; iterate its responses' outputs as they come, `cancel()` to stop it."""
+        from tritonclient.grpc import service_pb2
+
+        _check_name(model)
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+        for name, array in inputs.items():
+            datatype, raw = _wire(name, array)
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            request.raw_input_contents.append(raw)
+        call = self._stream_infer(iter([request.SerializeToString()]), timeout=timeout or self.timeout)
+        return TritonStream(self, model, call)
 
     def describe(self, model: str, version: str = "") -> ServedModel:
         from tritonclient.utils import InferenceServerException
@@ -330,6 +348,42 @@ class TritonRunner:
     def close(self) -> None:
         self._channel.close()
         self._client.close()
+
+
+class TritonStream:
+    """The responses of one streamed request (`TritonRunner.stream`), errors mapped as `infer` maps them."""
+
+    def __init__(self, runner: TritonRunner, model: str, call) -> None:
+        self.runner, self.model, self._call = runner, model, call
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        import grpc
+        from tritonclient.utils import InferenceServerException
+
+        observer = self.runner.observer
+        with observer.time_model(self.model, self.runner.backend) if observer else nullcontext():
+            while True:
+                run_pending()  # work left for "just before the next wait" (a relayed step's message)
+                try:
+                    response = next(self._call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as e:
+                    if self._cancelled:
+                        return
+                    error = InferenceServerException(msg=e.details(), status=str(e.code()))
+                    raise self.runner._error(self.model, error) from None
+                if response.error_message:
+                    raise self.runner._error(self.model, InferenceServerException(msg=response.error_message))
+                r = response.infer_response
+                yield {o.name: _array(o.datatype, o.shape, raw)
+                       for o, raw in zip(r.outputs, r.raw_output_contents, strict=True)}  # fmt: skip
+
+    def cancel(self) -> None:
+        """Stop the request (from any thread): Triton cancels it, and iteration ends quietly."""
+        self._cancelled = True
+        self._call.cancel()
 
 
 def make_runner(
