@@ -1,8 +1,10 @@
-"""Denoiser service: owns the sampling loops and calls the denoiser networks once per step.
+"""Denoiser service: the sampling loops, run next to the network in Triton where it can, else here.
 
-`Sample` runs the library's loop (`kinema.pipelines.local.LocalDenoiser`, the same code embedded mode
-runs) in a worker thread; each step's network evaluation goes through the model runner (Triton by
-default). `SampleVideo` does the same for one clip with a video denoiser (`LocalVideoDenoiser` over
+`Sample` checks the request (`kinema.rpc.denoising.SampleCall`), then runs the library's loop
+(`kinema.pipelines.local.LocalDenoiser`, the same code embedded mode runs): whole, in Triton's loop model for the
+denoiser (`<name>-loop`, the same weights: `kinema.inference.triton_sampler`), relaying its messages; or, for a
+denoiser without one, in a worker thread here, each step's network evaluation one model-runner call (Triton by
+default). `SampleVideo` runs its loop here the same way for one clip with a video denoiser (`LocalVideoDenoiser` over
 `kinema.rpc.denoising.RunnerVideoNetwork`). Progress streams back as steps finish. A client cancel or an
 expired deadline stops the loop at the next step.
 
@@ -24,13 +26,13 @@ from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2 as pb
 from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.inference.triton_sampler import loop_model_name, sample_stream
 from kinema.nn.text import TextEmbedding
 from kinema.nn.video import VideoMMDiTParams
 from kinema.pipelines.edit_video import resolve_window
-from kinema.pipelines.local import SAMPLERS, LocalDenoiser, LocalVideoDenoiser
-from kinema.pipelines.protocols import SampleSpec, VideoSpec
+from kinema.pipelines.local import LocalDenoiser, LocalVideoDenoiser
+from kinema.pipelines.protocols import VideoSpec
 from kinema.rpc import tensors
-from kinema.inference.triton_sampler import loop_model_name, sample_stream
 from kinema.rpc.denoising import (
     RunnerNetwork,
     RunnerVideoNetwork,
@@ -43,15 +45,14 @@ from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 from kinema.rpc.streaming import StepCallback, stream_steps
-from kinema.sampling.edit import start_latents
-from kinema.sampling.schedule import get_schedule
 
 SERVICE = "kinema.denoiser.v1.Denoiser"
 VIDEO_MODEL = "video_denoiser"  # the default video model, and the video family's name prefix
 
 
 def _video_spec(request: pb.SampleVideoRequest) -> VideoSpec:
-    shift = check_schedule(request.steps, request.guidance, request.shift, request.start_step, request.HasField("init_latents"))
+    shift = check_schedule(request.steps, request.guidance, request.shift, request.start_step,
+                           request.HasField("init_latents"))  # fmt: skip
     for name in ("temporal_guidance", "structure_level"):
         value = getattr(request, name)
         high = 1.0 if name == "structure_level" else math.inf

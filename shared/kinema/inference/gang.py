@@ -22,7 +22,7 @@ Velocity = Callable[..., Tensor]  # (x (B, ...), t (B,), context (B, L, D), pool
 
 
 class _Call:
-    __slots__ = ("args", "out", "error", "done")
+    __slots__ = ("args", "done", "error", "out")
 
     def __init__(self, args: tuple[Tensor, ...]) -> None:
         self.args, self.out, self.error, self.done = args, None, None, False
@@ -93,9 +93,12 @@ class Gang:
                 else:
                     batched = [torch.cat(parts) for parts in zip(*(c.args for c in chunk), strict=True)]
                     outs = self.network(*batched).split([c.args[0].shape[0] for c in chunk])
-        except Exception as e:  # every loop of the pass gets the error, as Triton's batch did
-            for call in chunk:
-                call.error, call.done = e, True
+        except Exception as e:
+            if len(chunk) > 1:  # one loop's rows may be at fault: each alone, so only that loop fails
+                for call in chunk:
+                    self._run([call])
+                return
+            chunk[0].error, chunk[0].done = e, True
             return
         for call, out in zip(chunk, outs, strict=True):
             call.out, call.done = out, True

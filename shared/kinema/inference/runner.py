@@ -223,8 +223,9 @@ class TritonRunner:
         self._model_infer = self._channel.unary_unary(
             INFER_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
+        stream_response = service_pb2.ModelStreamInferResponse.FromString
         self._stream_infer = self._channel.stream_stream(
-            STREAM_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelStreamInferResponse.FromString
+            STREAM_METHOD, request_serializer=None, response_deserializer=stream_response
         )
         self._described: dict[tuple[str, str], ServedModel] = {}
 

@@ -16,7 +16,10 @@ denoiser's (`loop_model_name`); elsewhere the loop stays in the service, one `de
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
 import threading
 import time
 from typing import Any
@@ -73,35 +76,31 @@ class _Stopped(Exception):
     pass
 
 
-class _Sender:
-    """A request's response sender that takes the stub's IPC lock (`SamplerModel._ipc`)."""
+class _Request:
+    """One request's response sender, and whether the server has cancelled it (client gone, deadline)."""
 
-    def __init__(self, sender, lock: threading.Lock) -> None:
-        self._sender, self._lock = sender, lock
-
-    def send(self, response=None, flags: int = 0) -> None:
-        with self._lock:
-            self._sender.send(response, flags=flags)
-
-    def is_cancelled(self) -> bool:
-        with self._lock:
-            return self._sender.is_cancelled()
+    def __init__(self, sender) -> None:
+        self.sender = sender
+        self.cancelled = threading.Event()
 
 
 class SamplerModel:
-    """The stub's side (`models/<denoiser>-loop/1/model.py`): each request's loop on a thread of its own."""
+    """The stub's side (`models/<denoiser>-loop/1/model.py`): each request's loop on a thread of its own; what the
+    loops send goes through one outbox thread, so that no loop waits on the server between its steps."""
 
     def __init__(self, args: dict, pb_utils) -> None:
         self.pb = pb_utils
+        self._cpus = os.sched_getaffinity(0)  # the stub's CPUs, before build pins this thread (and so the loops')
         self.network = triton_python.build("denoiser", args)  # pinned, threads set, weights checked
         self.gang = Gang(self.network.model)
         self.closing = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
-        # Every exchange with the server from the loops' threads (sends, cancellation checks, the metric) takes this
-        # lock: a metric update concurrent with other loops' sends crashed the server (Triton 2.51 from
+        # Every exchange with the server (sends, cancellation checks, the step counter) happens on the outbox thread,
+        # or under this lock: a metric update concurrent with other loops' sends crashed the server (Triton 2.51 from
         # nvidia-pytriton 0.7.0, SIGSEGV in libtriton_python.so with 3+ loops in flight; none with the lock, 16 loops).
         self._ipc = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         try:
             family = pb_utils.MetricFamily(name=STEPS_METRIC, description="Sampling steps run by Triton's loop models",
                                            kind=pb_utils.MetricFamily.COUNTER)  # fmt: skip
@@ -110,17 +109,19 @@ class SamplerModel:
         except (AttributeError, TypeError, RuntimeError) as e:  # a server without custom metrics: serve without
             _LOGGER.warning("no %s metric: %s", STEPS_METRIC, e)
             self._steps = None
+        self._sending = threading.Thread(target=self._send_all, name="loop-outbox", daemon=True)
+        self._sending.start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
             # Read here: a request's inputs are not to be touched once execute has returned (only its sender is).
             with self._ipc:
-                sender = _Sender(request.get_response_sender(), self._ipc)
+                target = _Request(request.get_response_sender())
             raw = self.pb.get_input_tensor_by_name(request, "REQUEST")
             timeout = self.pb.get_input_tensor_by_name(request, "TIMEOUT")
             inputs = (bytes(raw.as_numpy().reshape(-1)[0]) if raw is not None else None,
                       float(timeout.as_numpy().reshape(-1)[0]) if timeout is not None else None)  # fmt: skip
-            thread = threading.Thread(target=self._serve, args=(sender, *inputs), name="sample-loop", daemon=True)
+            thread = threading.Thread(target=self._serve, args=(target, *inputs), name="sample-loop", daemon=True)
             with self._lock:
                 self._threads.add(thread)
             thread.start()
@@ -132,6 +133,34 @@ class SamplerModel:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout=30)
+        self._outbox.put(None)
+        self._sending.join(timeout=30)
+
+    def _send_all(self) -> None:
+        """The outbox: each message in the order the loops made them; after a step's message, whether the server
+        has cancelled that request (its loop then stops at its next step)."""
+        with contextlib.suppress(OSError):  # off the loops' core: sending competed with their forward passes
+            os.sched_setaffinity(0, self._cpus)
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        while (item := self._outbox.get()) is not None:
+            target, message, error = item
+            try:
+                with self._ipc:
+                    if error is not None:
+                        target.sender.send(self._error(*error), flags=final)
+                    elif message is None:  # stopped: no result
+                        target.sender.send(flags=final)
+                    elif message.HasField("result"):
+                        target.sender.send(self._response(message), flags=final)
+                    else:
+                        target.sender.send(self._response(message))
+                        if self._steps is not None:
+                            self._steps.increment(1)
+                        if target.sender.is_cancelled():
+                            target.cancelled.set()
+            except Exception:
+                _LOGGER.exception("sending a loop's response failed")
+                target.cancelled.set()
 
     def _response(self, message: pb.SampleResponse):
         data = np.array([message.SerializeToString()], dtype=np.object_)
@@ -153,11 +182,13 @@ class SamplerModel:
             self.network.validate({"X": x, "T": np.zeros((rows, 1), np.float32), "CONTEXT": text.tokens.numpy(),
                                    "CONTEXT_MASK": text.mask.numpy(), "POOLED": text.pooled.numpy()})  # fmt: skip
 
-    def _serve(self, sender: _Sender, raw: bytes | None, timeout: float | None) -> None:
-        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    def _serve(self, target: _Request, raw: bytes | None, timeout: float | None) -> None:
+        def send(message: pb.SampleResponse | None = None, error: tuple[str, str] | None = None) -> None:
+            self._outbox.put((target, message, error))
+
         try:
             if raw is None or timeout is None or not timeout > 0:
-                raise InvalidInput("a loop request needs REQUEST (a serialized SampleRequest) and TIMEOUT (seconds > 0)")
+                raise InvalidInput("a loop request needs REQUEST (a serialized SampleRequest) and TIMEOUT (> 0 s)")
             deadline = time.monotonic() + timeout
             call = SampleCall.parse(pb.SampleRequest.FromString(raw))
             self._check(call)
@@ -165,28 +196,24 @@ class SamplerModel:
             progress = call.progress()
 
             def step(i: int, n: int, x) -> None:
-                if self._steps is not None:
-                    with self._ipc:
-                        self._steps.increment(1)
-                if sender.is_cancelled() or self.closing.is_set():
+                if target.cancelled.is_set() or self.closing.is_set():
                     raise _Stopped
-                sender.send(self._response(progress(i, n, x)))
+                send(progress(i, n, x))
                 if i + 1 < n and time.monotonic() > deadline:
                     raise DeadlineExceeded("the request's deadline passed during sampling")
 
             with self.gang.member():
                 latents = call.sample(denoiser, step)
-            sender.send(self._response(pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents)))),
-                        flags=final)  # fmt: skip
+            send(pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents))))
         except _Stopped:
-            sender.send(flags=final)
+            send()
         except InvalidInput as e:
-            sender.send(self._error(f"INVALID_ARGUMENT: {e}", "INVALID_ARG"), flags=final)
+            send(error=(f"INVALID_ARGUMENT: {e}", "INVALID_ARG"))
         except DeadlineExceeded as e:
-            sender.send(self._error(f"DEADLINE_EXCEEDED: {e}", "UNAVAILABLE"), flags=final)
-        except Exception as e:  # noqa: BLE001 - reported to the caller as INTERNAL, logged here with its traceback
+            send(error=(f"DEADLINE_EXCEEDED: {e}", "UNAVAILABLE"))
+        except Exception as e:
             _LOGGER.exception("sampling loop failed")
-            sender.send(self._error(f"INTERNAL: sampling loop failed ({type(e).__name__})", "INTERNAL"), flags=final)
+            send(error=(f"INTERNAL: sampling loop failed ({type(e).__name__})", "INTERNAL"))
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())

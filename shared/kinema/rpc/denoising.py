@@ -202,7 +202,8 @@ class SampleCall:
         init_latents, mask = _edit(request, noise)
         return cls(request, spec, noise, cond, uncond, init_latents, mask)
 
-    def sample(self, denoiser: LocalDenoiser, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
+    def sample(self, denoiser: LocalDenoiser, callback: Callable[[int, int, torch.Tensor], None] | None
+               ) -> torch.Tensor:  # fmt: skip
         """The whole loop around `denoiser`'s network; `callback(i, n, x)` after each step."""
         return denoiser.sample(self.noise, self.cond, self.uncond, self.spec, callback, init_latents=self.init_latents,
                                mask=self.mask)  # fmt: skip

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[3]
 # 4-step student; the denoiser: denoiser-loop for Sample, video_denoiser for SampleVideo; interpret also calls, for
 # images, the autoencoder the iin_* models name: vector_ae_encoder / _decoder).
 SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser-loop", "denoiser_4step",
-                 "denoiser_2step", "video_denoiser", "depth", "iin_factor", "iin_net2net", "iin_invariance", "vector_ae_encoder",
-                 "vector_ae_decoder")  # fmt: skip
+                 "denoiser_2step", "video_denoiser", "depth", "iin_factor", "iin_net2net", "iin_invariance",
+                 "vector_ae_encoder", "vector_ae_decoder")  # fmt: skip
 
 
 def free_port() -> int:
