@@ -26,7 +26,7 @@ from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2 as pb
 from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
 from kinema.errors import InvalidInput, NotFound, Unavailable
-from kinema.inference.triton_sampler import loop_model_name, sample_stream
+from kinema.inference.triton_sampler import SampleStream, loop_model_name
 from kinema.nn.text import TextEmbedding
 from kinema.nn.video import VideoMMDiTParams
 from kinema.pipelines.edit_video import resolve_window
@@ -208,7 +208,7 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
                                 info: common_pb2.ModelInfo, timeout: float):  # fmt: skip
         """The request's loop run by `loop_model` (`kinema.inference.triton_sampler`): its messages relayed as they
         come, the result's ModelInfo filled in here."""
-        stream = sample_stream(self.family.runner, loop_model, version, request, timeout)
+        stream = SampleStream(self.family.runner, loop_model, version, request, timeout)
 
         def relay(callback: StepCallback) -> pb.SampleResponse:
             for event in stream:

@@ -1,12 +1,12 @@
 """A denoiser's whole sampling loop run inside Triton, next to its network: the `<denoiser>-loop` models.
 
-Served one step per call, a 28-step Sample crossed processes 28 times (denoiser service -> Triton -> python-backend
-stub and back): about 12% on top of the embedded loop for the mini MMDiT on the reference CPU, most of it not the
-calls' own cost but the forward passes running cold after each hop (docs/serving.md, "The loop next to the
-network"). A loop model holds the same weights as its denoiser and runs the library's loop
-(`kinema.rpc.denoising.SampleCall` over `kinema.pipelines.local.LocalDenoiser`) in its stub: one request per
-Sample, carrying the SampleRequest as the denoiser service checked it, answered by one response per step (the
-Progress message) and a last one with the result (decoupled). Loops of concurrent requests share each forward pass
+Served one step per call, a 28-step Sample crosses processes 28 times (denoiser service -> Triton -> python-backend
+stub and back): about 3 ms a step in calls and copies for the mini MMDiT on the reference CPU, and forward passes
+slower than the same forward run in one process (docs/serving.md, "The loop next to the network"). A loop model
+holds the same weights as its denoiser and runs the library's loop (`kinema.rpc.denoising.SampleCall` over
+`kinema.pipelines.local.LocalDenoiser`) in its stub: one request per Sample, carrying the SampleRequest as the
+denoiser service checked it, answered by one response per step (the Progress message) and a last one with the
+result (decoupled). Loops of concurrent requests share each forward pass
 (`kinema.inference.gang.Gang`), so they still batch as the per-step model's requests did in Triton's dynamic
 batcher. A cancelled request (client gone, deadline) stops at its next step.
 
@@ -66,10 +66,6 @@ class SampleStream:
 
     def close(self) -> None:
         self._call.cancel()
-
-
-def sample_stream(runner: Any, model: str, version: str, request: pb.SampleRequest, timeout: float) -> SampleStream:
-    return SampleStream(runner, model, version, request, timeout)
 
 
 class _Stopped(Exception):
