@@ -11,7 +11,7 @@ from kinema.inference.model_card import CARD, stated_sha256
 from kinema.inference.model_config import latest_version, model_dirs, parameters, read_config, sync_hashes
 from kinema.inference.networks import NETWORKS, load_network
 from kinema.inference.runner import LocalRunner
-from kinema.inference.triton_sampler import is_loop_model
+from kinema.inference.triton_sampler import MODEL_PY, is_loop_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SERVED = model_dirs(MODELS)
@@ -38,6 +38,7 @@ def test_config_matches_its_network_and_pins_its_weights(model_dir: Path):
         assert [o.name for o in config.output] == ["RESPONSE"]
         denoiser = model_dir.parent / model_dir.name.removesuffix("-loop")
         assert params["weights_sha256"] == parameters(read_config(denoiser))["weights_sha256"]  # the same weights
+        assert (model_dir / latest_version(model_dir) / "model.py").read_text() == MODEL_PY  # the library's glue
     else:
         assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
         assert [(i.name, i.optional) for i in config.input] == [(s.name, s.optional) for s in network.inputs]

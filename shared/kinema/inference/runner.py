@@ -171,6 +171,19 @@ def _wire(name: str, array: np.ndarray) -> tuple[str, bytes]:
     return dtype, np.ascontiguousarray(array).tobytes()
 
 
+def _infer_request(model: str, version: str, inputs: dict[str, np.ndarray]) -> bytes:
+    """A serialized KServe v2 `ModelInferRequest` (tritonclient's message) with every input as raw contents."""
+    from tritonclient.grpc import service_pb2
+
+    _check_name(model)
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in inputs.items():
+        datatype, raw = _wire(name, array)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(raw)
+    return request.SerializeToString()
+
+
 def _array(datatype: str, shape, raw: bytes) -> np.ndarray:
     """An output's raw contents as numpy (read-only, sharing the response's buffer)."""
     from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
@@ -253,16 +266,9 @@ class TritonRunner:
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         import grpc
-        from tritonclient.grpc import service_pb2
         from tritonclient.utils import InferenceServerException
 
-        _check_name(model)
-        request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
-        for name, array in inputs.items():
-            datatype, raw = _wire(name, array)
-            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-            request.raw_input_contents.append(raw)
-        message = request.SerializeToString()
+        message = _infer_request(model, version, inputs)
         run_pending()
         with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
             try:
@@ -276,15 +282,8 @@ class TritonRunner:
     def stream(self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
                ) -> TritonStream:  # fmt: skip
         """One request to a decoupled model; iterate its responses' outputs as they come, `cancel()` to stop it."""
-        from tritonclient.grpc import service_pb2
-
-        _check_name(model)
-        request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
-        for name, array in inputs.items():
-            datatype, raw = _wire(name, array)
-            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-            request.raw_input_contents.append(raw)
-        call = self._stream_infer(iter([request.SerializeToString()]), timeout=timeout or self.timeout)
+        message = _infer_request(model, version, inputs)
+        call = self._stream_infer(iter([message]), timeout=timeout or self.timeout)
         return TritonStream(self, model, call)
 
     def describe(self, model: str, version: str = "") -> ServedModel:
