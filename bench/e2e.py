@@ -49,7 +49,7 @@ from kinema.rpc.process import SERVED_MODELS
 from kinema.stack import StackSettings, down, up
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import MINI_MODELS, mini_repository, paired  # bench/serving.py: the same mini denoiser
+from serving import mini_repository, paired  # bench/serving.py: the same mini denoiser
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a small red sphere to the left of a blue cube"
@@ -59,7 +59,7 @@ STEPS, GUIDANCE, SIZE = 28, 4.0, 64
 def stack_repository(root: Path) -> Path:
     """Every shipped model the stack serves, with the mini denoiser in place of the shipped one."""
     for name in SERVED_MODELS:
-        if name not in MINI_MODELS:
+        if name != "denoiser":
             shutil.copytree(default_models_dir() / name, root / name)
     repo, _ = mini_repository(root)
     return repo

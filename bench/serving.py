@@ -6,12 +6,11 @@ Starts a real Triton over models/ and the denoiser service (Triton backend) as p
 1. per network call: `TritonRunner.infer` (KServe v2 over gRPC) against the same network called in
    this process (`LocalRunner`, the very class Triton's model.py runs), `reps` pairs;
 2. a full 28-step CFG Sample, for the shipped (tiny) denoiser and at the mini size (6 x 256, random
-   weights), through the denoiser service (gRPC stream; the whole loop in Triton's `denoiser-loop`, next to the
-   network) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` rounds;
-3. in the same rounds, the Sample one Triton call per step, as the service runs it for a denoiser without a loop
-   model: on a copy of the denoiser (`PER_STEP`, pinned as configured: each instance on a core of its own,
-   kinema.inference.triton_python.pinned_cpus) and on a copy whose instances are left to the OS (`UNPINNED`), and
-   the service's loop run in this process over a `TritonRunner`: with Triton's statistics, where a served step's
+   weights), through the denoiser service (gRPC stream, one Triton
+   call per step) against the embedded loop (`LocalDenoiser`) on the same inputs, `samples` rounds;
+3. in the same rounds, the Sample on a copy of the denoiser whose instances are left to the OS (`pin_cpus` false),
+   against the denoiser as configured (each instance on a core of its own, kinema.inference.triton_python.pinned_cpus),
+   and the service's loop run in this process over a `TritonRunner`: with Triton's statistics, where a served step's
    time goes (`step_breakdown`);
 4. dynamic batching: images/s with `clients` concurrent Sample streams against one client.
 The in-process baseline runs with the torch thread count of one Triton instance (config.pbtxt).
@@ -150,31 +149,24 @@ def sample_request(cond_pb, uncond_pb, seed: int, steps: int) -> denoiser_pb2.Sa
     return denoiser_pb2.SampleRequest(noise=noise, cond=cond_pb, uncond=uncond_pb, steps=steps, guidance=4.0)
 
 
-UNPINNED = "denoiser_unpinned"  # denoiser_ names: the denoiser service serves them, one call per step (no loop model)
-PER_STEP = "denoiser_steps"
-COPIES = (PER_STEP, UNPINNED)
+UNPINNED = "denoiser_unpinned"  # a denoiser_ name: the denoiser service serves it
 
 
-def per_step_copies(repo: Path) -> Path:
-    """`repo` with `COPIES` beside its denoiser: the same weights, served one call per step, pinned as the denoiser
-    is (`PER_STEP`) or left to the OS (`UNPINNED`)."""
+def unpinned_copy(repo: Path) -> Path:
+    """A working copy of `repo` with `UNPINNED` beside its denoiser: the same weights, its instances not pinned."""
+    shutil.copytree(repo / "denoiser", repo / UNPINNED)
+    config = repo / UNPINNED / "config.pbtxt"
+    text = config.read_text()
     pin = 'key: "pin_cpus" value { string_value: "true" }'
-    for name in COPIES:
-        shutil.copytree(repo / "denoiser", repo / name)
-        config = repo / name / "config.pbtxt"
-        text = config.read_text()
-        assert pin in text, "the denoiser's config no longer asks for pinning: update this bench"
-        text = text.replace('name: "denoiser"', f'name: "{name}"')
-        config.write_text(text.replace(pin, pin.replace("true", "false")) if name == UNPINNED else text)
+    assert pin in text, "the denoiser's config no longer asks for pinning: update this bench"
+    text = text.replace('name: "denoiser"', f'name: "{UNPINNED}"')
+    config.write_text(text.replace(pin, pin.replace("true", "false")))
     return repo
 
 
 def conditioning(e) -> denoiser_pb2.Conditioning:
     return denoiser_pb2.Conditioning(tokens=tensors.encode(e.tokens), mask=tensors.encode(e.mask),
                                      pooled=tensors.encode(e.pooled))  # fmt: skip
-
-
-MINI_MODELS = ("denoiser", "denoiser-loop")
 
 
 def mini_repository(root: Path) -> tuple[Path, LocalDenoiser]:
@@ -187,14 +179,12 @@ def mini_repository(root: Path) -> tuple[Path, LocalDenoiser]:
     model = MMDiT(PRESETS["mini"]).eval().requires_grad_(False)
     for p in model.parameters():  # adaLN-zero starts at zero output; give the network a real signal
         torch.nn.init.normal_(p, std=0.02)
-    for name in MINI_MODELS:  # the denoiser and its loop model (the same weights)
-        src = default_models_dir() / name
-        (root / name / "1").mkdir(parents=True)
-        shutil.copy(src / "config.pbtxt", root / name / "config.pbtxt")
-        shutil.copy(src / "1" / "model.py", root / name / "1" / "model.py")
-        shutil.copy(src / "README.md", root / name / "README.md")
-        save_checkpoint(root / name / "1" / "mmdit.safetensors", model.state_dict(), model.params)
+    src = default_models_dir() / "denoiser"
+    (root / "denoiser" / "1").mkdir(parents=True)
+    shutil.copy(src / "config.pbtxt", root / "denoiser" / "config.pbtxt")
+    shutil.copy(src / "1" / "model.py", root / "denoiser" / "1" / "model.py")
     weights = root / "denoiser" / "1" / "mmdit.safetensors"
+    save_checkpoint(weights, model.state_dict(), model.params)
     sync_hashes(root)
     return root, LocalDenoiser(model, sha256_file(weights))
 
@@ -230,7 +220,7 @@ def measure(
 
                 # The service's own loop in this process, over the same runner: the service's part is what Sample
                 # adds to it.
-                network = RunnerNetwork(runner, PER_STEP, "", deadline=time.monotonic() + 24 * 3600)
+                network = RunnerNetwork(runner, "denoiser", "", deadline=time.monotonic() + 24 * 3600)
                 loop_here = LocalDenoiser(network, "", latent_channels=4)
 
                 def runner_loop(seed: int = 0) -> torch.Tensor:
@@ -238,29 +228,22 @@ def measure(
                     return loop_here.sample(noise, cond, uncond, SampleSpec(28, 4.0), None)
 
                 diff = float(np.abs(served() - embedded().numpy()).max())
-                assert torch.equal(runner_loop(), torch.from_numpy(served(model=PER_STEP)))
-                before = triton_stats(triton.grpc_url, PER_STEP)
-                times = rotated({"served": served, "embedded": embedded, "per_step": lambda: served(model=PER_STEP),
-                                 "unpinned": lambda: served(model=UNPINNED), "runner_loop": runner_loop},
-                                args.samples, warmup=1)  # fmt: skip
-                per_step = per_request_ms(before, triton_stats(triton.grpc_url, PER_STEP))
+                assert torch.equal(runner_loop(), torch.from_numpy(served()))
+                before = triton_stats(triton.grpc_url, "denoiser")
+                times = rotated({"served": served, "embedded": embedded, "unpinned": lambda: served(model=UNPINNED),
+                                 "runner_loop": runner_loop}, args.samples, warmup=1)  # fmt: skip
+                per_step = per_request_ms(before, triton_stats(triton.grpc_url, "denoiser"))
                 p = relative(times["served"], times["embedded"])
                 results["sample_28_steps"] = {"served_ms": p["a_ms"], "embedded_ms": p["b_ms"], "ratio": p["ratio"],
                                               "ratio_q25": p["ratio_q25"], "ratio_q75": p["ratio_q75"],
                                               "overhead_per_step_ms": p["diff_ms"] / 28, "pairs": p["pairs"],
-                                              "max_abs_diff": diff}  # fmt: skip
-                p = relative(times["per_step"], times["embedded"])
-                breakdown = step_breakdown(times | {"served": times["per_step"]}, per_step)
-                results["sample_28_steps_per_step"] = {"served_ms": p["a_ms"], "ratio": p["ratio"],
-                                                       "ratio_q25": p["ratio_q25"], "ratio_q75": p["ratio_q75"],
-                                                       "overhead_per_step_ms": p["diff_ms"] / 28,
-                                                       "triton_per_step": per_step,
-                                                       "step_breakdown_ms": breakdown}  # fmt: skip
+                                              "max_abs_diff": diff, "triton_per_step": per_step,
+                                              "step_breakdown_ms": step_breakdown(times, per_step)}  # fmt: skip
                 p = relative(times["unpinned"], times["embedded"])
                 results["sample_28_steps_unpinned"] = {"served_ms": p["a_ms"], "ratio": p["ratio"],
                                                        "ratio_q25": p["ratio_q25"],
                                                        "ratio_q75": p["ratio_q75"]}  # fmt: skip
-                p = relative(times["unpinned"], times["per_step"])
+                p = relative(times["unpinned"], times["served"])
                 results["sample_28_steps_unpinned"] |= {"over_pinned": p["ratio"], "over_pinned_q25": p["ratio_q25"],
                                                         "over_pinned_q75": p["ratio_q75"]}  # fmt: skip
 
@@ -308,12 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in SERVED_MODELS:
             shutil.copytree(default_models_dir() / name, Path(tmp) / name)
-        repo = per_step_copies(Path(tmp))
-        results["shipped_tiny"] = measure(repo, (*SERVED_MODELS, *COPIES), denoiser, cond, uncond, args)
+        repo = unpinned_copy(Path(tmp))
+        results["shipped_tiny"] = measure(repo, (*SERVED_MODELS, UNPINNED), denoiser, cond, uncond, args)
     with tempfile.TemporaryDirectory() as tmp:
         repo, mini = mini_repository(Path(tmp))
-        results["mini"] = measure(per_step_copies(repo), (*MINI_MODELS, *COPIES), mini, cond, uncond, args,
-                                  calls=False)  # fmt: skip
+        results["mini"] = measure(unpinned_copy(repo), ("denoiser", UNPINNED), mini, cond, uncond, args, calls=False)
     results["torch_threads_per_side"] = torch.get_num_threads()
     results[PIN_CPUS_SETTING] = os.environ.get(PIN_CPUS_SETTING, "1 (the launcher's default)")
     if args.note:

@@ -1,10 +1,8 @@
-"""Denoiser service: the sampling loops, run next to the network in Triton where it can, else here.
+"""Denoiser service: owns the sampling loops and calls the denoiser networks once per step.
 
-`Sample` checks the request (`kinema.rpc.denoising.SampleCall`), then runs the library's loop
-(`kinema.pipelines.local.LocalDenoiser`, the same code embedded mode runs): whole, in Triton's loop model for the
-denoiser (`<name>-loop`, the same weights: `kinema.inference.triton_sampler`), relaying its messages; or, for a
-denoiser without one, in a worker thread here, each step's network evaluation one model-runner call (Triton by
-default). `SampleVideo` runs its loop here the same way for one clip with a video denoiser (`LocalVideoDenoiser` over
+`Sample` runs the library's loop (`kinema.pipelines.local.LocalDenoiser`, the same code embedded mode
+runs) in a worker thread; each step's network evaluation goes through the model runner (Triton by
+default). `SampleVideo` does the same for one clip with a video denoiser (`LocalVideoDenoiser` over
 `kinema.rpc.denoising.RunnerVideoNetwork`). Progress streams back as steps finish. A client cancel or an
 expired deadline stops the loop at the next step.
 
@@ -25,34 +23,82 @@ import torch
 from kinema.common.v1 import common_pb2
 from kinema.denoiser.v1 import denoiser_pb2 as pb
 from kinema.denoiser.v1 import denoiser_pb2_grpc as pb_grpc
-from kinema.errors import InvalidInput, NotFound, Unavailable
-from kinema.inference.triton_sampler import SampleStream, loop_model_name
+from kinema.errors import InvalidInput
 from kinema.nn.text import TextEmbedding
 from kinema.nn.video import VideoMMDiTParams
 from kinema.pipelines.edit_video import resolve_window
-from kinema.pipelines.local import LocalDenoiser, LocalVideoDenoiser
-from kinema.pipelines.protocols import VideoSpec
+from kinema.pipelines.local import SAMPLERS, LocalDenoiser, LocalVideoDenoiser
+from kinema.pipelines.protocols import SampleSpec, VideoSpec
 from kinema.rpc import tensors
-from kinema.rpc.denoising import (
-    RunnerNetwork,
-    RunnerVideoNetwork,
-    SampleCall,
-    check_schedule,
-    conditioning,
-    video_params,
-)
+from kinema.rpc.denoising import RunnerNetwork, RunnerVideoNetwork, conditioning, video_params
 from kinema.rpc.models import ModelFamily, build_model_server
 from kinema.rpc.server import KinemaServer, remaining_seconds
 from kinema.rpc.settings import ServiceSettings
 from kinema.rpc.streaming import StepCallback, stream_steps
+from kinema.sampling.edit import start_latents
+from kinema.sampling.schedule import get_schedule
 
 SERVICE = "kinema.denoiser.v1.Denoiser"
+MAX_STEPS = 1000
 VIDEO_MODEL = "video_denoiser"  # the default video model, and the video family's name prefix
 
 
+def _steps(steps: int, guidance: float, shift: float, start_step: int, has_init: bool) -> float:
+    """Check the schedule fields Sample and SampleVideo share; returns the shift (0 -> 1)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidInput(f"steps must be in 1..{MAX_STEPS}, got {steps}", reason="OUT_OF_RANGE", field="steps")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidInput(f"guidance must be finite and >= 0, got {guidance}", reason="OUT_OF_RANGE",
+                           field="guidance")  # fmt: skip
+    shift = shift or 1.0
+    if not math.isfinite(shift) or shift <= 0:
+        raise InvalidInput(f"shift must be > 0, got {shift}", reason="OUT_OF_RANGE", field="shift")
+    if not 0 <= start_step < steps:
+        raise InvalidInput(f"start_step must be in 0..steps-1 ({steps - 1}), got {start_step}",
+                           reason="OUT_OF_RANGE", field="start_step")  # fmt: skip
+    if start_step and not has_init:
+        raise InvalidInput("start_step > 0 needs init_latents to start from", reason="MISSING", field="init_latents")
+    return shift
+
+
+def _spec(request: pb.SampleRequest) -> SampleSpec:
+    shift = _steps(request.steps, request.guidance, request.shift, request.start_step, request.HasField("init_latents"))
+    sampler = request.sampler or "euler"
+    if sampler not in SAMPLERS:
+        raise InvalidInput(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}", reason="OUT_OF_RANGE",
+                           field="sampler")  # fmt: skip
+    if request.preview_every < 0:
+        raise InvalidInput("preview_every must be >= 0", reason="OUT_OF_RANGE", field="preview_every")
+    return SampleSpec(steps=request.steps, guidance=request.guidance, sampler=sampler, shift=shift,
+                      start_step=request.start_step)  # fmt: skip
+
+
+def _edit(request: pb.SampleRequest, noise: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The request's init latents and mask, checked against the noise's shape (None where unset)."""
+    if not request.HasField("init_latents"):
+        if request.HasField("mask"):
+            raise InvalidInput("mask needs init_latents: the latents it keeps", reason="MISSING", field="init_latents")
+        return None, None
+    init = tensors.decode(request.init_latents, "init_latents", np.float32, ndim=4, writable=True)  # (B, C, h, w)
+    if init.shape != tuple(noise.shape):
+        raise InvalidInput(f"init_latents has shape {init.shape}, noise {tuple(noise.shape)}: they must agree",
+                           reason="INVALID_SHAPE", field="init_latents")  # fmt: skip
+    if not np.isfinite(init).all():
+        raise InvalidInput("init_latents must be finite", reason="OUT_OF_RANGE", field="init_latents")
+    if not request.HasField("mask"):
+        return torch.from_numpy(init), None
+    mask = tensors.decode(request.mask, "mask", np.float32, ndim=4, writable=True)  # (B or 1, 1, h, w)
+    b, _, h, w = noise.shape
+    if mask.shape[0] not in (1, b) or mask.shape[1:] != (1, h, w):
+        raise InvalidInput(f"mask must have shape (1 or {b}, 1, {h}, {w}), got {mask.shape}",
+                           reason="INVALID_SHAPE", field="mask")  # fmt: skip
+    if not (np.isfinite(mask).all() and (mask >= 0).all() and (mask <= 1).all()):
+        raise InvalidInput("mask values must be in [0, 1]", reason="OUT_OF_RANGE", field="mask")
+    return torch.from_numpy(init), torch.from_numpy(mask)
+
+
 def _video_spec(request: pb.SampleVideoRequest) -> VideoSpec:
-    shift = check_schedule(request.steps, request.guidance, request.shift, request.start_step,
-                           request.HasField("init_latents"))  # fmt: skip
+    shift = _steps(request.steps, request.guidance, request.shift, request.start_step, request.HasField("init_latents"))
     for name in ("temporal_guidance", "structure_level"):
         value = getattr(request, name)
         high = 1.0 if name == "structure_level" else math.inf
@@ -164,70 +210,52 @@ class DenoiserServicer(pb_grpc.DenoiserServicer):
 
     async def Sample(self, request: pb.SampleRequest, context):
         name, version = self._resolve(request.model)
-        call = SampleCall.parse(request)
-        self.family.check_batch(call.noise.shape[0], "noise")
-        info = await self.family.describe(name, version)  # NOT_FOUND / UNAVAILABLE before any work
-        timeout = remaining_seconds(context, self.family.settings)
-        loop_model = await self._loop_model(name, version, info)
-        if loop_model is not None:
-            events = self._sample_in_triton(loop_model, version, request, info, timeout)
+        spec = _spec(request)
+        noise = torch.from_numpy(tensors.decode(request.noise, "noise", np.float32, ndim=4, writable=True))
+        self.family.check_batch(noise.shape[0], "noise")
+        cond = conditioning(request.cond, "cond")
+        if cond.tokens.shape[0] != noise.shape[0]:
+            raise InvalidInput(f"cond has {cond.tokens.shape[0]} rows for a batch of {noise.shape[0]}",
+                               reason="INVALID_SHAPE", field="cond")  # fmt: skip
+        if spec.guidance != 1.0:
+            if not request.HasField("uncond"):
+                raise InvalidInput("uncond is required when guidance != 1", reason="MISSING", field="uncond")
+            uncond = conditioning(request.uncond, "uncond")
+            if uncond.tokens.shape[0] not in (1, noise.shape[0]):
+                raise InvalidInput("uncond must have 1 or B rows", reason="INVALID_SHAPE", field="uncond")
         else:
-            events = self._sample_here(call, name, version, info, timeout)
-        # Closed with this stream (client cancel, deadline): the loop stops at its next step, not at garbage collection.
-        async with contextlib.aclosing(events) as events:
-            async for event in events:
-                yield event
+            uncond = cond
+        init_latents, mask = _edit(request, noise)
+        info = await self.family.describe(name, version)  # NOT_FOUND / UNAVAILABLE before any work
+        deadline = time.monotonic() + remaining_seconds(context, self.family.settings)
+        network = RunnerNetwork(self.family.runner, name, version, deadline)
+        denoiser = LocalDenoiser(network, info.sha256, latent_channels=noise.shape[1])
+        schedule = get_schedule(spec.steps, spec.shift)[spec.start_step :]
 
-    async def _loop_model(self, name: str, version: str, info: common_pb2.ModelInfo) -> str | None:
-        """The Triton model that runs `name`'s whole sampling loop next to its network, where the runner has one
-        holding the same weights (sha256), else None: the loop then runs here, one runner call per step."""
-        if not hasattr(self.family.runner, "stream"):
-            return None
-        loop = loop_model_name(name)
-        try:
-            served = await self.family.run_blocking(self.family.runner.describe, loop, version)
-        except (NotFound, Unavailable):
-            return None
-        return loop if served.sha256 == info.sha256 else None
+        started = time.monotonic()
+        previous = [start_latents(noise, schedule[0], init_latents)]
 
-    async def _sample_here(self, call: SampleCall, name: str, version: str, info: common_pb2.ModelInfo,
-                           timeout: float):  # fmt: skip
-        network = RunnerNetwork(self.family.runner, name, version, time.monotonic() + timeout)
-        denoiser = LocalDenoiser(network, info.sha256, latent_channels=call.noise.shape[1])
+        def progress(i: int, n: int, x: torch.Tensor) -> pb.SampleResponse:
+            event = pb.SampleResponse()
+            event.progress.step, event.progress.total = i + 1, n
+            event.progress.elapsed_seconds = time.monotonic() - started
+            if request.preview_every and (i + 1) % request.preview_every == 0:
+                t, t_next = schedule[i], schedule[i + 1]
+                v = (x - previous[0]) / (t_next - t)  # the step's effective velocity (guided, blended)
+                event.progress.preview.CopyFrom(tensors.encode(previous[0] - t * v))
+            previous[0] = x
+            return event
+
+        def sample(callback: StepCallback) -> torch.Tensor:
+            return denoiser.sample(noise, cond, uncond, spec, callback, init_latents=init_latents, mask=mask)
 
         def finish(latents: torch.Tensor) -> pb.SampleResponse:
             return pb.SampleResponse(result=pb.SampleResult(latents=tensors.encode(latents), model=info))
 
-        steps = stream_steps(self.family.run_blocking, lambda callback: call.sample(denoiser, callback),
-                             call.progress(), finish)  # fmt: skip
-        async with contextlib.aclosing(steps) as events:
+        # Closed with this stream (client cancel, deadline): the loop stops at its next step, not at garbage collection.
+        async with contextlib.aclosing(stream_steps(self.family.run_blocking, sample, progress, finish)) as events:
             async for event in events:
                 yield event
-
-    async def _sample_in_triton(self, loop_model: str, version: str, request: pb.SampleRequest,
-                                info: common_pb2.ModelInfo, timeout: float):  # fmt: skip
-        """The request's loop run by `loop_model` (`kinema.inference.triton_sampler`): its messages relayed as they
-        come, the result's ModelInfo filled in here."""
-        stream = SampleStream(self.family.runner, loop_model, version, request, timeout)
-
-        def relay(callback: StepCallback) -> pb.SampleResponse:
-            for event in stream:
-                if event.HasField("result"):
-                    return event
-                callback(event.progress.step - 1, event.progress.total, event)
-            raise Unavailable(f"{loop_model} ended the stream without a result")
-
-        def finish(event: pb.SampleResponse) -> pb.SampleResponse:
-            event.result.model.CopyFrom(info)
-            return event
-
-        try:
-            steps = stream_steps(self.family.run_blocking, relay, lambda i, n, event: event, finish)
-            async with contextlib.aclosing(steps) as events:
-                async for event in events:
-                    yield event
-        finally:
-            stream.close()  # cancels the Triton request (client gone, deadline, error): its loop stops at a step
 
     async def SampleVideo(self, request: pb.SampleVideoRequest, context):
         name, version = self._resolve_video(request.model)

@@ -65,9 +65,6 @@ def test_gpu_config_serves_the_same_model_on_one_gpu_with_larger_batches(name):
             assert getattr(gpu, field) == getattr(cpu, field), field
     # Placement and batching: one instance per GPU, preferred batches beyond the CPU's, within max_batch_size.
     assert [(g.kind, g.count, list(g.gpus)) for g in gpu.instance_group] == [(KIND_GPU, 1, [])]
-    if cpu.max_batch_size == 0:  # a request per call (a loop model, which batches its loops itself): no batcher
-        assert not gpu.HasField("dynamic_batching") and not cpu.HasField("dynamic_batching")
-        return
     preferred = list(gpu.dynamic_batching.preferred_batch_size)
     assert preferred == sorted(preferred) and preferred[-1] == gpu.max_batch_size
     assert preferred[-1] > max(cpu.dynamic_batching.preferred_batch_size, default=1)

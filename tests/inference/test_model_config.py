@@ -11,7 +11,6 @@ from kinema.inference.model_card import CARD, stated_sha256
 from kinema.inference.model_config import latest_version, model_dirs, parameters, read_config, sync_hashes
 from kinema.inference.networks import NETWORKS, load_network
 from kinema.inference.runner import LocalRunner
-from kinema.inference.triton_sampler import MODEL_PY, is_loop_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SERVED = model_dirs(MODELS)
@@ -19,8 +18,8 @@ SHA_PREFIX = stated_sha256(MODELS / "iin_factor")[:12]
 
 
 def test_the_repository_serves_the_shipped_networks():
-    names = ["denoiser", "denoiser-loop", "denoiser_2step", "denoiser_4step", "depth", "iin_factor", "iin_invariance",
-             "iin_net2net", "text_encoder", "vae_decoder", "vae_encoder", "vector_ae_decoder", "vector_ae_encoder",
+    names = ["denoiser", "denoiser_2step", "denoiser_4step", "depth", "iin_factor", "iin_invariance", "iin_net2net",
+             "text_encoder", "vae_decoder", "vae_encoder", "vector_ae_decoder", "vector_ae_encoder",
              "video_denoiser"]  # fmt: skip
     assert [d.name for d in SERVED] == names
 
@@ -31,18 +30,10 @@ def test_config_matches_its_network_and_pins_its_weights(model_dir: Path):
     params = parameters(config)
     kind = params.get("network", model_dir.name)  # a variant (denoiser_4step) names the network it runs
     network = load_network(kind, model_dir / latest_version(model_dir), params)
-    assert kind in NETWORKS and config.backend == "python"
-    if is_loop_model(model_dir.name):  # a whole Sample per request, its loops batched by the model itself
-        assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled
-        assert [i.name for i in config.input] == ["REQUEST", "TIMEOUT"]
-        assert [o.name for o in config.output] == ["RESPONSE"]
-        denoiser = model_dir.parent / model_dir.name.removesuffix("-loop")
-        assert params["weights_sha256"] == parameters(read_config(denoiser))["weights_sha256"]  # the same weights
-        assert (model_dir / latest_version(model_dir) / "model.py").read_text() == MODEL_PY  # the library's glue
-    else:
-        assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
-        assert [(i.name, i.optional) for i in config.input] == [(s.name, s.optional) for s in network.inputs]
-        assert sorted(o.name for o in config.output) == sorted(s.name for s in network.outputs)
+    assert config.backend == "python" and config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert kind in NETWORKS
+    assert [(i.name, i.optional) for i in config.input] == [(s.name, s.optional) for s in network.inputs]
+    assert sorted(o.name for o in config.output) == sorted(s.name for s in network.outputs)
     # A stale hash would make Triton refuse the model: run `python -m kinema.inference.model_config --sync models`.
     assert params["weights_sha256"] == network.sha256, "config.pbtxt weights_sha256 is stale"
     assert stated_sha256(model_dir) == network.sha256, "the model card's weights_sha256 is stale"

@@ -251,47 +251,16 @@ def test_bad_input_gets_a_clear_status_and_the_service_stays_up(stubs, services)
     assert te.Encode(text_encoder_pb2.EncodeRequest(prompts=["a cube"]), timeout=30).model.name == "text_encoder"
 
 
-def _model_calls(service, model: str = "denoiser") -> float:
+def _model_calls(service) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
     for line in text.splitlines():
-        if line.startswith(f'kinema_model_seconds_count{{backend="triton",model="{model}"}}'):
+        if line.startswith('kinema_model_seconds_count{backend="triton",model="denoiser"}'):
             return float(line.split()[-1])
     return 0.0
 
 
-def _loop_steps(triton) -> float:
-    """Steps Triton's loop models have run (their `kinema_loop_steps_total` counter)."""
-    text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kinema_loop_steps_total{"))
-
-
-def test_sample_runs_in_the_loop_model_next_to_the_network(stubs, services, triton):
-    """A Sample of the shipped denoiser runs whole in Triton's denoiser-loop (same weights): its steps are counted
-    there, and the denoiser service makes no per-step call."""
-    steps, calls = _loop_steps(triton), _model_calls(services["denoiser"])
-    events = list(stubs["denoiser"].Sample(_sample_request(stubs, steps=9), timeout=60))
-    assert events[-1].result.model.name == "denoiser"
-    assert _loop_steps(triton) - steps == 9 and _model_calls(services["denoiser"]) == calls
-
-
-def test_a_denoiser_without_a_loop_model_is_sampled_one_call_per_step(stubs, services):
-    """denoiser_4step has no loop model: the service runs the loop, one Triton call per step (2 rows, CFG), and
-    gets what the embedded loop gets over the same network."""
-    from kinema.pipelines.local import LocalDenoiser
-    from kinema.repository import default_models_dir, load_denoiser
-
-    calls = _model_calls(services["denoiser"], "denoiser_4step")
-    request = _sample_request(stubs, steps=5, model=common_pb2.ModelRef(name="denoiser_4step"))
-    events = list(stubs["denoiser"].Sample(request, timeout=60))
-    assert _model_calls(services["denoiser"], "denoiser_4step") - calls == 5
-    student = LocalDenoiser(*load_denoiser(default_models_dir(), name="denoiser_4step"))  # its network, CFG loop
-    noise = torch.from_numpy(tensors.decode(request.noise, "noise", writable=True))
-    want = student.sample(noise, _embedding(request.cond), _embedding(request.uncond), SampleSpec(5, 4.0), None)
-    np.testing.assert_allclose(tensors.decode(events[-1].result.latents, "x"), want.numpy(), atol=1e-5)
-
-
-def test_client_cancel_stops_sampling(stubs, services, triton):
-    start = _loop_steps(triton)
+def test_client_cancel_stops_sampling(stubs, services):
+    start = _model_calls(services["denoiser"])
     call = stubs["denoiser"].Sample(_sample_request(stubs, steps=1000), timeout=120)
     seen = []
     for event in call:
@@ -299,11 +268,11 @@ def test_client_cancel_stops_sampling(stubs, services, triton):
         if len(seen) == 3:
             call.cancel()
             break
-    time.sleep(0.5)  # let a step in flight finish
-    before = _loop_steps(triton)
+    time.sleep(0.5)  # let an evaluation in flight finish
+    before = _model_calls(services["denoiser"])
     time.sleep(1.5)
-    assert _loop_steps(triton) == before  # the loop in Triton stopped with the cancel
-    assert seen == [1, 2, 3] and before - start < 20  # far from 1000
+    assert _model_calls(services["denoiser"]) == before  # no more network calls after the cancel
+    assert seen == [1, 2, 3] and before - start < 2 * 20  # 2 evaluations (CFG) per step, far from 2000
 
 
 def test_metrics_serve_the_documented_families(stubs, services):

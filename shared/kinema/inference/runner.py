@@ -12,7 +12,7 @@ the loop for the interpreter between two steps.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +155,6 @@ RECONNECT_OPTIONS = (
 
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"  # KServe v2's gRPC inference call
-STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"  # Triton's streaming call (decoupled models)
 
 
 def _wire(name: str, array: np.ndarray) -> tuple[str, bytes]:
@@ -169,19 +168,6 @@ def _wire(name: str, array: np.ndarray) -> tuple[str, bytes]:
     if dtype is None:
         raise InvalidInput(f"input {name}: dtype {array.dtype} has no KServe v2 datatype")
     return dtype, np.ascontiguousarray(array).tobytes()
-
-
-def _infer_request(model: str, version: str, inputs: dict[str, np.ndarray]) -> bytes:
-    """A serialized KServe v2 `ModelInferRequest` (tritonclient's message) with every input as raw contents."""
-    from tritonclient.grpc import service_pb2
-
-    _check_name(model)
-    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
-    for name, array in inputs.items():
-        datatype, raw = _wire(name, array)
-        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(raw)
-    return request.SerializeToString()
 
 
 def _array(datatype: str, shape, raw: bytes) -> np.ndarray:
@@ -236,10 +222,6 @@ class TritonRunner:
         self._model_infer = self._channel.unary_unary(
             INFER_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
         )
-        stream_response = service_pb2.ModelStreamInferResponse.FromString
-        self._stream_infer = self._channel.stream_stream(
-            STREAM_METHOD, request_serializer=None, response_deserializer=stream_response
-        )
         self._described: dict[tuple[str, str], ServedModel] = {}
 
     def _error(self, model: str, e: Exception) -> Exception:
@@ -248,7 +230,7 @@ class TritonRunner:
         text = str(getattr(e, "message", lambda: str(e))() or e)
         if "INVALID_ARGUMENT:" in text:
             return InvalidInput(text.split("INVALID_ARGUMENT:", 1)[1].strip())
-        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text or text.startswith("DEADLINE_EXCEEDED:"):
+        if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in text:
             from kinema.errors import DeadlineExceeded
 
             return DeadlineExceeded(f"{model}: Triton did not answer in time")
@@ -266,9 +248,16 @@ class TritonRunner:
         self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         import grpc
+        from tritonclient.grpc import service_pb2
         from tritonclient.utils import InferenceServerException
 
-        message = _infer_request(model, version, inputs)
+        _check_name(model)
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+        for name, array in inputs.items():
+            datatype, raw = _wire(name, array)
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            request.raw_input_contents.append(raw)
+        message = request.SerializeToString()
         run_pending()
         with self.observer.time_model(model, self.backend) if self.observer else nullcontext():
             try:
@@ -278,13 +267,6 @@ class TritonRunner:
                 raise self._error(model, error) from None
         outputs = zip(response.outputs, response.raw_output_contents, strict=True)
         return {o.name: _array(o.datatype, o.shape, raw) for o, raw in outputs}
-
-    def stream(self, model: str, inputs: dict[str, np.ndarray], version: str = "", timeout: float | None = None
-               ) -> TritonStream:  # fmt: skip
-        """One request to a decoupled model; iterate its responses' outputs as they come, `cancel()` to stop it."""
-        message = _infer_request(model, version, inputs)
-        call = self._stream_infer(iter([message]), timeout=timeout or self.timeout)
-        return TritonStream(self, model, call)
 
     def describe(self, model: str, version: str = "") -> ServedModel:
         from tritonclient.utils import InferenceServerException
@@ -348,42 +330,6 @@ class TritonRunner:
     def close(self) -> None:
         self._channel.close()
         self._client.close()
-
-
-class TritonStream:
-    """The responses of one streamed request (`TritonRunner.stream`), errors mapped as `infer` maps them."""
-
-    def __init__(self, runner: TritonRunner, model: str, call) -> None:
-        self.runner, self.model, self._call = runner, model, call
-        self._cancelled = False
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        import grpc
-        from tritonclient.utils import InferenceServerException
-
-        observer = self.runner.observer
-        with observer.time_model(self.model, self.runner.backend) if observer else nullcontext():
-            while True:
-                run_pending()  # work left for "just before the next wait" (a relayed step's message)
-                try:
-                    response = next(self._call)
-                except StopIteration:
-                    return
-                except grpc.RpcError as e:
-                    if self._cancelled:
-                        return
-                    error = InferenceServerException(msg=e.details(), status=str(e.code()))
-                    raise self.runner._error(self.model, error) from None
-                if response.error_message:
-                    raise self.runner._error(self.model, InferenceServerException(msg=response.error_message))
-                r = response.infer_response
-                yield {o.name: _array(o.datatype, o.shape, raw)
-                       for o, raw in zip(r.outputs, r.raw_output_contents, strict=True)}  # fmt: skip
-
-    def cancel(self) -> None:
-        """Stop the request (from any thread): Triton cancels it, and iteration ends quietly."""
-        self._cancelled = True
-        self._call.cancel()
 
 
 def make_runner(

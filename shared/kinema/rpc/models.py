@@ -22,7 +22,6 @@ import numpy as np
 from kinema.common.v1 import common_pb2
 from kinema.errors import InvalidInput, NotFound
 from kinema.inference.runner import ModelRunner, ServedModel
-from kinema.inference.triton_sampler import is_loop_model
 from kinema.rpc import tensors
 from kinema.rpc.server import remaining_seconds
 from kinema.rpc.settings import ServiceSettings
@@ -84,9 +83,7 @@ class ModelFamily:
         return name, ref.version
 
     def member(self, name: str) -> bool:
-        """A model of the family's names; a loop model (`<denoiser>-loop`: how a denoiser is served, not a model
-        of its own) is not one."""
-        return (name == self.default or name.startswith(self.family + "_")) and not is_loop_model(name)
+        return name == self.default or name.startswith(self.family + "_")
 
     def check_batch(self, n: int, field: str) -> None:
         if n > self.settings.max_batch:

@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[3]
 # The Triton models the text_encoder, autoencoder, denoiser, distill, depth and interpret services call (distill: the
-# 4-step student; the denoiser: denoiser-loop for Sample, video_denoiser for SampleVideo; interpret also calls, for
-# images, the autoencoder the iin_* models name: vector_ae_encoder / _decoder).
-SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser-loop", "denoiser_4step",
-                 "denoiser_2step", "video_denoiser", "depth", "iin_factor", "iin_net2net", "iin_invariance",
-                 "vector_ae_encoder", "vector_ae_decoder")  # fmt: skip
+# 4-step student; the denoiser: video_denoiser too, for SampleVideo; interpret also calls, for images, the
+# autoencoder the iin_* models name: vector_ae_encoder / _decoder).
+SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "denoiser_4step", "denoiser_2step",
+                 "video_denoiser", "depth", "iin_factor", "iin_net2net", "iin_invariance", "vector_ae_encoder",
+                 "vector_ae_decoder")  # fmt: skip
 
 
 def free_port() -> int:
