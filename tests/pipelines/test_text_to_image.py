@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
+import torch
 
 from kinema.errors import InvalidInput
 from kinema.pipelines import TextToImageRequest, text_to_image
 from kinema.pipelines.local import load_local
-from kinema.pipelines.text_to_image import check_prompts
+from kinema.pipelines.text_to_image import check_prompts, encode_with_negative
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,34 @@ def test_prompts_over_the_limit_are_refused_naming_the_field_the_limit_and_the_l
         assert e.value.metadata == {"limit": "10", "length": str(length), "setting": "KINEMA_MAX_PROMPT_CHARS"}
         assert str(e.value).startswith(f"{field} has {length} characters, over this server's limit of 10 "
                                        "(KINEMA_MAX_PROMPT_CHARS); shorten it")  # fmt: skip
+
+
+class Counting:
+    """The real text encoder, with the batch of every call it gets kept."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.batches = inner, []
+
+    def encode(self, prompts):
+        self.batches.append(len(prompts))
+        return self.inner.encode(prompts)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
+def test_prompts_and_negative_are_encoded_in_one_call_with_the_rows_of_two(stack) -> None:
+    encoder = Counting(stack[0])
+    prompts = ["a small red sphere to the left of a blue cube", "two green cones"]
+    cond, uncond = encode_with_negative(encoder, prompts, "blurry")
+    assert encoder.batches == [3]
+    alone, negative = stack[0].encode(prompts), stack[0].encode(["blurry"])
+    torch.testing.assert_close(cond.tokens, alone.tokens, atol=1e-5, rtol=0)
+    assert torch.equal(cond.mask, alone.mask) and cond.truncated == alone.truncated
+    # The negative row keeps the batch's token length; past its own tokens it is masked.
+    n = negative.tokens.shape[1]
+    assert uncond.tokens.shape == (1, cond.tokens.shape[1], 384) and not uncond.mask[:, n:].any()
+    torch.testing.assert_close(uncond.tokens[:, :n], negative.tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(uncond.pooled, negative.pooled, atol=1e-5, rtol=0)
+    r = text_to_image(TextToImageRequest(prompts=prompts[:1], steps=2), encoder, *stack[1:])
+    assert encoder.batches[1:] == [2] and r.images.shape == (1, 64, 64, 3)

@@ -1,12 +1,16 @@
-"""The text encoder service over real gRPC with its network in-process (KINEMA_BACKEND=local, no Triton) and a
-prompt limit of 64 characters (KINEMA_MAX_PROMPT_CHARS): a longer prompt is INVALID_ARGUMENT before the tokenizer
-sees it, one at the limit is encoded, and the service stays up."""
+"""The text encoder service over real gRPC with its network in-process (KINEMA_BACKEND=local, no Triton), a
+prompt limit of 64 characters (KINEMA_MAX_PROMPT_CHARS) and a batch limit of 2 (KINEMA_MAX_BATCH): a longer prompt
+is INVALID_ARGUMENT before the tokenizer sees it, one at the limit is encoded, and the service stays up; prompts and
+negative prompt that fit one batch go in one call, those that do not in two."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 
+from kinema.pipelines.remote import RemoteTextEncoder
+from kinema.pipelines.text_to_image import encode_with_negative
 from kinema.rpc import tensors
 from kinema.rpc.process import ServiceProcess
 from kinema.rpc.status import parse_error_detail
@@ -21,7 +25,8 @@ LIMIT = 64
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("text-encoder-local")
-    proc = ServiceProcess("text_encoder", root, KINEMA_BACKEND="local", KINEMA_MAX_PROMPT_CHARS=str(LIMIT)).start()
+    proc = ServiceProcess("text_encoder", root, KINEMA_BACKEND="local", KINEMA_MAX_PROMPT_CHARS=str(LIMIT),
+                          KINEMA_MAX_BATCH="2").start()  # fmt: skip
     yield proc
     proc.stop()
 
@@ -47,3 +52,29 @@ def test_a_prompt_over_the_limit_is_invalid_argument_and_the_service_stays_up(se
     assert service.proc.poll() is None
     r = stub.Encode(pb.EncodeRequest(prompts=[at_limit, "\U0001f7e5" * LIMIT]), timeout=60)  # 64 characters each
     assert tensors.decode(r.pooled, "pooled").shape == (2, 384) and len(r.truncated) == 2
+
+
+class Counting(RemoteTextEncoder):
+    """The service's client, keeping the batch of every Encode it sends."""
+
+    def __init__(self, channel) -> None:
+        super().__init__(channel, timeout=60)
+        self.batches: list[int] = []
+
+    def encode(self, prompts):
+        self.batches.append(len(prompts))
+        return super().encode(prompts)
+
+
+def test_prompts_and_negative_go_in_one_call_within_the_batch_limit_and_two_over_it(service):
+    with service.channel() as channel:
+        encoder = Counting(channel)
+        cond, uncond = encode_with_negative(encoder, ["a red cube"], "")
+        assert encoder.batches == [2] and cond.pooled.shape == uncond.pooled.shape == (1, 384)
+        encoder.batches.clear()
+        prompts = ["a red cube", "two green cones"]  # with the negative prompt, 3: over KINEMA_MAX_BATCH=2
+        cond, uncond = encode_with_negative(encoder, prompts, "")
+        assert encoder.batches == [3, 2, 1]  # refused as BATCH_TOO_LARGE, then one call each
+        alone = encoder.encode(prompts)
+        assert torch.equal(cond.tokens, alone.tokens) and torch.equal(uncond.pooled, encoder.encode([""]).pooled)
+    assert service.proc.poll() is None

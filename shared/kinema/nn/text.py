@@ -76,6 +76,11 @@ class TextEmbedding:
     pooled: torch.Tensor  # (B, P) float32
     truncated: list[bool]  # prompt i was cut at max_length
 
+    def rows(self, start: int, stop: int) -> TextEmbedding:
+        """Prompts start..stop-1 of the batch; their tokens keep the batch's length L (the rest masked)."""
+        return TextEmbedding(self.tokens[start:stop], self.mask[start:stop], self.pooled[start:stop],
+                             self.truncated[start:stop])  # fmt: skip
+
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens, exactly as sentence-transformers' mean pooling (denominator clamped at 1e-9)."""

@@ -32,7 +32,7 @@ from kinema.errors import InvalidInput
 from kinema.nn.text import TextEmbedding
 from kinema.pipelines.image_to_image import check_image, check_strength
 from kinema.pipelines.protocols import Autoencoder, DepthEstimator, TextEncoder, VideoDenoiser, VideoSpec
-from kinema.pipelines.text_to_image import check_side
+from kinema.pipelines.text_to_image import check_side, encode_with_negative
 from kinema.sampling.edit import start_step
 from kinema.sampling.samplers import Callback, initial_noise
 from kinema.sampling.windows import window_plans
@@ -205,14 +205,14 @@ def edit_video(
 
     structure = estimate_structure(fitted(), depth, size, request.window)  # (1, N, 1, h, w)
     n = structure.shape[1]
-    uncond = text_encoder.encode([request.negative_prompt])
     truncated = False
     content: TextEmbedding | Tensor
     if request.content_image is not None:
+        uncond = text_encoder.encode([request.negative_prompt])
         reference = fit_frame(request.content_image, request.width, request.height)
         content = autoencoder.encode(to_pixels([reference]))  # (1, C, h, w)
     else:
-        content = text_encoder.encode([request.prompt])
+        content, uncond = encode_with_negative(text_encoder, [request.prompt], request.negative_prompt)
         truncated = bool(content.truncated[0])
 
     first = start_step(request.steps, request.strength)

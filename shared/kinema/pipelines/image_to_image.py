@@ -12,7 +12,13 @@ from torch import Tensor
 
 from kinema.errors import InvalidInput
 from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, TextEncoder, is_student
-from kinema.pipelines.text_to_image import TextToImageResult, check_sampling, check_side, finish
+from kinema.pipelines.text_to_image import (
+    TextToImageResult,
+    check_sampling,
+    check_side,
+    encode_with_negative,
+    finish,
+)
 from kinema.sampling.edit import start_step
 from kinema.sampling.samplers import Callback, initial_noise
 
@@ -77,8 +83,7 @@ def edit(
         raise InvalidInput("image_to_image and inpaint start part-way along the teacher's schedule: they need a full "
                            "denoiser, not a few-step distilled student", reason="NOT_FOR_STUDENT",
                            field="denoiser")  # fmt: skip
-    cond = text_encoder.encode(request.prompts)
-    uncond = text_encoder.encode([request.negative_prompt])
+    cond, uncond = encode_with_negative(text_encoder, request.prompts, request.negative_prompt)
     b = len(request.prompts)
     init = autoencoder.encode(to_pixels(request.image))  # (1, C, h, w): one image for every prompt
     init = init.expand(b, -1, -1, -1).contiguous()  # (B, C, h, w)

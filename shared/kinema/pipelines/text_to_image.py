@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from kinema.errors import InvalidInput
+from kinema.nn.text import TextEmbedding
 from kinema.pipelines.protocols import Autoencoder, Denoiser, SampleSpec, Student, TextEncoder, is_student
 from kinema.pipelines.student import renoise_seeds, resolve_timesteps
 from kinema.sampling.samplers import Callback, initial_noise
@@ -130,20 +131,42 @@ def text_to_image(
     re-noises image i between steps from its own stream (`renoise_seeds`), so that holds for it too."""
     request.validate(patch=autoencoder.downscale * 2)
     student = is_student(denoiser)
-    if student:
+    if student:  # no guidance: no negative prompt to encode
         check_student(request, denoiser)
-    cond = text_encoder.encode(request.prompts)
+        cond = text_encoder.encode(request.prompts)
+    else:
+        cond, uncond = encode_with_negative(text_encoder, request.prompts, request.negative_prompt)
     h = request.size // autoencoder.downscale
     seeds = [request.seed + i for i in range(len(request.prompts))]
     noise = torch.cat([initial_noise((1, denoiser.latent_channels, h, h), s) for s in seeds])  # (B, C, h, w)
     if student:
         latents = denoiser.sample_few(noise, cond, callback, steps=request.steps, seeds=renoise_seeds(seeds))
     else:
-        uncond = text_encoder.encode([request.negative_prompt])
         spec = SampleSpec(steps=request.steps, guidance=request.guidance, sampler=request.sampler,
                           shift=request.shift)  # fmt: skip
         latents = denoiser.sample(noise, cond, uncond, spec, callback)
     return finish(latents, seeds, cond.truncated, text_encoder, denoiser, autoencoder)
+
+
+def encode_with_negative(
+    text_encoder: TextEncoder, prompts: list[str], negative: str
+) -> tuple[TextEmbedding, TextEmbedding]:
+    """(cond, uncond): the prompts' embeddings and the negative prompt's, from one encoder call.
+
+    One forward pass over B + 1 prompts instead of two (16 against 20 ms for one prompt on 1 thread here), and in the
+    distributed shape one round trip to the text encoder service instead of two. The rows are those two calls would
+    give, up to float rounding (uncond padded to the batch's token length, masked). An encoder that refuses B + 1
+    prompts as over its batch limit (a service's KINEMA_MAX_BATCH, which a full batch of prompts reaches) is asked
+    twice instead.
+    """
+    try:
+        both = text_encoder.encode([*prompts, negative])
+    except InvalidInput as e:
+        if e.reason != "BATCH_TOO_LARGE":
+            raise
+        return text_encoder.encode(prompts), text_encoder.encode([negative])
+    n = len(prompts)
+    return both.rows(0, n), both.rows(n, n + 1)
 
 
 def finish(
