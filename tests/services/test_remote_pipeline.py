@@ -203,3 +203,38 @@ def test_deadline_is_sent_and_comes_back_as_deadline_exceeded(channels) -> None:
     with pytest.raises(DeadlineExceeded):
         slow.sample(initial_noise((1, 4, 16, 16), 0), cond, cond, SampleSpec(steps=1000, guidance=4.0), None)
     assert time.monotonic() - t0 < 5
+
+
+def _list_models_calls(services) -> dict[str, float]:
+    """Each service's count of finished ListModels calls, from its Prometheus metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for name, service in services.items():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
+        counts[name] = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                           if s.name == "kinema_rpc_requests_total" and s.labels["method"] == "ListModels")  # fmt: skip
+    return counts
+
+
+def test_a_default_run_asks_the_catalogs_at_its_first_step_not_beside_its_first_calls(services) -> None:
+    from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
+
+    capabilities = RemoteCapabilities({cap: services[cap].address for cap in CAPABILITIES})
+    try:
+        bound = capabilities.bind(CAPABILITIES, {}, timeout=60)
+        before = _list_models_calls(services)
+        bound.clients["text_encoder"].encode(["a red cube", ""])
+        time.sleep(0.5)
+        assert _list_models_calls(services) == before  # the run's first call went alone
+        steps = []
+        on_step = bound.progress(lambda i, n, x: steps.append((i, n)))
+        on_step(0, 2, None)
+        on_step(1, 2, None)
+        assert steps == [(0, 2), (1, 2)]
+        assert bound.models["denoiser"] == {"name": "denoiser", "version": "1"}
+        assert bound.models["text_encoder"]["name"] == "text_encoder"
+        after = _list_models_calls(services)
+        assert {name: after[name] - before[name] for name in after} == {name: 1 for name in after}  # once each
+    finally:
+        capabilities.close()

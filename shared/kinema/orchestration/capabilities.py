@@ -42,6 +42,7 @@ from kinema.pipelines.remote import (
 from kinema.pipelines.remote_distill import RemoteStudent
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
+from kinema.sampling.samplers import Callback
 from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -80,6 +81,19 @@ class Bound:
     clients: Mapping[str, Any]
     models: Mapping[str, dict[str, str]]
     inputs: StoredInputs = NO_INPUTS
+
+    def progress(self, callback: Callback) -> Callback:
+        """`callback` for the run's steps, where the run's first step also sends the ListModels calls `models` waits
+        for, if none has gone yet (`bind`: a run of the services' default models)."""
+        start = getattr(self.models, "start", None)
+        if start is None:
+            return callback
+
+        def on_step(i: int, n: int, x: Any) -> None:
+            start()
+            callback(i, n, x)
+
+        return on_step
 
 
 class RemoteCapabilities:
@@ -212,26 +226,37 @@ class RemoteCapabilities:
             return client, self._list(cap, timeout, refs[cap])
 
         ctx = contextvars.copy_context()  # the request id reaches each call from the pool's threads
-        pending = {cap: self._lists.submit(ctx.copy().run, resolve, cap) for cap in capabilities}
 
-        def settle() -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
-            resolved = {cap: future.exception() or future.result() for cap, future in pending.items()}  # waits
-            clients, models = {}, {}
-            for cap in capabilities:
-                if isinstance(resolved[cap], BaseException):
-                    raise resolved[cap]  # the first failing capability's error, in the pipeline's order
-                clients[cap], catalog = resolved[cap]
-                models[cap] = _resolved_model(cap, refs[cap], catalog)
-            return clients, models
+        def ask() -> Callable[[], tuple[dict[str, Any], dict[str, dict[str, str]]]]:
+            """Send the ListModels calls; returns what waits for their answers and reads them."""
+            pending = {cap: self._lists.submit(ctx.copy().run, resolve, cap) for cap in capabilities}
+
+            def settle() -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+                resolved = {cap: future.exception() or future.result() for cap, future in pending.items()}  # waits
+                clients, models = {}, {}
+                for cap in capabilities:
+                    if isinstance(resolved[cap], BaseException):
+                        raise resolved[cap]  # the first failing capability's error, in the pipeline's order
+                    clients[cap], catalog = resolved[cap]
+                    models[cap] = _resolved_model(cap, refs[cap], catalog)
+                return clients, models
+
+            return settle
 
         if any(ref.name or ref.version for ref in refs.values()):  # checked before the run: NOT_FOUND names the field
-            clients, models = settle()
+            clients, models = ask()()
             return Bound(self._scoped(clients, timeout), models)
         # Every service's default model: nothing to check first, and the catalogs only name the models in the outputs'
-        # provenance. They are asked while the run makes its first calls, not before them (a round trip to each
-        # service, 9 ms of a 64 px text_to_image here); the first read of `models` waits for them.
+        # provenance. They are asked once the run's denoiser is sampling (`Bound.progress`), when the other services
+        # are idle, or else at the first read of `models`. Asked with the run's first calls, they slowed its first text
+        # encoding from 11 to 20 ms on 2 cores (the three services' ListModels beside the Encode, docs/serving.md).
         clients = {cap: ae if cap == "autoencoder" else self._client(cap, refs[cap], ae) for cap in capabilities}
-        return Bound(self._scoped(clients, timeout), _Awaited(lambda: settle()[1]))
+
+        def start() -> Callable[[], dict[str, dict[str, str]]]:
+            settle = ask()
+            return lambda: settle()[1]
+
+        return Bound(self._scoped(clients, timeout), _Awaited(start))
 
     @staticmethod
     def _scoped(clients: Mapping[str, Any], timeout: float) -> dict[str, Any]:
@@ -262,18 +287,27 @@ def _resolved_model(cap: str, ref: common_pb2.ModelRef, catalog: Catalog) -> dic
 
 
 class _Awaited(Mapping[str, dict[str, str]]):
-    """`Bound.models` still being resolved: the first read waits for `resolve` (and raises its error, as `bind`
-    would have); later reads see its answer."""
+    """`Bound.models` still being resolved: `start` sends the calls (once) and keeps what waits for their answer; the
+    first read starts them if nothing has and waits (raising their error, as `bind` would have); later reads see that
+    answer."""
 
-    def __init__(self, resolve: Callable[[], dict[str, dict[str, str]]]) -> None:
-        self._resolve = resolve
+    def __init__(self, start: Callable[[], Callable[[], dict[str, dict[str, str]]]]) -> None:
+        self._start = start
+        self._answer: Callable[[], dict[str, dict[str, str]]] | None = None
         self._models: dict[str, dict[str, str]] | None = None
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        with self._lock:
+            if self._answer is None:
+                self._answer = self._start()
+
     def _get(self) -> dict[str, dict[str, str]]:
+        self.start()
         with self._lock:
             if self._models is None:
-                self._models = self._resolve()
+                assert self._answer is not None
+                self._models = self._answer()
             return self._models
 
     def __getitem__(self, cap: str) -> dict[str, str]:
