@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "e2e")
     ap.add_argument("--note", default="", help="recorded with the results (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
+    if args.starts < 1 or args.samples < 1:
+        ap.error("--starts and --samples must be at least 1")
 
     results: dict = {"config": {"size": SIZE, "steps": STEPS, "guidance": GUIDANCE, "denoiser": "mini (6 x 256)",
                                 "job_steps": args.job_steps}}  # fmt: skip
