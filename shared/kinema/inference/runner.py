@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from kinema.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from kinema.inference.allocator import retain_freed_memory
 from kinema.inference.model_config import latest_version, parameters, read_config
 from kinema.inference.networks import Network, load_network, run_batch
 
@@ -93,11 +94,13 @@ def _check_name(model: str) -> None:
 
 
 class LocalRunner:
-    """Networks built in this process from a Triton model repository folder, loaded on first use."""
+    """Networks built in this process from a Triton model repository folder, loaded on first use; the process keeps
+    the memory their passes free (`kinema.inference.allocator`)."""
 
     backend = "local"
 
     def __init__(self, models: Path, observer: ModelObserver | None = None) -> None:
+        retain_freed_memory()
         self.models_dir = Path(models)
         self.observer = observer
         self._loaded: dict[tuple[str, str], Network] = {}

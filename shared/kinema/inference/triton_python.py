@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kinema.errors import InvalidInput, Unavailable
+from kinema.inference.allocator import retain_freed_memory
 from kinema.inference.networks import Network, load_network, run_batch
 from kinema.tritonserver import PIN_CPUS_SETTING
 
@@ -110,7 +111,9 @@ def pinned_cpus(config: dict, instance_name: str, threads: int, allowed: Iterabl
 
 def build(network_kind: str, args: dict) -> Network:
     """Build the network from Triton's `initialize` args on its instance's device; weights other than the ones its
-    config and model card name are refused (`kinema.inference.model_card.check_weights`)."""
+    config and model card name are refused (`kinema.inference.model_card.check_weights`). The stub process keeps the
+    memory a pass frees for the next one (`kinema.inference.allocator`)."""
+    retain_freed_memory()
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     where = placement({"model_name": config.get("name", network_kind)} | args, params)

@@ -243,7 +243,10 @@ class LocalDepth:
 
 
 def load_local_video(models: Path | None = None):
-    """(text encoder, depth estimator, video denoiser, autoencoder) from a model repository, for `edit_video`."""
+    """(text encoder, depth estimator, video denoiser, autoencoder) from a model repository, for `edit_video`.
+
+    Sets this process's malloc thresholds for repeated forward passes (`kinema.inference.allocator`)."""
+    from kinema.inference.allocator import retain_freed_memory
     from kinema.repository import (
         default_models_dir,
         load_autoencoder,
@@ -252,6 +255,7 @@ def load_local_video(models: Path | None = None):
         load_video_denoiser,
     )
 
+    retain_freed_memory()
     models = models or default_models_dir()
     return (
         load_text_encoder_default(),
@@ -265,8 +269,10 @@ def load_local(models: Path | None = None, denoiser: str = "denoiser"):
     """(text encoder, denoiser, autoencoder) from a model repository, ready for `text_to_image`.
 
     `denoiser` names the repository's denoiser model; a distilled student (its config has `student_steps`) comes
-    as a `LocalStudent`, which `text_to_image` samples with the few-step sampler.
+    as a `LocalStudent`, which `text_to_image` samples with the few-step sampler. Sets this process's malloc
+    thresholds for repeated forward passes (`kinema.inference.allocator`), as every process that runs networks does.
     """
+    from kinema.inference.allocator import retain_freed_memory
     from kinema.repository import (
         default_models_dir,
         load_autoencoder,
@@ -275,6 +281,7 @@ def load_local(models: Path | None = None, denoiser: str = "denoiser"):
         model_parameters,
     )
 
+    retain_freed_memory()
     models = models or default_models_dir()
     facts = StudentFacts.from_parameters(model_parameters(models, denoiser))
     model, sha = load_denoiser(models, name=denoiser)
