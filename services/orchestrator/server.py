@@ -148,7 +148,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             try:
                 inputs = self._inputs(tenant, request.request, pipeline)
                 bound = self.capabilities.bind(pipeline.capabilities, request.request.models, timeout)
-                made = pipeline.run(prepared, replace(bound, inputs=inputs), bound.progress(callback))
+                made = pipeline.run(prepared, replace(bound, inputs=inputs), callback)
                 if stop.is_set():
                     raise _Stopped
                 # Stored only once every output is made, so a failed or cancelled run stores nothing.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kinema.common.v1 import common_pb2
 from kinema.errors import DeadlineExceeded, InvalidInput, KinemaError, NotFound
 from kinema.pipelines import TextToImageRequest, text_to_image
 from kinema.pipelines.local import load_local
@@ -217,24 +218,50 @@ def _list_models_calls(services) -> dict[str, float]:
     return counts
 
 
-def test_a_default_run_asks_the_catalogs_at_its_first_step_not_beside_its_first_calls(services) -> None:
+def test_a_default_run_names_the_models_that_answered_it_and_asks_no_catalog(services) -> None:
+    from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
+
+    capabilities = RemoteCapabilities({cap: services[cap].address for cap in CAPABILITIES})
+    request = TextToImageRequest(prompts=PROMPTS[:1], seed=3, steps=2, guidance=4.0, size=64)
+
+    def run(bound):
+        steps = []
+        result = text_to_image(request, bound.clients["text_encoder"], bound.clients["denoiser"],
+                               bound.clients["autoencoder"], lambda i, n, x: steps.append(i))  # fmt: skip
+        assert steps == [0, 1]
+        return result
+
+    try:
+        run(capabilities.bind(CAPABILITIES, {}, timeout=60))  # a first run learns the latent channels (ListModels)
+        bound = capabilities.bind(CAPABILITIES, {}, timeout=60)
+        before = _list_models_calls(services)
+        result = run(bound)
+        assert dict(bound.models) == {"text_encoder": {"name": "text_encoder", "version": "1"},
+                                      "denoiser": {"name": "denoiser", "version": "1"},
+                                      "autoencoder": {"name": "vae", "version": "1"}}  # fmt: skip
+        assert set(result.models) == set(CAPABILITIES) and all(len(sha) == 64 for sha in result.models.values())
+        after = _list_models_calls(services)
+        assert after == before  # the responses named the models: no ListModels in the whole run
+        # What a run that names its models resolves from the catalogs is the same.
+        named = {cap: common_pb2.ModelRef(name=ref["name"]) for cap, ref in bound.models.items()}
+        assert dict(capabilities.bind(CAPABILITIES, named, timeout=60).models) == dict(bound.models)
+    finally:
+        capabilities.close()
+
+
+def test_a_default_run_asks_the_catalog_of_a_service_it_did_not_call(services) -> None:
     from kinema.orchestration.capabilities import CAPABILITIES, RemoteCapabilities
 
     capabilities = RemoteCapabilities({cap: services[cap].address for cap in CAPABILITIES})
     try:
         bound = capabilities.bind(CAPABILITIES, {}, timeout=60)
+        bound.clients["text_encoder"].encode(["a red cube"])
         before = _list_models_calls(services)
-        bound.clients["text_encoder"].encode(["a red cube", ""])
-        time.sleep(0.5)
-        assert _list_models_calls(services) == before  # the run's first call went alone
-        steps = []
-        on_step = bound.progress(lambda i, n, x: steps.append((i, n)))
-        on_step(0, 2, None)
-        on_step(1, 2, None)
-        assert steps == [(0, 2), (1, 2)]
-        assert bound.models["denoiser"] == {"name": "denoiser", "version": "1"}
-        assert bound.models["text_encoder"]["name"] == "text_encoder"
+        assert bound.models["denoiser"] == {"name": "denoiser", "version": "1"}  # no Sample ran: asked
+        assert bound.models["autoencoder"] == {"name": "vae", "version": "1"}  # nor Encode nor Decode: asked
+        assert bound.models["text_encoder"]["name"] == "text_encoder"  # the Encode named it
         after = _list_models_calls(services)
-        assert {name: after[name] - before[name] for name in after} == {name: 1 for name in after}  # once each
+        assert {name: after[name] - before[name] for name in after} == {"text_encoder": 0, "denoiser": 1,
+                                                                         "autoencoder": 1}  # fmt: skip
     finally:
         capabilities.close()

@@ -42,7 +42,6 @@ from kinema.pipelines.remote import (
 from kinema.pipelines.remote_distill import RemoteStudent
 from kinema.rpc.logs import request_id as current_request_id
 from kinema.rpc.status import from_rpc_error
-from kinema.sampling.samplers import Callback
 from kinema.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -81,19 +80,6 @@ class Bound:
     clients: Mapping[str, Any]
     models: Mapping[str, dict[str, str]]
     inputs: StoredInputs = NO_INPUTS
-
-    def progress(self, callback: Callback) -> Callback:
-        """`callback` for the run's steps, where the run's first step also sends the ListModels calls `models` waits
-        for, if none has gone yet (`bind`: a run of the services' default models)."""
-        start = getattr(self.models, "start", None)
-        if start is None:
-            return callback
-
-        def on_step(i: int, n: int, x: Any) -> None:
-            start()
-            callback(i, n, x)
-
-        return on_step
 
 
 class RemoteCapabilities:
@@ -210,13 +196,21 @@ class RemoteCapabilities:
         thread's request (`kinema.rpc.logs`). FailedPrecondition for an optional service that is not set.
 
         A run that names a model (or version) waits here for the services' catalogs: a model they do not list is
-        NOT_FOUND before anything runs. A run of the defaults does not: its `models` are read after the run, and
-        the first read waits for the catalogs and raises what failed (e.g. UNAVAILABLE), as this call would have.
+        NOT_FOUND before anything runs. A run of the defaults asks no catalog: its `models`, read once the run is
+        done, are the models its clients' responses named (`served()`: what ran); a client no response has named yet
+        asks its service's catalog then.
         """
         self.require(capabilities)
         empty = common_pb2.ModelRef()
         refs = {cap: overrides.get(cap, empty) for cap in capabilities}
         ae = self._client("autoencoder", refs["autoencoder"]) if "autoencoder" in refs else None
+
+        if not any(ref.name or ref.version for ref in refs.values()):
+            # Three ListModels calls per run, sent at its first step, slowed that step by about 3 ms on 2 cores; the
+            # responses already name what ran (docs/serving.md).
+            clients = {cap: ae if cap == "autoencoder" else self._client(cap, empty, ae) for cap in capabilities}
+            scoped = self._scoped(clients, timeout)
+            return Bound(scoped, _Served(scoped, lambda cap: _resolved_model(cap, empty, self._list(cap, timeout))))
 
         def resolve(cap: str) -> tuple[Any, Catalog]:
             student = self._student(refs[cap], timeout) if cap == "denoiser" else None
@@ -225,38 +219,17 @@ class RemoteCapabilities:
             client = ae if cap == "autoencoder" else self._client(cap, refs[cap], ae)
             return client, self._list(cap, timeout, refs[cap])
 
-        ctx = contextvars.copy_context()  # the request id reaches each call from the pool's threads
-
-        def ask() -> Callable[[], tuple[dict[str, Any], dict[str, dict[str, str]]]]:
-            """Send the ListModels calls; returns what waits for their answers and reads them."""
-            pending = {cap: self._lists.submit(ctx.copy().run, resolve, cap) for cap in capabilities}
-
-            def settle() -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
-                resolved = {cap: future.exception() or future.result() for cap, future in pending.items()}  # waits
-                clients, models = {}, {}
-                for cap in capabilities:
-                    if isinstance(resolved[cap], BaseException):
-                        raise resolved[cap]  # the first failing capability's error, in the pipeline's order
-                    clients[cap], catalog = resolved[cap]
-                    models[cap] = _resolved_model(cap, refs[cap], catalog)
-                return clients, models
-
-            return settle
-
-        if any(ref.name or ref.version for ref in refs.values()):  # checked before the run: NOT_FOUND names the field
-            clients, models = ask()()
-            return Bound(self._scoped(clients, timeout), models)
-        # Every service's default model: nothing to check first, and the catalogs only name the models in the outputs'
-        # provenance. They are asked once the run's denoiser is sampling (`Bound.progress`), when the other services
-        # are idle, or else at the first read of `models`. Asked with the run's first calls, they slowed its first text
-        # encoding from 11 to 20 ms on 2 cores (the three services' ListModels beside the Encode, docs/serving.md).
-        clients = {cap: ae if cap == "autoencoder" else self._client(cap, refs[cap], ae) for cap in capabilities}
-
-        def start() -> Callable[[], dict[str, dict[str, str]]]:
-            settle = ask()
-            return lambda: settle()[1]
-
-        return Bound(self._scoped(clients, timeout), _Awaited(start))
+        # The ListModels calls go out at once (the pool's threads get the request id): one round trip, not one each.
+        ctx = contextvars.copy_context()
+        pending = {cap: self._lists.submit(ctx.copy().run, resolve, cap) for cap in capabilities}
+        resolved = {cap: future.exception() or future.result() for cap, future in pending.items()}
+        clients, models = {}, {}
+        for cap in capabilities:
+            if isinstance(resolved[cap], BaseException):
+                raise resolved[cap]  # the first failing capability's error, in the pipeline's order
+            clients[cap], catalog = resolved[cap]
+            models[cap] = _resolved_model(cap, refs[cap], catalog)
+        return Bound(self._scoped(clients, timeout), models)
 
     @staticmethod
     def _scoped(clients: Mapping[str, Any], timeout: float) -> dict[str, Any]:
@@ -286,28 +259,19 @@ def _resolved_model(cap: str, ref: common_pb2.ModelRef, catalog: Catalog) -> dic
     return {"name": name, "version": ref.version or (max(versions, key=int) if versions else "")}
 
 
-class _Awaited(Mapping[str, dict[str, str]]):
-    """`Bound.models` still being resolved: `start` sends the calls (once) and keeps what waits for their answer; the
-    first read starts them if nothing has and waits (raising their error, as `bind` would have); later reads see that
-    answer."""
+class _Served(Mapping[str, dict[str, str]]):
+    """`Bound.models` of a run of the default models: on first read, the model that answered each capability's client
+    (`served()`), or what `ask(cap)` resolves for a client that no response has named yet; later reads see the same."""
 
-    def __init__(self, start: Callable[[], Callable[[], dict[str, dict[str, str]]]]) -> None:
-        self._start = start
-        self._answer: Callable[[], dict[str, dict[str, str]]] | None = None
+    def __init__(self, clients: Mapping[str, Any], ask: Callable[[str], dict[str, str]]) -> None:
+        self._clients, self._ask = clients, ask
         self._models: dict[str, dict[str, str]] | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        with self._lock:
-            if self._answer is None:
-                self._answer = self._start()
-
     def _get(self) -> dict[str, dict[str, str]]:
-        self.start()
         with self._lock:
             if self._models is None:
-                assert self._answer is not None
-                self._models = self._answer()
+                self._models = {cap: client.served() or self._ask(cap) for cap, client in self._clients.items()}
             return self._models
 
     def __getitem__(self, cap: str) -> dict[str, str]:

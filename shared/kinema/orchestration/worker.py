@@ -226,7 +226,7 @@ class JobRunner:
         if job.request.inputs:
             inputs = resolve_inputs(store, tenant, job.request, pipeline.info(), self.settings.media_limits)
         bound = capabilities.bind(pipeline.capabilities, job.request.models, self.settings.job_timeout_seconds)
-        made = pipeline.run(prepared, replace(bound, inputs=inputs), bound.progress(callback))
+        made = pipeline.run(prepared, replace(bound, inputs=inputs), callback)
         if self._cancelled(task):
             raise JobCancelled  # stored only once every output is made, so a cancelled job stores nothing
         return [store_output(store, m, pipeline.name, tenant) for m in made]

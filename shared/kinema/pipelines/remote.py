@@ -99,6 +99,12 @@ class _Client:
         """Record the model a response says ran: fingerprints name what actually ran last."""
         self._facts[key] = info
 
+    def served(self) -> dict[str, str] | None:
+        """{"name", "version"} of the model that last answered this client, as its responses name it; None before
+        any has (what a run's provenance names, `kinema.orchestration.capabilities`)."""
+        info = self._facts.get("model")
+        return None if info is None else {"name": info.name, "version": info.version}
+
     def _listed(self, method: grpc.UnaryUnaryMultiCallable, request: Any,
                 default: str = "default_model") -> common_pb2.ModelInfo:  # fmt: skip
         """This client's model as ListModels describes it (the newest loaded version when none is pinned); no model
@@ -484,6 +490,15 @@ class RemoteAutoencoder(_Client):
         if not (encoder and decoder):
             return ""  # a backend that does not know its weights' hashes
         return autoencoder_fingerprint(encoder, decoder)  # the embedded formula, so both shapes agree
+
+    def served(self) -> dict[str, str] | None:
+        """{"name", "version"} of the autoencoder that last answered: the service's model `vae` is its networks
+        `vae_encoder` and `vae_decoder` (a variant `vae_x`: `vae_x_encoder`, `vae_x_decoder`), so the network's
+        name less its suffix; the encoder's version where both answered, as the service lists the model."""
+        info = self._facts.get("encoder") or self._facts.get("decoder")
+        if info is None:
+            return None
+        return {"name": info.name.removesuffix("_encoder").removesuffix("_decoder"), "version": info.version}
 
 
 def connect(
