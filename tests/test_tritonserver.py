@@ -229,7 +229,9 @@ def test_the_denoisers_instances_keep_to_a_cpu_each_unless_the_server_says_not(s
 
 def test_a_served_decode_reuses_the_memory_the_one_before_freed() -> None:
     """The stub keeps what a forward pass frees (`kinema.inference.allocator`, set in `triton_python.build`): with
-    glibc's defaults each 64 px decode faulted about 1,500 pages in again, 5-6 ms of it on this VM."""
+    glibc's defaults each 64 px decode faulted 1,300-2,500 pages in again, 5-6 ms of it on this VM."""
+    from tests.inference.test_allocator import faults_per_decode
+
     from kinema.inference.runner import TritonRunner
 
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
@@ -243,7 +245,8 @@ def test_a_served_decode_reuses_the_memory_the_one_before_freed() -> None:
             assert runner.infer("vae_decoder", {"LATENT": latents})["IMAGE"].shape == (1, 3, 64, 64)
         per_call = (_minor_faults(stub) - before) / 5
         runner.close()
-    assert per_call <= 50, per_call  # 0-20 here (the request's and response's own buffers)
+    default = faults_per_decode("default")  # the same decode in a process with glibc's defaults
+    assert 4 * per_call <= default, (per_call, default)  # 0-20 when quiet; 1,354 without the call in `build`
 
 
 def test_loads_only_the_named_models(repo: Path) -> None:
