@@ -1,9 +1,9 @@
 """The malloc thresholds of a process that runs networks: a forward pass stops faulting in the pages the one before
 it freed (measured in fresh processes, with the shipped VAE decoder).
 
-Counts are compared with glibc's defaults measured alongside, not with a fixed number: this VM's host also pages out
-memory it sees idle (a DAMON `pageout` scheme), so a retaining process still faults some pages back in (0 when
-quiet, 100-200 a decode while the whole suite ran), against 1,300-2,500 a decode with the defaults."""
+Counts are compared with glibc's defaults measured alongside, not with a fixed number: a retaining process faulted
+none a decode on a quiet machine but 100-200 while the whole suite ran in CI (cause not established), against
+1,300-2,500 a decode with the defaults."""
 
 from __future__ import annotations
 
