@@ -494,8 +494,9 @@ class RemoteAutoencoder(_Client):
     def served(self) -> dict[str, str] | None:
         """{"name", "version"} of the autoencoder that last answered: the service's model `vae` is its networks
         `vae_encoder` and `vae_decoder` (a variant `vae_x`: `vae_x_encoder`, `vae_x_decoder`), so the network's
-        name less its suffix; the encoder's version where both answered, as the service lists the model."""
-        info = self._facts.get("encoder") or self._facts.get("decoder")
+        name less its suffix. The decoder's where both answered: every image pipeline ends with a Decode, while the
+        encoder of a text-to-image client may have answered only its first run's probe."""
+        info = self._facts.get("decoder") or self._facts.get("encoder")
         if info is None:
             return None
         return {"name": info.name.removesuffix("_encoder").removesuffix("_decoder"), "version": info.version}
