@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,11 +24,39 @@ from kinema.errors import Unavailable
 _LOGGER = logging.getLogger(__name__)
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """Ports the kernel reports free right now (held together, so they differ)."""
-    socks = []
+# Ports for servers are picked below the kernel's ephemeral range: a port from `bind(0)` comes from that range, where
+# any outbound connection may take it as its local port before the server binds it (Triton binds after loading its
+# models, seconds later: once in CI, "Socket '127.0.0.1:37311' already in use").
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED = 20000  # above the ports servers default to (8000-8002, 9000, 6379, 50050 is taken only when asked)
+
+
+def _below_ephemeral() -> range:
+    """The ports from LOWEST_PICKED up to the kernel's ephemeral range (empty where that range starts lower)."""
     try:
-        for _ in range(count):
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return range(LOWEST_PICKED, low)
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """Ports free right now (held together, so they differ), below the kernel's ephemeral range where it leaves room;
+    else any the kernel gives."""
+    socks: list[socket.socket] = []
+    candidates = _below_ephemeral()
+    try:
+        for _ in range(50 * count if len(candidates) >= 100 * count else 0):
+            if len(socks) == count:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, random.choice(candidates)))
+            except OSError:  # taken (or already one of ours)
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < count:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)

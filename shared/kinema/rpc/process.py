@@ -6,7 +6,6 @@ Used by the tests, the benchmarks and the local stack; the repository root must 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kinema.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[3]
 # The Triton models the text_encoder, autoencoder, denoiser, distill, depth and interpret services call (distill: the
@@ -25,9 +26,7 @@ SERVED_MODELS = ("text_encoder", "vae_encoder", "vae_decoder", "denoiser", "deno
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports("127.0.0.1", 1)[0]
 
 
 class ServiceProcess:
