@@ -28,7 +28,7 @@ _LOGGER = logging.getLogger(__name__)
 # any outbound connection may take it as its local port before the server binds it (Triton binds after loading its
 # models, seconds later: once in CI, "Socket '127.0.0.1:37311' already in use").
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-LOWEST_PICKED = 20000  # above the ports servers default to (8000-8002, 9000, 6379, 50050 is taken only when asked)
+LOWEST_PICKED = 20000  # above the fixed ports servers default to (Triton 8000-8002, S3 9000, Redis 6379)
 
 
 def _below_ephemeral() -> range:
