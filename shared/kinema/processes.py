@@ -40,27 +40,52 @@ def _below_ephemeral() -> range:
     return range(LOWEST_PICKED, low)
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """Ports free right now (held together, so they differ), below the kernel's ephemeral range where it leaves room;
-    else any the kernel gives."""
+def free_ports(host: str, count: int, offset: int = 0) -> list[int]:
+    """`count` ports free right now (held together, so they differ), below the kernel's ephemeral range where it
+    leaves room, else any the kernel gives. `offset` > 0: each port P comes with P + offset free as well (below that
+    range too where there is room), for a server that takes a second port at a fixed distance (SeaweedFS: gRPC at
+    P + 10000). Raises `Unavailable` where no such ports are found."""
     socks: list[socket.socket] = []
-    candidates = _below_ephemeral()
+    ports: list[int] = []
+    below = _below_ephemeral()
+    candidates = range(below.start, below.stop - offset)
+    tries = 50 * count
+
+    def bind(port: int) -> socket.socket | None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((host, port))
+        except OSError:  # taken (or already one of ours)
+            s.close()
+            return None
+        socks.append(s)
+        return s
+
+    def pick(port: int) -> int | None:
+        """`port` (0: the kernel's choice) bound, with its P + offset; the port, or None where either is taken."""
+        first = bind(port)
+        if first is None:
+            return None
+        port = first.getsockname()[1]
+        if not offset or (port + offset <= 65535 and bind(port + offset) is not None):
+            return port
+        return None  # the first stays held until the end, so it is not picked again
+
     try:
-        for _ in range(50 * count if len(candidates) >= 100 * count else 0):
-            if len(socks) == count:
+        for port in [random.choice(candidates) for _ in range(tries)] if len(candidates) >= 100 * count else []:
+            if len(ports) == count:
                 break
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((host, random.choice(candidates)))
-            except OSError:  # taken (or already one of ours)
-                s.close()
-                continue
-            socks.append(s)
-        while len(socks) < count:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            if (picked := pick(port)) is not None:
+                ports.append(picked)
+        for _ in range(tries):
+            if len(ports) == count:
+                break
+            if (picked := pick(0)) is not None:
+                ports.append(picked)
+        if len(ports) < count:
+            pairs = f" with P + {offset}" if offset else ""
+            raise Unavailable(f"found only {len(ports)} of {count} free ports{pairs} on {host}")
+        return ports
     finally:
         for s in socks:
             s.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kinema.errors import InvalidInput, NotFound, Unavailable
+from kinema.processes import free_ports
 from kinema.processes import group_alive as _group_alive
 from kinema.storage.artifacts import (
     PROVENANCE_SUFFIX,
@@ -423,11 +424,9 @@ def test_server_killed_mid_multipart_upload_leaves_nothing(tmp_path, monkeypatch
 
 
 def test_s3_server_fails_fast_with_the_reason_when_a_port_is_taken(tmp_path):
-    from kinema.storage.s3server import _free_port_pairs
-
     with socket.socket() as taken:
         # A port the settings accept (weed needs P + 10000 too, so P <= 55535), not whatever port 0 gives.
-        taken.bind(("127.0.0.1", _free_port_pairs("127.0.0.1", 1)[0]))
+        taken.bind(("127.0.0.1", free_ports("127.0.0.1", 1, offset=GRPC_OFFSET)[0]))
         taken.listen()
         server = S3Server(S3ServerSettings(data_dir=tmp_path, s3_port=taken.getsockname()[1]))
         started = time.monotonic()

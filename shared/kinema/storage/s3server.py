@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from kinema.errors import InvalidInput, KinemaError, Unavailable
-from kinema.processes import read_tail, stop_group
+from kinema.processes import free_ports, read_tail, stop_group
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -112,39 +111,6 @@ def _volumes_on_disk(data: Path) -> set[int]:
         if tail.isdigit():
             ids.add(int(tail))
     return ids
-
-
-def _free_port_pairs(host: str, count: int) -> list[int]:
-    """`count` ports P, each with P + 10000 free too, as the kernel reports them now (held together: all differ)."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-
-    def bind(port: int) -> socket.socket | None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind((host, port))
-        except OSError:
-            s.close()
-            return None
-        socks.append(s)
-        return s
-
-    try:
-        for _ in range(50 * count):
-            if len(ports) == count:
-                return ports
-            s = bind(0)
-            if s is None:
-                continue
-            port = s.getsockname()[1]
-            if port <= MAX_PORT and bind(port + GRPC_OFFSET) is not None:
-                ports.append(port)
-        if len(ports) == count:
-            return ports
-        raise Unavailable(f"found only {len(ports)} of {count} free port pairs (P, P + {GRPC_OFFSET}) on {host}")
-    finally:
-        for s in socks:
-            s.close()
 
 
 def remove_sockets(ports: Iterable[int]) -> None:
@@ -256,7 +222,7 @@ class S3Server:
             data.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise Unavailable(f"cannot create the S3 data folder {data}: {e.strerror}") from e
-        free = iter(_free_port_pairs(s.host, sum(1 for p in s.ports.values() if not p)))
+        free = iter(free_ports(s.host, sum(1 for p in s.ports.values() if not p), offset=GRPC_OFFSET))
         ports = {f"{name}_port": port or next(free) for name, port in s.ports.items()}
         self._resolved = replace(s, data_dir=data, **ports)
         self._volumes = _volumes_on_disk(data)
