@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/mmdit_speed.py
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/hop.py
 
 eval: $(STAMP)
 	$(BIN)/kinema eval autoencoder
