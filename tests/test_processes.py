@@ -20,35 +20,26 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def test_free_ports_differ_bind_and_stay_below_the_ephemeral_range():
+def _taken(ports: list[int], offset: int) -> list[int]:
+    """The ports `free_ports` handed out, with each one's P + offset where it asked for pairs."""
+    return [q for p in ports for q in ((p, p + offset) if offset else (p,))]
+
+
+@pytest.mark.parametrize("offset", [0, 10000])
+def test_free_ports_differ_bind_and_stay_below_the_ephemeral_range(offset):
     low = int(processes.EPHEMERAL_RANGE.read_text().split()[0])
-    ports = free_ports("127.0.0.1", 5)
-    assert len(set(ports)) == 5 and all(_bindable(p) for p in ports)
-    assert all(processes.LOWEST_PICKED <= p < low for p in ports), (ports, low)
+    taken = _taken(free_ports("127.0.0.1", 3, offset=offset), offset)
+    assert len(set(taken)) == len(taken) == (6 if offset else 3) and all(_bindable(q) for q in taken)
+    assert all(processes.LOWEST_PICKED <= q < low for q in taken), (taken, low)
 
 
-def test_free_ports_take_what_the_kernel_gives_where_the_ephemeral_range_leaves_no_room(tmp_path, monkeypatch):
+@pytest.mark.parametrize("offset", [0, 10000])
+def test_free_ports_take_what_the_kernel_gives_where_the_ephemeral_range_leaves_no_room(tmp_path, monkeypatch, offset):
     wide = tmp_path / "ip_local_port_range"
     wide.write_text("1024\t65535\n")
     monkeypatch.setattr(processes, "EPHEMERAL_RANGE", wide)
-    ports = free_ports("127.0.0.1", 3)
-    assert len(set(ports)) == 3 and all(_bindable(p) for p in ports)
-
-
-def test_free_ports_with_an_offset_hold_both_ports_of_each_pair_below_the_ephemeral_range():
-    low = int(processes.EPHEMERAL_RANGE.read_text().split()[0])
-    ports = free_ports("127.0.0.1", 3, offset=10000)
-    both = [q for p in ports for q in (p, p + 10000)]
-    assert len(set(both)) == 6 and all(_bindable(q) for q in both)
-    assert all(processes.LOWEST_PICKED <= q < low for q in both), (ports, low)
-
-
-def test_free_ports_with_an_offset_fall_back_to_the_kernel_and_keep_the_pair_in_range(tmp_path, monkeypatch):
-    wide = tmp_path / "ip_local_port_range"
-    wide.write_text("1024\t65535\n")
-    monkeypatch.setattr(processes, "EPHEMERAL_RANGE", wide)
-    ports = free_ports("127.0.0.1", 2, offset=10000)
-    assert len(set(ports)) == 2 and all(p + 10000 <= 65535 and _bindable(p) and _bindable(p + 10000) for p in ports)
+    taken = _taken(free_ports("127.0.0.1", 3, offset=offset), offset)
+    assert len(set(taken)) == len(taken) == (6 if offset else 3) and all(_bindable(q) for q in taken)
 
 
 def test_free_ports_say_so_when_no_pair_fits(monkeypatch):
